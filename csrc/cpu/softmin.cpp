@@ -1,0 +1,230 @@
+// CPU kernels of tcfa::softmin (cost on the fly), tcfa::softmin_dense (stored
+// cost) and tcfa::cost. The math is stated once, in tcfa/ops.py.
+#include "common.h"
+
+namespace tcfa {
+namespace {
+
+// Row tile of the on-the-fly cost. 128 x 512 fp32 scores = 256 KB stay in the
+// 1 MB L2 while the log-sum-exp pass reads them back right after the GEMM.
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kColBlock = 512;
+// Column blocks of the column-wise dense reduction: 256 running (max, sum)
+// pairs live in registers/L1 while every row of the problem streams past.
+constexpr int64_t kDenseColBlock = 256;
+constexpr int64_t kDenseRowBlock = 64;
+
+struct Prepared {
+  at::Tensor x, y, h, log_b;  // compute dtype, contiguous
+};
+
+Prepared prepare(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h,
+                 const at::Tensor& log_b) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (N, d), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(y.dim() == 2, "y must be 2-D (M, d), got shape ", y.sizes());
+  TORCH_CHECK_VALUE(x.size(1) == y.size(1), "x and y must have the same width, got ",
+                    x.size(1), " and ", y.size(1));
+  check_same_dtype(y, x.scalar_type(), "y");
+  check_rows(h, y.size(0), "h");
+  check_rows(log_b, y.size(0), "log_b");
+  const auto ct = compute_dtype(x.scalar_type());
+  auto cvt = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
+  return {cvt(x), cvt(y), cvt(h), cvt(log_b)};
+}
+
+}  // namespace
+
+at::Tensor softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_offsets,
+                       const at::Tensor& y_offsets, const at::Tensor& h,
+                       const at::Tensor& log_b, double eps, c10::string_view cost,
+                       const c10::optional<at::Tensor>& active) {
+  const Cost kind = parse_cost(cost);
+  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  Prepared p = prepare(x, y, h, log_b);
+  const RaggedPair rp = ragged_pair(x_offsets, x.size(0), y_offsets, y.size(0));
+  const auto &xo = rp.xo, &yo = rp.yo;
+  auto flags = active_flags(active, rp.B);
+  AffineRows ax = affine_rows(p.x, kind), ay = affine_rows(p.y, kind);
+  // C_ij = alpha_i + beta_j - gamma x_i.y_j, so the exponent splits into a
+  // column term u_j = log b_j + (h_j - beta_j)/eps and (gamma/eps) x_i.y_j.
+  at::Tensor u = (p.log_b + (p.h - ay.norm) / eps).contiguous();
+  at::Tensor out = at::zeros({x.size(0)}, p.x.options());
+  const double gamma = cost_gamma(kind);
+
+  AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "tcfa_softmin", [&] {
+    using T = scalar_t;
+    const T* up = u.data_ptr<T>();
+    const T* alpha = ax.norm.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const T scale = static_cast<T>(gamma / eps);
+    run_tasks(row_tasks(xo, flags, kRowBlock), [&](const Task& t, int64_t) {
+      std::vector<LseState<T>> st(t.r1 - t.r0);
+      at::Tensor xb = ax.rows.narrow(0, t.r0, t.r1 - t.r0);
+      for (int64_t j0 = yo[t.k]; j0 < yo[t.k + 1]; j0 += kColBlock) {
+        const int64_t nj = std::min(kColBlock, yo[t.k + 1] - j0);
+        at::Tensor s = at::mm(xb, ay.rows.narrow(0, j0, nj).t());  // (rows, nj)
+        const T* sp = s.data_ptr<T>();
+        for (int64_t i = 0; i < t.r1 - t.r0; ++i) st[i].add_affine(up + j0, sp + i * nj, scale, nj);
+      }
+      for (int64_t i = t.r0; i < t.r1; ++i)
+        op[i] = alpha[i] - static_cast<T>(eps) * st[i - t.r0].result();
+    });
+  });
+  return out.to(x.scalar_type());
+}
+
+// One term into a scalar (max, sum) pair: the column tails of softmin_dense.
+template <typename T> inline void fold_scalar(T& m, T& s, T v) {
+  if (v > m) {
+    s = s * std::exp(m - v) + T(1);
+    m = v;
+  } else {
+    s += std::exp(v - m);
+  }
+}
+
+at::Tensor softmin_dense_cpu(const at::Tensor& cost, const at::Tensor& x_offsets,
+                             const at::Tensor& y_offsets, const at::Tensor& log_a,
+                             const at::Tensor& log_b, const at::Tensor& h, double eps,
+                             int64_t dim, const c10::optional<at::Tensor>& active) {
+  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(dim == 0 || dim == 1, "dim must be 0 or 1, got ", dim);
+  TORCH_CHECK_VALUE(cost.dim() == 1, "cost must be the flat concatenation of the "
+                    "problems' row-major costs (1-D), got shape ", cost.sizes());
+  TORCH_CHECK_VALUE(log_a.dim() == 1 && log_b.dim() == 1, "log_a and log_b must be 1-D");
+  const int64_t nx = log_a.size(0), ny = log_b.size(0);
+  const RaggedPair rp = ragged_pair(x_offsets, nx, y_offsets, ny);
+  const auto &xo = rp.xo, &yo = rp.yo, &co = rp.co;
+  const int64_t B = rp.B;
+  TORCH_CHECK_VALUE(cost.numel() == co[B], "cost must hold sum_k n_k*m_k = ", co[B],
+                    " entries for these offsets, got ", cost.numel());
+  // dim=1 reduces over y's rows (output per x row, weights b, h on y),
+  // dim=0 over x's rows (output per y row, weights a, h on x).
+  const at::Tensor& log_w = dim == 1 ? log_b : log_a;
+  check_rows(h, log_w.size(0), "h");
+  auto flags = active_flags(active, B);
+  const auto ct = compute_dtype(cost.scalar_type());
+  at::Tensor c = cost.to(ct).contiguous();
+  at::Tensor u = (log_w.to(ct) + h.to(ct) / eps).contiguous();  // log w + h/eps
+  at::Tensor out = at::zeros({dim == 1 ? nx : ny}, c.options());
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "tcfa_softmin_dense", [&] {
+    using T = scalar_t;
+    const T* cp = c.data_ptr<T>();
+    const T* up = u.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const T neg_inv_eps = static_cast<T>(-1.0 / eps);
+    const T eps_t = static_cast<T>(eps);
+    if (dim == 1) {
+      run_tasks(row_tasks(xo, flags, kDenseRowBlock), [&](const Task& t, int64_t) {
+        const int64_t m = yo[t.k + 1] - yo[t.k];
+        for (int64_t i = t.r0; i < t.r1; ++i) {
+          LseState<T> st;
+          st.add_affine(up + yo[t.k], cp + co[t.k] + (i - xo[t.k]) * m, neg_inv_eps, m);
+          op[i] = -eps_t * st.result();
+        }
+      });
+      return;
+    }
+    // Columns: sweep the rows of the stored cost (never transpose it) with
+    // per-column running (max, sum) arrays, L1/L2-resident; groups of 4 rows
+    // share one rescale. A large problem's rows are split into one chunk per
+    // thread, merged afterwards. Sweeping whole rows (sequential reads) ran
+    // 2x faster than tasks over 256-column strips.
+    constexpr int W = lanes<T>();
+    const auto tasks = row_chunks(xo, flags, at::get_num_threads(), kDenseRowBlock);
+    std::vector<std::vector<T>> state(tasks.size());
+    run_tasks(tasks, [&](const Task& t, int64_t ti) {
+      const int64_t m = yo[t.k + 1] - yo[t.k];
+      std::vector<T>& buf = state[ti];
+      buf.assign(2 * m, T(0));
+      T* M = buf.data();
+      T* S = M + m;
+      std::fill(M, M + m, lowest<T>());
+      const T* base = cp + co[t.k] - xo[t.k] * m;  // row i starts at base + i * m
+      const vec_t<T> nie = splat<T>(neg_inv_eps);
+      int64_t i = t.r0;
+      for (; i + 4 <= t.r1; i += 4) {  // four rows at a time, full vectors
+        const T* r = base + i * m;
+        const vec_t<T> w0 = splat<T>(up[i]), w1 = splat<T>(up[i + 1]),
+                       w2 = splat<T>(up[i + 2]), w3 = splat<T>(up[i + 3]);
+        int64_t j = 0;
+        for (; j + W <= m; j += W) {
+          vec_t<T> mm = load(M + j), ss = load(S + j);
+          LseState<T>::fold4(mm, ss, w0 + nie * load(r + j), w1 + nie * load(r + m + j),
+                             w2 + nie * load(r + 2 * m + j), w3 + nie * load(r + 3 * m + j));
+          store(M + j, mm);
+          store(S + j, ss);
+        }
+        for (int q = 0; q < 4; ++q)  // tail columns one by one
+          for (int64_t jj = j; jj < m; ++jj) fold_scalar(M[jj], S[jj], up[i + q] + neg_inv_eps * r[q * m + jj]);
+      }
+      for (; i < t.r1; ++i) {  // tail rows
+        const T* r = base + i * m;
+        for (int64_t jj = 0; jj < m; ++jj) fold_scalar(M[jj], S[jj], up[i] + neg_inv_eps * r[jj]);
+      }
+    });
+    // Merge the chunks of every problem: max, then the rescaled sums.
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first, int64_t end) {
+      for (int64_t ti = first; ti < end; ++ti) {
+        if (ti > 0 && tasks[ti - 1].k == tasks[ti].k) continue;  // first chunk merges
+        const int64_t k = tasks[ti].k, m = yo[k + 1] - yo[k];
+        int64_t last = ti;
+        while (last + 1 < static_cast<int64_t>(tasks.size()) && tasks[last + 1].k == k) ++last;
+        for (int64_t j = 0; j < m; ++j) {
+          T mx = lowest<T>(), sum = T(0);
+          for (int64_t c = ti; c <= last; ++c) mx = std::max(mx, state[c][j]);
+          for (int64_t c = ti; c <= last; ++c) sum += state[c][m + j] * std::exp(state[c][j] - mx);
+          op[yo[k] + j] = sum > T(0) ? -eps_t * (mx + std::log(sum)) : static_cast<T>(INFINITY);
+        }
+      }
+    });
+  });
+  return out.to(h.scalar_type());
+}
+
+at::Tensor cost_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_offsets,
+                    const at::Tensor& y_offsets, c10::string_view cost) {
+  const Cost kind = parse_cost(cost);
+  TORCH_CHECK_VALUE(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1),
+                    "x and y must be 2-D with the same width, got shapes ", x.sizes(),
+                    " and ", y.sizes());
+  check_same_dtype(y, x.scalar_type(), "y");
+  const RaggedPair rp = ragged_pair(x_offsets, x.size(0), y_offsets, y.size(0));
+  const auto &xo = rp.xo, &yo = rp.yo, &co = rp.co;
+  const int64_t B = rp.B;
+  const auto ct = compute_dtype(x.scalar_type());
+  AffineRows ax = affine_rows(x.to(ct), kind), ay = affine_rows(y.to(ct), kind);
+  at::Tensor out = at::empty({co[B]}, ax.rows.options());
+  const double gamma = cost_gamma(kind);
+  AT_DISPATCH_FLOATING_TYPES(ct, "tcfa_cost", [&] {
+    using T = scalar_t;
+    const T* alpha = ax.norm.data_ptr<T>();
+    const T* beta = ay.norm.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    run_tasks(row_tasks(xo, std::vector<uint8_t>(B, 1), kRowBlock), [&](const Task& t, int64_t) {
+      const int64_t m = yo[t.k + 1] - yo[t.k];
+      if (m == 0) return;
+      at::Tensor s = at::mm(ax.rows.narrow(0, t.r0, t.r1 - t.r0), ay.rows.narrow(0, yo[t.k], m).t());
+      const T* sp = s.data_ptr<T>();
+      for (int64_t i = t.r0; i < t.r1; ++i) {
+        T* dst = op + co[t.k] + (i - xo[t.k]) * m;
+        const T* src = sp + (i - t.r0) * m;
+        for (int64_t j = 0; j < m; ++j) {
+          // clamp: rounding of |x|^2 + |y|^2 - 2 x.y can dip below zero
+          const T c = alpha[i] + beta[yo[t.k] + j] - static_cast<T>(gamma) * src[j];
+          dst[j] = c > T(0) ? c : T(0);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(tcfa, CPU, m) {
+  m.impl("softmin", &softmin_cpu);
+  m.impl("softmin_dense", &softmin_dense_cpu);
+  m.impl("cost", &cost_cpu);
+}
+
+}  // namespace tcfa

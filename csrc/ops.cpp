@@ -1,0 +1,23 @@
+// The one place where tcfa's op schemas are declared. Each op's math is
+// stated in its docstring in tcfa/ops.py; CPU kernels live in csrc/cpu/,
+// Triton (CUDA) kernels in kernels/ and are registered from tcfa/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import tcfa._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(tcfa, m) {
+  m.def("softmin(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, Tensor h, "
+        "Tensor log_b, float eps, str cost, Tensor? active=None) -> Tensor");
+  m.def("softmin_dense(Tensor cost, Tensor x_offsets, Tensor y_offsets, Tensor log_a, "
+        "Tensor log_b, Tensor h, float eps, int dim, Tensor? active=None) -> Tensor");
+  m.def("cost(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, str cost) -> Tensor");
+  m.def("barycentric(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, Tensor g, "
+        "Tensor log_b, Tensor values, float eps, str cost) -> Tensor");
+}

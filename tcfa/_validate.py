@@ -1,0 +1,146 @@
+"""The one validation helper shared by every backend (C++, Triton, Python).
+
+Each check raises ValueError or TypeError naming the argument and the bad
+value. Public functions call these once, before any kernel runs, so nothing is
+half-computed when input is bad.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+COSTS = ("sqeuclidean", "cosine")
+
+
+def tensor(name: str, t, *, dim=None, dtypes=FLOAT_DTYPES, finite: bool = True) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if dim is not None and t.dim() not in ((dim,) if isinstance(dim, int) else dim):
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if finite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"{name} must be finite, found {t[tuple(bad)].item()} at index {tuple(bad)}")
+    return t
+
+
+def same_device(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    dev = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != dev:
+            raise ValueError(f"{k} is on {v.device} but {items[0][0]} is on {dev}")
+
+
+def same_dtype(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    dt = items[0][1].dtype
+    for k, v in items[1:]:
+        if v.dtype != dt:
+            raise TypeError(f"{k} has dtype {v.dtype} but {items[0][0]} has {dt}")
+
+
+def positive(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (value > 0) or value == float("inf"):
+        raise ValueError(f"{name} must be > 0 and finite, got {value}")
+    return float(value)
+
+
+def choice(name: str, value, options) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
+    return value
+
+
+def offsets(name: str, off, n_rows: int, device) -> torch.Tensor:
+    """int64 (B+1,) offsets starting at 0, non-decreasing, ending at n_rows."""
+    if not isinstance(off, torch.Tensor):
+        off = torch.as_tensor(off)
+    if off.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {off.dtype}")
+    if off.dim() != 1 or off.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with B+1 >= 2 entries, got shape {tuple(off.shape)}")
+    if int(off[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(off[0])}")
+    if int(off[-1]) != n_rows:
+        raise ValueError(f"{name} must end at the number of rows ({n_rows}), got {int(off[-1])}")
+    steps = off[1:] - off[:-1]
+    if bool((steps < 0).any()):
+        k = int((steps < 0).nonzero()[0]) + 1
+        raise ValueError(f"{name} must be non-decreasing, got {int(off[k - 1])} then {int(off[k])} at position {k}")
+    return off.to(device)
+
+
+@dataclass
+class Ragged:
+    """Flat rows + offsets view of either a (B, n, d) batch or (N, d) rows."""
+
+    rows: torch.Tensor  # (N, d)
+    offsets: torch.Tensor  # (B+1,) int64
+    batch_shape: tuple | None  # (B, n) when the input was dense
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def num_problems(self) -> int:
+        return self.offsets.numel() - 1
+
+    def problem_index(self) -> torch.Tensor:
+        """(N,) problem id of every row."""
+        return torch.repeat_interleave(torch.arange(self.num_problems, device=self.rows.device), self.sizes)
+
+    def unflatten(self, t: torch.Tensor) -> torch.Tensor:
+        """Reshape per-row output (N, ...) back to (B, n, ...) for dense input."""
+        return t if self.batch_shape is None else t.reshape(*self.batch_shape, *t.shape[1:])
+
+
+def ragged(name: str, t, off, off_name: str) -> Ragged:
+    t = tensor(name, t, dim=(2, 3))
+    if t.dim() == 3:
+        if off is not None:
+            raise ValueError(f"{off_name} must be None when {name} is a dense (B, n, d) batch")
+        B, n, d = t.shape
+        off = torch.arange(B + 1, dtype=torch.int64, device=t.device) * n
+        if n == 0:
+            raise ValueError(f"{name} has empty problems (n = 0 rows)")
+        return Ragged(t.reshape(B * n, d), off, (B, n))
+    if off is None:
+        off = torch.tensor([0, t.shape[0]], dtype=torch.int64, device=t.device)
+    off = offsets(off_name, off, t.shape[0], t.device)
+    if bool(((off[1:] - off[:-1]) == 0).any()):
+        k = int(((off[1:] - off[:-1]) == 0).nonzero()[0])
+        raise ValueError(f"{off_name} describes an empty problem at index {k}: every problem needs rows")
+    return Ragged(t, off, None)
+
+
+def weights(name: str, w, r: Ragged) -> torch.Tensor:
+    """Per-row non-negative weights, normalised to mass 1 within each problem.
+
+    None means uniform. A problem whose weights are all zero is an error.
+    """
+    N = r.rows.shape[0]
+    if w is None:
+        sizes = r.sizes.to(r.rows.dtype)
+        return (1.0 / sizes).repeat_interleave(r.sizes)
+    w = tensor(name, w, dim=(1, 2))
+    if r.batch_shape is not None and w.dim() == 2:
+        if tuple(w.shape) != r.batch_shape:
+            raise ValueError(f"{name} must have shape {r.batch_shape}, got {tuple(w.shape)}")
+        w = w.reshape(-1)
+    if w.dim() != 1 or w.shape[0] != N:
+        raise ValueError(f"{name} must hold one weight per row ({N}), got shape {tuple(w.shape)}")
+    if bool((w < 0).any()):
+        i = int((w < 0).nonzero()[0])
+        raise ValueError(f"{name} must be non-negative, got {w[i].item()} at row {i}")
+    mass = torch.zeros(r.num_problems, dtype=w.dtype, device=w.device).index_add_(0, r.problem_index(), w)
+    if bool((mass <= 0).any()):
+        k = int((mass <= 0).nonzero()[0])
+        raise ValueError(f"{name} is all zero in problem {k}: every problem needs positive mass")
+    return w / mass.repeat_interleave(r.sizes)

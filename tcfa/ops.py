@@ -1,0 +1,119 @@
+"""Typed wrappers over torch.ops.tcfa.*: the one place where each op's math is stated.
+
+Every op works on a ragged batch of B problems (DESIGN.md section 2): problem k
+pairs the x rows [x_offsets[k], x_offsets[k+1]) with the y rows
+[y_offsets[k], y_offsets[k+1]). Costs are affine in x.y,
+C_ij = alpha_i + beta_j - gamma x_i.y_j:
+
+* ``"sqeuclidean"``: C = |x - y|^2 (alpha = |x|^2, beta = |y|^2, gamma = 2);
+* ``"cosine"``:      C = 1 - x.y / (|x| |y|) (rows normalised, gamma = 1),
+
+so kernels compute a tile of x.y with a GEMM and never the whole cost matrix.
+fp16/bf16 inputs are computed in fp32; outputs have the input dtype.
+
+The C++ CPU kernels (csrc/cpu) and the Triton kernels (kernels/, registered
+here for the CUDA dispatch key) implement exactly these docstrings.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C_loader
+
+_C = _C_loader.load()
+
+
+def softmin(x, y, x_offsets, y_offsets, h, log_b, eps: float, cost: str = "sqeuclidean", active=None):
+    """Soft-minimum over y of every x row, cost computed on the fly in tiles.
+
+    out_i = -eps * log sum_j exp(log_b_j + (h_j - C(x_i, y_j)) / eps)
+
+    for i in problem k and j over the y rows of problem k, one pass with an
+    online max. The Sinkhorn f-update is ``softmin(x, y, ..., g, log b)``; the
+    g-update swaps the roles of x and y. Rows of problems with
+    ``active[k] == False`` are not computed and are returned as 0.
+    Shapes: x (Nx, d), y (Ny, d), h and log_b (Ny,), out (Nx,).
+    """
+    return torch.ops.tcfa.softmin(x, y, x_offsets, y_offsets, h, log_b, eps, cost, active)
+
+
+def softmin_dense(cost, x_offsets, y_offsets, log_a, log_b, h, eps: float, dim: int, active=None):
+    """The soft-minimum of :func:`softmin` given stored costs.
+
+    ``cost`` is the flat concatenation of every problem's row-major n_k x m_k
+    cost block (what :func:`cost_matrix` returns).
+
+    dim=1: out_i = -eps * log sum_j exp(log_b_j + (h_j - C_ij) / eps),  h (Ny,), out (Nx,)
+    dim=0: out_j = -eps * log sum_i exp(log_a_i + (h_i - C_ij) / eps),  h (Nx,), out (Ny,)
+
+    dim=0 sweeps the rows of the stored cost with per-column running (max,
+    sum): the cost is never transposed. Inactive problems return 0.
+    """
+    return torch.ops.tcfa.softmin_dense(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim, active)
+
+
+def cost_matrix(x, y, x_offsets, y_offsets, cost: str = "sqeuclidean"):
+    """Every problem's cost block C_ij = C(x_i, y_j), flattened and concatenated.
+
+    Problem k's n_k x m_k block, row-major, starts at sum_{l<k} n_l m_l.
+    Squared Euclidean costs are clamped at 0 (rounding of the affine form).
+    """
+    return torch.ops.tcfa.cost(x, y, x_offsets, y_offsets, cost)
+
+
+def barycentric(x, y, x_offsets, y_offsets, g, log_b, values, eps: float, cost: str = "sqeuclidean"):
+    """Barycentric projection of values v onto the x rows, streamed.
+
+    T_i = sum_j pi_ij v_j / sum_j pi_ij,   pi_ij = b_j exp((g_j - C(x_i, y_j)) / eps),
+
+    j over the y rows of x_i's problem; values (Ny, dv) of any width, out (Nx, dv).
+    With Sinkhorn potentials (f, g) this is the row-normalised plan applied to v.
+    """
+    return torch.ops.tcfa.barycentric(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost)
+
+
+# ------------------------------------------------------------------ fake kernels
+# Shapes only, for torch.compile / meta tensors; dtype follows the inputs.
+
+
+@torch.library.register_fake("tcfa::softmin")
+def _softmin_fake(x, y, x_offsets, y_offsets, h, log_b, eps, cost, active=None):
+    return x.new_empty(x.shape[0])
+
+
+@torch.library.register_fake("tcfa::softmin_dense")
+def _softmin_dense_fake(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim, active=None):
+    n = log_a.shape[0] if dim == 1 else log_b.shape[0]
+    return h.new_empty(n, dtype=_compute_dtype(cost.dtype))
+
+
+@torch.library.register_fake("tcfa::cost")
+def _cost_fake(x, y, x_offsets, y_offsets, cost):
+    size = torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty(size, dtype=_compute_dtype(x.dtype))
+
+
+@torch.library.register_fake("tcfa::barycentric")
+def _barycentric_fake(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost):
+    return values.new_empty(x.shape[0], values.shape[1])
+
+
+def _compute_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ------------------------------------------------------------------ Triton (CUDA key)
+def _register_triton():
+    """Registers the Triton launchers for CUDA tensors when Triton is installed."""
+    try:
+        from .kernels import barycentric as tk_bary
+        from .kernels import softmin as tk_softmin
+    except ImportError:  # no triton: CUDA tensors then hit the dispatcher's clear "no kernel" error
+        return
+    torch.library.register_kernel("tcfa::softmin", "cuda", tk_softmin.softmin_forward)
+    torch.library.register_kernel("tcfa::softmin_dense", "cuda", tk_softmin.softmin_dense_forward)
+    torch.library.register_kernel("tcfa::cost", "cuda", tk_softmin.cost_forward)
+    torch.library.register_kernel("tcfa::barycentric", "cuda", tk_bary.barycentric_forward)
+
+
+_register_triton()
