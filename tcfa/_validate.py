@@ -144,3 +144,19 @@ def weights(name: str, w, r: Ragged) -> torch.Tensor:
         k = int((mass <= 0).nonzero()[0])
         raise ValueError(f"{name} is all zero in problem {k}: every problem needs positive mass")
     return w / mass.repeat_interleave(r.sizes)
+
+
+def labels(name: str, lab, n_rows: int, num_segments: int) -> torch.Tensor:
+    """int64 (N,) labels in [0, num_segments)."""
+    if not isinstance(lab, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(lab).__name__}")
+    if lab.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {lab.dtype}")
+    if lab.dim() != 1 or lab.shape[0] != n_rows:
+        raise ValueError(f"{name} must have shape ({n_rows},), got {tuple(lab.shape)}")
+    if lab.numel():
+        lo, hi = int(lab.min()), int(lab.max())
+        if lo < 0 or hi >= num_segments:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} must lie in [0, {num_segments}), got {bad}")
+    return lab
