@@ -1,0 +1,165 @@
+"""Host-side pieces shared by the Triton launchers: bounds checks and block tables.
+
+A ragged batch is B problems stored as flat rows plus int64 offsets (DESIGN.md
+section 2). The launchers cover the whole batch with ONE launch: the host lists
+every row block of every problem in a *block table*, and program p of the grid
+works on the block in row p of the table.
+
+The public API validates everything once (tcfa/_validate.py). The checks here
+are only what a direct launcher call needs so a kernel can never read or write
+out of bounds -- the same cheap checks the C++ kernels make (csrc/cpu/common.h).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+COSTS = ("sqeuclidean", "cosine")
+LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2/log2 (see softmin.py)
+LN2 = 0.6931471805599453
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 are computed in fp32 (DESIGN.md section 2)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ---------------------------------------------------------------- checks
+def check_offsets(name: str, off, n_rows: int) -> torch.Tensor:
+    """int64 (B+1,) offsets starting at 0, non-decreasing, ending at n_rows; returned on the CPU."""
+    if not isinstance(off, torch.Tensor) or off.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor, got {getattr(off, 'dtype', type(off).__name__)}")
+    if off.dim() != 1 or off.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with B+1 >= 2 entries, got shape {tuple(off.shape)}")
+    host = off.cpu()  # one small device-to-host copy, as the C++ kernels make
+    if int(host[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
+    if int(host[-1]) != n_rows:
+        raise ValueError(f"{name} must end at the number of rows ({n_rows}), got {int(host[-1])}")
+    steps = host[1:] - host[:-1]
+    if bool((steps < 0).any()):
+        k = int((steps < 0).nonzero()[0]) + 1
+        raise ValueError(f"{name} must be non-decreasing, got {int(host[k - 1])} then {int(host[k])} at position {k}")
+    return host
+
+
+def check_pair(x_offsets, n_x: int, y_offsets, n_y: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both offsets checked, on the CPU, describing the same number of problems."""
+    xo = check_offsets("x_offsets", x_offsets, n_x)
+    yo = check_offsets("y_offsets", y_offsets, n_y)
+    if xo.numel() != yo.numel():
+        raise ValueError(
+            f"x_offsets and y_offsets must describe the same number of problems, got {xo.numel() - 1} and {yo.numel() - 1}"
+        )
+    return xo, yo
+
+
+def check_points(x, y) -> None:
+    """x (N, d) and y (M, d) of one floating dtype."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows, d), got shape {tuple(t.shape)}")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must have the same width, got {x.shape[1]} and {y.shape[1]}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"y must have dtype {x.dtype}, got {y.dtype}")
+
+
+def check_vector(name: str, t) -> None:
+    """A 1-D floating-point tensor."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+
+
+def check_rows(name: str, t, n: int) -> None:
+    """A floating-point (n,) tensor: one value per row."""
+    check_vector(name, t)
+    if t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+
+
+def check_eps(eps) -> float:
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    return float(eps)
+
+
+def check_cost(cost) -> str:
+    if cost not in COSTS:
+        raise ValueError(f"cost must be 'sqeuclidean' or 'cosine', got {cost!r}")
+    return cost
+
+
+def active_flags(active, num_problems: int) -> torch.Tensor | None:
+    """The optional bool (B,) "still iterating" flags, on the CPU; None means all active."""
+    if active is None:
+        return None
+    if not isinstance(active, torch.Tensor) or active.dtype != torch.bool:
+        raise TypeError(f"active must be a bool tensor, got {getattr(active, 'dtype', type(active).__name__)}")
+    if active.dim() != 1 or active.shape[0] != num_problems:
+        raise ValueError(f"active must have shape ({num_problems},), got {tuple(active.shape)}")
+    return active.cpu()
+
+
+# ---------------------------------------------------------------- block tables
+def block_table(offsets: torch.Tensor, block: int, active: torch.Tensor | None, device) -> torch.Tensor:
+    """(T, 2) int64 rows (problem k, first row) of every `block`-row block of every active problem.
+
+    Built with vectorised ops on the CPU offsets, then one small copy to the
+    device. Empty and inactive problems contribute no blocks, so their rows are
+    never touched (the launchers pre-fill outputs with what those rows return).
+    """
+    sizes = offsets[1:] - offsets[:-1]
+    num_blocks = (sizes + block - 1) // block
+    if active is not None:
+        num_blocks = num_blocks * active.to(torch.int64)
+    problem = torch.repeat_interleave(torch.arange(sizes.numel()), num_blocks)
+    first_block = torch.cumsum(num_blocks, 0) - num_blocks  # of each problem
+    local = torch.arange(problem.numel()) - first_block[problem]
+    first_row = offsets[problem] + local * block
+    return torch.stack([problem, first_row], dim=1).to(device)
+
+
+def block_offsets(x_offsets: torch.Tensor, y_offsets: torch.Tensor) -> torch.Tensor:
+    """(B+1,) int64 start of every problem's row-major n_k x m_k block in a flat cost."""
+    areas = (x_offsets[1:] - x_offsets[:-1]) * (y_offsets[1:] - y_offsets[:-1])
+    return torch.cat([areas.new_zeros(1), torch.cumsum(areas, 0)])
+
+
+def dot_block(width: int, cap: int) -> int:
+    """A power-of-two tile width for a tl.dot operand: >= 16 (the tensor-core minimum), <= cap."""
+    return max(16, min(cap, 1 << max(0, math.ceil(math.log2(max(width, 1))))))
+
+
+# ---------------------------------------------------------------- affine rows
+def affine_rows(t: torch.Tensor, cost: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and their alpha (or beta) term for C_ij = alpha_i + beta_j - gamma x_i.y_j.
+
+    Same expressions as csrc/cpu/common.h affine_rows, so the host prologue
+    rounds exactly like the C++ op: cosine rows are normalised (alpha = beta =
+    1/2, gamma = 1), sqeuclidean keeps the rows and uses squared norms (gamma = 2).
+    An O(N d) pass, negligible next to the O(N M d) kernels.
+    """
+    if cost == "cosine":
+        rows = (t / t.norm(2, dim=1, keepdim=True).clamp_min(1e-30)).contiguous()
+        return rows, torch.full((t.shape[0],), 0.5, dtype=t.dtype, device=t.device)
+    rows = t.contiguous()
+    return rows, (rows * rows).sum(1)
+
+
+def cost_gamma(cost: str) -> float:
+    return 1.0 if cost == "cosine" else 2.0
+
+
+def scalars(*values: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """Scalars passed to a kernel as a tensor of the compute dtype.
+
+    Triton passes Python floats as fp32 kernel arguments, which would round
+    gamma/eps and friends in fp64 runs; loading them from memory keeps full precision.
+    """
+    return torch.tensor(values, dtype=dtype, device=device)

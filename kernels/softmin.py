@@ -1,0 +1,319 @@
+"""Triton kernels of tcfa::softmin, tcfa::softmin_dense and tcfa::cost.
+
+The math is stated once, in tcfa/ops.py; these kernels implement it for the
+CUDA dispatch key and are tested on CPU tensors under TRITON_INTERPRET=1
+against the C++ op (csrc/cpu/softmin.cpp) and a naive reference.
+
+Every launcher takes exactly the arguments of its op schema (csrc/ops.cpp) and
+returns what the C++ kernel returns. One launch serves a whole ragged batch:
+program p works on row block p of a host-built block table (kernels/_ragged.py).
+
+Numerics shared by all kernels:
+* costs are affine in x.y, C_ij = alpha_i + beta_j - gamma x_i.y_j, so a tile
+  of x.y comes from tl.dot and the cost matrix is never materialised
+  (except by `cost`, whose job it is);
+* the log-sum-exp runs in base 2 (exp2/log2, as FlashAttention does): log2(e)
+  is folded into the per-column term and the dot scale on the host, which saves
+  a multiply per pair; the result is converted back with a factor ln 2;
+* one pass with an online max: the running max starts at the dtype's lowest
+  finite value, not -inf, so (old max - new max) stays finite when every term
+  so far is -inf (zero weights), exactly as csrc/cpu/common.h does;
+* fp32 tl.dot uses input_precision="ieee". On a GPU the default would be TF32
+  (10-bit mantissa), which would not match the C++ op; the interpreter's
+  tl.dot is an exact numpy matmul either way. fp64 is computed in fp64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _ragged as rg
+
+# Tile sizes, chosen for an H100. The (BLOCK_M x BLOCK_N) score tile of the
+# on-the-fly kernels lives in registers; BLOCK_K chunks of the width d feed tl.dot.
+ROW_BLOCK = 64
+COL_BLOCK = 64
+MAX_K_BLOCK = 64
+# softmin_dense streams a stored cost (bandwidth-bound): wide, coalesced tiles.
+DENSE_ROW_BLOCK = 32  # dim=1: rows per program; each sweeps its rows' columns
+DENSE_COL_TILE = 128
+DENSE_COL_BLOCK = 32  # dim=0: columns per program; each sweeps the problem's rows
+DENSE_ROW_TILE = 64
+# fp32 dot precision: "ieee" matches the C++ op; "tf32" is up to ~8x faster on
+# tensor cores but rounds x and y to a 10-bit mantissa. fp64 is always "ieee".
+FP32_DOT_PRECISION = "ieee"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float64 else FP32_DOT_PRECISION
+
+
+# ---------------------------------------------------------------- device helpers
+@triton.jit
+def _pair_dots(x_ptr, rows, row_mask, y_ptr, cols, col_mask, d, acc,
+               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x[rows] @ y[cols]^T for contiguous (., d) x and y, over d in BLOCK_K chunks.
+
+    Masked rows/columns/widths load 0, so they add nothing. When d <= BLOCK_K
+    this is one iteration; reloading the x chunk for every y tile hits L1/L2.
+    """
+    for k0 in range(0, d, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < d
+        x_tile = tl.load(x_ptr + rows[:, None] * d + ks[None, :],
+                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        y_tile = tl.load(y_ptr + cols[None, :] * d + ks[:, None],  # (BLOCK_K, BLOCK_N): y^T
+                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(x_tile, y_tile, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _online_lse_update(run_max, run_sum, terms, AXIS: tl.constexpr):
+    """Folds a tile of base-2 exponents into the running (max, sum) along AXIS, one pass."""
+    new_max = tl.maximum(run_max, tl.max(terms, axis=AXIS))
+    if AXIS == 1:
+        shifted = terms - new_max[:, None]
+    else:
+        shifted = terms - new_max[None, :]
+    run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(tl.exp2(shifted), axis=AXIS)
+    return new_max, run_sum
+
+
+@triton.jit
+def _lse2(run_max, run_sum):
+    """log2 sum_j 2^term_j from the running state; -inf when every term was -inf (or none)."""
+    return tl.where(run_sum > 0, run_max + tl.log2(run_sum), float("-inf"))
+
+
+# ---------------------------------------------------------------- softmin
+@triton.jit
+def _softmin_kernel(x_ptr, y_ptr, alpha_ptr, u_ptr, out_ptr, x_off_ptr, y_off_ptr,
+                    blocks_ptr, coef_ptr, d,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, LOWEST: tl.constexpr):
+    """out_i = alpha_i - eps ln2 * log2 sum_j 2^(u_j + scale x_i.y_j) for one block of x rows.
+
+    u_j = (log b_j + (h_j - beta_j)/eps) log2(e) and scale = gamma log2(e)/eps
+    come from the host, so the exponent is one FMA per pair after the GEMM tile.
+    """
+    problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
+    first_row = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)
+    rows_end = tl.load(x_off_ptr + problem + 1)
+    cols_start = tl.load(y_off_ptr + problem)
+    cols_end = tl.load(y_off_ptr + problem + 1)
+    scale = tl.load(coef_ptr)
+    out_scale = tl.load(coef_ptr + 1)  # -eps ln2
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < rows_end
+    dtype = out_ptr.dtype.element_ty
+    run_max = tl.full((BLOCK_M,), LOWEST, dtype)
+    run_sum = tl.zeros((BLOCK_M,), dtype)
+    for col0 in range(cols_start, cols_end, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < cols_end
+        dots = _pair_dots(x_ptr, rows, row_mask, y_ptr, cols, col_mask, d,
+                          tl.zeros((BLOCK_M, BLOCK_N), dtype), BLOCK_K, DOT_PRECISION)
+        u = tl.load(u_ptr + cols, mask=col_mask, other=float("-inf"))  # masked: 2^-inf = 0
+        run_max, run_sum = _online_lse_update(run_max, run_sum, u[None, :] + scale * dots, 1)
+    alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
+    tl.store(out_ptr + rows, alpha + out_scale * _lse2(run_max, run_sum), mask=row_mask)
+
+
+def softmin_forward(x, y, x_offsets, y_offsets, h, log_b, eps, cost="sqeuclidean", active=None):
+    """tcfa::softmin on the GPU (math: tcfa.ops.softmin). Returns (Nx,) in x's dtype."""
+    cost = rg.check_cost(cost)
+    eps = rg.check_eps(eps)
+    rg.check_points(x, y)
+    rg.check_rows("h", h, y.shape[0])
+    rg.check_rows("log_b", log_b, y.shape[0])
+    xo, yo = rg.check_pair(x_offsets, x.shape[0], y_offsets, y.shape[0])
+    flags = rg.active_flags(active, xo.numel() - 1)
+
+    ct = rg.compute_dtype(x.dtype)
+    x_rows, alpha = rg.affine_rows(x.to(ct), cost)
+    y_rows, beta = rg.affine_rows(y.to(ct), cost)
+    u = ((log_b.to(ct) + (h.to(ct) - beta) / eps) * rg.LOG2E).contiguous()
+    coef = rg.scalars(rg.cost_gamma(cost) / eps * rg.LOG2E, -eps * rg.LN2, dtype=ct, device=x.device)
+    out = torch.zeros(x.shape[0], dtype=ct, device=x.device)  # inactive rows stay 0
+    blocks = rg.block_table(xo, ROW_BLOCK, flags, x.device)
+    if blocks.shape[0]:
+        _softmin_kernel[(blocks.shape[0],)](
+            x_rows, y_rows, alpha, u, out, xo.to(x.device), yo.to(x.device), blocks, coef, x.shape[1],
+            BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
+            DOT_PRECISION=dot_precision(ct), LOWEST=torch.finfo(ct).min, num_warps=4,
+        )
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- softmin_dense
+@triton.jit
+def _softmin_dense_rows_kernel(cost_ptr, u_ptr, out_ptr, x_off_ptr, y_off_ptr, cost_off_ptr,
+                               blocks_ptr, coef_ptr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOWEST: tl.constexpr):
+    """dim=1: out_i = -eps ln2 * log2 sum_j 2^(u_j - log2(e) C_ij / eps) for one block of rows.
+
+    u_j = (log b_j + h_j/eps) log2(e). Each row of the block reads its
+    contiguous run of the row-major cost block, BLOCK_N columns at a time.
+    """
+    problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
+    first_row = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)
+    rows_start = tl.load(x_off_ptr + problem)
+    rows_end = tl.load(x_off_ptr + problem + 1)
+    cols_start = tl.load(y_off_ptr + problem)
+    m = tl.load(y_off_ptr + problem + 1) - cols_start
+    block_start = tl.load(cost_off_ptr + problem)
+    cost_scale = tl.load(coef_ptr)  # -log2(e)/eps
+    out_scale = tl.load(coef_ptr + 1)  # -eps ln2
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < rows_end
+    row_ptrs = cost_ptr + block_start + (rows - rows_start) * m
+    dtype = out_ptr.dtype.element_ty
+    run_max = tl.full((BLOCK_M,), LOWEST, dtype)
+    run_sum = tl.zeros((BLOCK_M,), dtype)
+    for col0 in range(0, m, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < m
+        c = tl.load(row_ptrs[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        u = tl.load(u_ptr + cols_start + cols, mask=col_mask, other=float("-inf"))
+        run_max, run_sum = _online_lse_update(run_max, run_sum, u[None, :] + cost_scale * c.to(dtype), 1)
+    tl.store(out_ptr + rows, out_scale * _lse2(run_max, run_sum), mask=row_mask)
+
+
+@triton.jit
+def _softmin_dense_cols_kernel(cost_ptr, u_ptr, out_ptr, x_off_ptr, y_off_ptr, cost_off_ptr,
+                               blocks_ptr, coef_ptr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOWEST: tl.constexpr):
+    """dim=0: out_j = -eps ln2 * log2 sum_i 2^(u_i - log2(e) C_ij / eps) for one block of columns.
+
+    The program owns BLOCK_N columns and sweeps the problem's rows, keeping a
+    running (max, sum) per column: every load is a contiguous BLOCK_N-wide
+    piece of a row of the stored cost, which is never transposed.
+    """
+    problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
+    first_col = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)
+    rows_start = tl.load(x_off_ptr + problem)
+    n = tl.load(x_off_ptr + problem + 1) - rows_start
+    cols_start = tl.load(y_off_ptr + problem)
+    cols_end = tl.load(y_off_ptr + problem + 1)
+    m = cols_end - cols_start
+    block_start = tl.load(cost_off_ptr + problem)
+    cost_scale = tl.load(coef_ptr)
+    out_scale = tl.load(coef_ptr + 1)
+
+    cols = first_col + tl.arange(0, BLOCK_N)
+    col_mask = cols < cols_end
+    col_ptrs = cost_ptr + block_start + (cols - cols_start)
+    dtype = out_ptr.dtype.element_ty
+    run_max = tl.full((BLOCK_N,), LOWEST, dtype)
+    run_sum = tl.zeros((BLOCK_N,), dtype)
+    for row0 in range(0, n, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < n
+        c = tl.load(col_ptrs[None, :] + rows[:, None] * m, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        u = tl.load(u_ptr + rows_start + rows, mask=row_mask, other=float("-inf"))
+        run_max, run_sum = _online_lse_update(run_max, run_sum, u[:, None] + cost_scale * c.to(dtype), 0)
+    tl.store(out_ptr + cols, out_scale * _lse2(run_max, run_sum), mask=col_mask)
+
+
+def softmin_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim, active=None):
+    """tcfa::softmin_dense on the GPU (math: tcfa.ops.softmin_dense).
+
+    Computed in the cost's compute dtype (fp16/bf16 costs are read as stored and
+    widened in registers, never copied); returns h's dtype, like the C++ op.
+    """
+    eps = rg.check_eps(eps)
+    if dim not in (0, 1):
+        raise ValueError(f"dim must be 0 or 1, got {dim}")
+    if not isinstance(cost, torch.Tensor) or not cost.is_floating_point() or cost.dim() != 1:
+        raise ValueError("cost must be the flat floating-point concatenation of the problems' "
+                         f"row-major costs (1-D), got {getattr(cost, 'shape', type(cost).__name__)}")
+    rg.check_vector("log_a", log_a)
+    rg.check_vector("log_b", log_b)
+    n_x, n_y = log_a.shape[0], log_b.shape[0]
+    xo, yo = rg.check_pair(x_offsets, n_x, y_offsets, n_y)
+    cost_offsets = rg.block_offsets(xo, yo)
+    if cost.numel() != int(cost_offsets[-1]):
+        raise ValueError(f"cost must hold sum_k n_k*m_k = {int(cost_offsets[-1])} entries for these offsets, "
+                         f"got {cost.numel()}")
+    # dim=1 reduces over y's rows (weights b, h on y), dim=0 over x's rows (weights a, h on x)
+    log_w = log_b if dim == 1 else log_a
+    rg.check_rows("h", h, log_w.shape[0])
+    flags = rg.active_flags(active, xo.numel() - 1)
+
+    ct = rg.compute_dtype(cost.dtype)
+    device = cost.device
+    u = ((log_w.to(ct) + h.to(ct) / eps) * rg.LOG2E).contiguous()
+    coef = rg.scalars(-rg.LOG2E / eps, -eps * rg.LN2, dtype=ct, device=device)
+    out = torch.zeros(n_x if dim == 1 else n_y, dtype=ct, device=device)  # inactive problems stay 0
+    common = (xo.to(device), yo.to(device), cost_offsets.to(device))
+    if dim == 1:
+        kernel, blocks = _softmin_dense_rows_kernel, rg.block_table(xo, DENSE_ROW_BLOCK, flags, device)
+        tiles = dict(BLOCK_M=DENSE_ROW_BLOCK, BLOCK_N=DENSE_COL_TILE)
+    else:
+        kernel, blocks = _softmin_dense_cols_kernel, rg.block_table(yo, DENSE_COL_BLOCK, flags, device)
+        tiles = dict(BLOCK_M=DENSE_ROW_TILE, BLOCK_N=DENSE_COL_BLOCK)
+    if blocks.shape[0]:
+        kernel[(blocks.shape[0],)](cost.contiguous(), u, out, *common, blocks, coef,
+                                   **tiles, LOWEST=torch.finfo(ct).min, num_warps=4)
+    return out.to(h.dtype)
+
+
+# ---------------------------------------------------------------- cost
+@triton.jit
+def _cost_kernel(x_ptr, y_ptr, alpha_ptr, beta_ptr, out_ptr, x_off_ptr, y_off_ptr, cost_off_ptr,
+                 blocks_ptr, d, GAMMA: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """C_ij = max(alpha_i + beta_j - gamma x_i.y_j, 0) for one block of rows, all columns.
+
+    Written at the problem's block start + local row * m + local column. The clamp
+    undoes rounding of the affine form (|x|^2 + |y|^2 - 2x.y can dip below 0).
+    """
+    problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
+    first_row = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)
+    rows_start = tl.load(x_off_ptr + problem)
+    rows_end = tl.load(x_off_ptr + problem + 1)
+    cols_start = tl.load(y_off_ptr + problem)
+    cols_end = tl.load(y_off_ptr + problem + 1)
+    m = cols_end - cols_start
+    block_start = tl.load(cost_off_ptr + problem)
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < rows_end
+    alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
+    row_ptrs = out_ptr + block_start + (rows - rows_start) * m
+    dtype = out_ptr.dtype.element_ty
+    for col0 in range(cols_start, cols_end, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < cols_end
+        dots = _pair_dots(x_ptr, rows, row_mask, y_ptr, cols, col_mask, d,
+                          tl.zeros((BLOCK_M, BLOCK_N), dtype), BLOCK_K, DOT_PRECISION)
+        beta = tl.load(beta_ptr + cols, mask=col_mask, other=0.0)
+        c = tl.maximum(alpha[:, None] + beta[None, :] - GAMMA * dots, 0.0)
+        tl.store(row_ptrs[:, None] + (cols - cols_start)[None, :], c, mask=row_mask[:, None] & col_mask[None, :])
+
+
+def cost_forward(x, y, x_offsets, y_offsets, cost):
+    """tcfa::cost on the GPU (math: tcfa.ops.cost_matrix). Flat (sum_k n_k m_k,), compute dtype."""
+    cost = rg.check_cost(cost)
+    rg.check_points(x, y)
+    xo, yo = rg.check_pair(x_offsets, x.shape[0], y_offsets, y.shape[0])
+    cost_offsets = rg.block_offsets(xo, yo)
+
+    ct = rg.compute_dtype(x.dtype)
+    x_rows, alpha = rg.affine_rows(x.to(ct), cost)
+    y_rows, beta = rg.affine_rows(y.to(ct), cost)
+    out = torch.empty(int(cost_offsets[-1]), dtype=ct, device=x.device)
+    blocks = rg.block_table(xo, ROW_BLOCK, None, x.device)
+    if blocks.shape[0] and out.numel():
+        _cost_kernel[(blocks.shape[0],)](
+            x_rows, y_rows, alpha, beta, out, xo.to(x.device), yo.to(x.device), cost_offsets.to(x.device),
+            blocks, x.shape[1], GAMMA=rg.cost_gamma(cost),
+            BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
+            DOT_PRECISION=dot_precision(ct), num_warps=4,
+        )
+    return out
