@@ -49,9 +49,8 @@ def check_pair(x_offsets, n_x: int, y_offsets, n_y: int) -> tuple[torch.Tensor, 
     xo = check_offsets("x_offsets", x_offsets, n_x)
     yo = check_offsets("y_offsets", y_offsets, n_y)
     if xo.numel() != yo.numel():
-        raise ValueError(
-            f"x_offsets and y_offsets must describe the same number of problems, got {xo.numel() - 1} and {yo.numel() - 1}"
-        )
+        raise ValueError("x_offsets and y_offsets must describe the same number of problems, "
+                         f"got {xo.numel() - 1} and {yo.numel() - 1}")
     return xo, yo
 
 

@@ -192,6 +192,9 @@ def _softmin_dense_cols_kernel(cost_ptr, u_ptr, out_ptr, x_off_ptr, y_off_ptr, c
     The program owns BLOCK_N columns and sweeps the problem's rows, keeping a
     running (max, sum) per column: every load is a contiguous BLOCK_N-wide
     piece of a row of the stored cost, which is never transposed.
+    A batch gives sum_k m_k / BLOCK_N programs; a single problem with few
+    columns would leave SMs idle, and would then want the rows split across
+    programs plus a (max, sum) merge, as the C++ kernel does across threads.
     """
     problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
     first_col = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)

@@ -56,7 +56,7 @@ def cost_matrix(x, y, x_offsets, y_offsets, cost: str = "sqeuclidean"):
     """Every problem's cost block C_ij = C(x_i, y_j), flattened and concatenated.
 
     Problem k's n_k x m_k block, row-major, starts at sum_{l<k} n_l m_l.
-    Squared Euclidean costs are clamped at 0 (rounding of the affine form).
+    Costs are clamped at 0: rounding of the affine form can dip below it.
     """
     return torch.ops.tcfa.cost(x, y, x_offsets, y_offsets, cost)
 
@@ -84,7 +84,7 @@ def _softmin_fake(x, y, x_offsets, y_offsets, h, log_b, eps, cost, active=None):
 @torch.library.register_fake("tcfa::softmin_dense")
 def _softmin_dense_fake(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim, active=None):
     n = log_a.shape[0] if dim == 1 else log_b.shape[0]
-    return h.new_empty(n, dtype=_compute_dtype(cost.dtype))
+    return h.new_empty(n)
 
 
 @torch.library.register_fake("tcfa::cost")

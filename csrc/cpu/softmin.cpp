@@ -164,6 +164,10 @@ at::Tensor softmin_dense_cpu(const at::Tensor& cost, const at::Tensor& x_offsets
         for (int64_t jj = 0; jj < m; ++jj) fold_scalar(M[jj], S[jj], up[i] + neg_inv_eps * r[jj]);
       }
     });
+    // A problem without x rows has an empty sum: -eps log 0 = +inf.
+    for (int64_t k = 0; k < B; ++k)
+      if (flags[k] && xo[k + 1] == xo[k])
+        std::fill(op + yo[k], op + yo[k + 1], static_cast<T>(INFINITY));
     // Merge the chunks of every problem: max, then the rescaled sums.
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first, int64_t end) {
       for (int64_t ti = first; ti < end; ++ti) {
