@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 DEPS   := numpy scipy scikit-learn POT triton pytest hypothesis ninja pybind11 safetensors setuptools wheel
+# peers timed by the benchmarks only (jax is large: not needed for test/demo)
+BENCH_DEPS := geomloss ott-jax
 STAMP  := $(VENV)/.deps-installed
 
 .PHONY: all build test demo bench clean
@@ -33,7 +35,9 @@ demo: build
 	$(VENV)/bin/tcfa demo --out demo_output
 
 bench: build
+	$(PIP) install -q $(BENCH_DEPS) $(TORCH)
 	$(VENV)/bin/tcfa bench
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf build *.egg-info tcfa/_C*.so

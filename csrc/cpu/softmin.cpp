@@ -128,11 +128,15 @@ at::Tensor softmin_dense_cpu(const at::Tensor& cost, const at::Tensor& x_offsets
     }
     // Columns: sweep the rows of the stored cost (never transpose it) with
     // per-column running (max, sum) arrays, L1/L2-resident; groups of 4 rows
-    // share one rescale. A large problem's rows are split into one chunk per
-    // thread, merged afterwards. Sweeping whole rows (sequential reads) ran
+    // share one rescale. With fewer problems than threads, a problem's rows
+    // are split into chunks, merged afterwards. Sweeping whole rows (sequential reads) ran
     // 2x faster than tasks over 256-column strips.
     constexpr int W = lanes<T>();
-    const auto tasks = row_chunks(xo, flags, at::get_num_threads(), kDenseRowBlock);
+    // Split problems only when there are fewer of them than threads: every
+    // split costs a merge and a second set of column states.
+    const int64_t n_active = std::max<int64_t>(1, std::count(flags.begin(), flags.end(), 1));
+    const int64_t parts = (at::get_num_threads() + n_active - 1) / n_active;
+    const auto tasks = row_chunks(xo, flags, parts, kDenseRowBlock);
     std::vector<std::vector<T>> state(tasks.size());
     run_tasks(tasks, [&](const Task& t, int64_t ti) {
       const int64_t m = yo[t.k + 1] - yo[t.k];
