@@ -172,3 +172,21 @@ def test_direct_op_calls_are_bounds_checked(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         ops.softmin(**args)
+
+
+@pytest.mark.parametrize("name", ["softmin", "softmin_dense", "cost", "barycentric"])
+def test_triton_launchers_are_registered_for_cuda(name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tcfa::{name}", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tcfa::{name}", "CPU")
+
+
+def test_failed_extension_load_says_how_to_build(monkeypatch):
+    from tcfa import _C_loader
+
+    def broken(name):
+        raise ImportError("undefined symbol: _ZN2at4_ops")
+
+    monkeypatch.setattr(_C_loader.importlib, "import_module", broken)
+    with pytest.raises(ImportError, match="make build") as info:
+        _C_loader.load()
+    assert "undefined symbol" in str(info.value)
