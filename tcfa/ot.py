@@ -167,7 +167,8 @@ def _iterate(prob: _Problem, steps: _HalfSteps, max_iter: int, tol: float, sched
         g_new = steps.g_update(f, eps, mask)
         g = g_new if mask is None else torch.where(active[prob.y_index], g_new, g)
         f_new = steps.f_update(g, eps, mask)
-        if it >= len(schedule):  # errors are only meaningful at the target eps
+        # errors are only meaningful at the target eps, and needed only to stop or to report
+        if it >= len(schedule) and (tol > 0 or it == max_iter - 1):
             viol = prob.a * torch.expm1((f - f_new) / eps).abs()
             error = torch.where(active, prob.segment_sum(viol, "x"), error)
         f = f_new if mask is None else torch.where(active[prob.x_index], f_new, f)
