@@ -21,7 +21,12 @@ def tensor(name: str, t, *, dim=None, dtypes=FLOAT_DTYPES, finite: bool = True) 
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if dim is not None and t.dim() not in ((dim,) if isinstance(dim, int) else dim):
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if finite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    # A finite sum proves every entry finite (NaN and inf propagate) and reads t
+    # once without a mask: 0.9 ms against 22 ms for isfinite(t).all() on an
+    # 8192 x 768 fp32 x (one thread, this machine). Only a non-finite sum,
+    # maybe mere overflow, pays for the entry-wise check.
+    if finite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum())) \
+            and not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(f"{name} must be finite, found {t[tuple(bad)].item()} at index {tuple(bad)}")
     return t

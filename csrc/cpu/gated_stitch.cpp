@@ -51,7 +51,9 @@ Params prepare(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
   check_same_dtype(mu_x, dt, "mu_x");
   check_same_dtype(mu_y, dt, "mu_y");
   const auto ct = compute_dtype(dt);
-  auto cvt = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
+  // Detached: the op is differentiated as a whole (tcfa/ops.py), and the
+  // out= GEMMs below refuse inputs that require grad.
+  auto cvt = [&](const at::Tensor& t) { return t.detach().to(ct).contiguous(); };
   return {cvt(x), cvt(W), cvt(b), cvt(U), cvt(V), cvt(mu_x), cvt(mu_y), N, dx, dy, C, r};
 }
 
@@ -116,6 +118,56 @@ std::vector<Task> condition_tasks(const SlotGroups& g, int64_t s) {
   return tasks;
 }
 
+// Per-thread scratch matrices reused by every task of a pass. A fresh
+// at::empty for each task's (rows x 768) block cost more than the GEMM that
+// filled it: a 768-wide product into a new tensor ran 3.6x slower (49 vs
+// 13.6 ms for 64 blocks of 256 rows) than into a reused one, the page faults
+// of the allocation dominating.
+struct Scratch {
+  Scratch(int64_t max_rows, at::TensorOptions opt) : max_rows(max_rows), opt(opt),
+      bufs(at::get_num_threads()) {}
+  // Slot `which` of the calling thread, viewed as (n, width), n <= max_rows.
+  at::Tensor get(int which, int64_t n, int64_t width) {
+    auto& mine = bufs[at::get_thread_num()];
+    if (static_cast<int>(mine.size()) <= which) mine.resize(which + 1);
+    at::Tensor& b = mine[which];
+    if (!b.defined() || b.size(1) != width) b = at::empty({max_rows, width}, opt);
+    return b.narrow(0, 0, n);
+  }
+  int64_t max_rows;
+  at::TensorOptions opt;
+  std::vector<std::vector<at::Tensor>> bufs;
+};
+
+int64_t largest_group(const SlotGroups& g) {
+  int64_t m = 0;
+  for (const auto& st : g.start)
+    for (size_t c = 0; c + 1 < st.size(); ++c) m = std::max(m, st[c + 1] - st[c]);
+  return m;
+}
+
+// d[j] = base[j] + a * v[j] + b * w[j] for j < n, explicitly vectorised: the
+// plain loops (possible aliasing, indirect row pointers) stayed scalar and
+// were the largest cost of the routed forward.
+template <typename T>
+inline void fma_row(T* d, const T* base, T a, const T* v, T b, const T* w, int64_t n) {
+  constexpr int W = lanes<T>();
+  const vec_t<T> va = splat<T>(a), vb = splat<T>(b);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) store(d + j, load(base + j) + va * load(v + j) + vb * load(w + j));
+  for (; j < n; ++j) d[j] = base[j] + a * v[j] + b * w[j];
+}
+
+template <typename T> inline T dot_row(const T* a, const T* b, int64_t n) {
+  constexpr int W = lanes<T>();
+  vec_t<T> acc = splat<T>(T(0));
+  int64_t j = 0;
+  for (; j + W <= n; j += W) acc += load(a + j) * load(b + j);
+  T sum = hsum<T>(acc);
+  for (; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
 // dst[i, :] = src[rows[i], :] - shift  (shift may be null)
 template <typename T>
 void gather_rows(const T* src, int64_t width, const int64_t* rows, int64_t n,
@@ -124,7 +176,7 @@ void gather_rows(const T* src, int64_t width, const int64_t* rows, int64_t n,
     const T* s = src + rows[i] * width;
     T* d = dst + i * width;
     if (shift)
-      for (int64_t j = 0; j < width; ++j) d[j] = s[j] - shift[j];
+      fma_row<T>(d, s, T(-1), shift, T(0), shift, width);
     else
       std::memcpy(d, s, width * sizeof(T));
   }
@@ -190,20 +242,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_stitch_cpu(
     const T* myp = p.mu_y.data_ptr<T>();
     T* zp = z.data_ptr<T>();
     T* op = out.data_ptr<T>();
+    Scratch scratch(largest_group(groups), opt);
     for (int64_t s = 0; s < K; ++s) {
       run_tasks(condition_tasks(groups, s), [&](const Task& t, int64_t) {
         const int64_t c = t.k, n = t.r1 - t.r0;
         const int64_t* rows = groups.rows[s].data() + t.r0;
-        at::Tensor xm = at::empty({n, dx}, opt);
+        at::Tensor xm = scratch.get(0, n, dx), zc = scratch.get(1, n, r), yc = scratch.get(2, n, dy);
         gather_rows<T>(xp, dx, rows, n, mxp + c * dx, xm.data_ptr<T>());
-        at::Tensor zc = at::mm(xm, p.U[c]);  // (n, r)
+        at::mm_out(zc, xm, p.U[c]);
         T* zcp = zc.data_ptr<T>();
         for (int64_t i = 0; i < n; ++i) {  // keep z, then scale it by the gate
           const T g = gp[rows[i] * K + s];
           std::memcpy(zp + (rows[i] * K + s) * r, zcp + i * r, r * sizeof(T));
           for (int64_t j = 0; j < r; ++j) zcp[i * r + j] *= g;
         }
-        at::Tensor yc = at::mm(zc, p.V[c]);  // (n, dy)
+        at::mm_out(yc, zc, p.V[c]);
         const T* ycp = yc.data_ptr<T>();
         const T* my = myp + c * dy;
         for (int64_t i = 0; i < n; ++i) {
@@ -211,9 +264,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_stitch_cpu(
           T* o = op + rows[i] * dy;
           const T* y = ycp + i * dy;
           if (s == 0)  // slot 0 holds every row once: it initialises out
-            for (int64_t j = 0; j < dy; ++j) o[j] = y[j] + g * my[j];
+            fma_row<T>(o, y, g, my, T(0), my, dy);
           else
-            for (int64_t j = 0; j < dy; ++j) o[j] += y[j] + g * my[j];
+            fma_row<T>(o, o, T(1), y, g, my, dy);
         }
       });
     }
@@ -247,7 +300,7 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                     "grad_out must have shape (", N, ", ", dy, "), got ", grad_out.sizes());
   TORCH_CHECK_VALUE(gates.dim() == 2 && gates.size(0) == N && gates.size(1) == K,
                     "gates must have shape (", N, ", ", K, "), got ", gates.sizes());
-  at::Tensor dout = grad_out.to(ct).contiguous();
+  at::Tensor dout = grad_out.detach().to(ct).contiguous();
   at::Tensor g = gates.to(ct).contiguous();
   const double inv_tau = 1.0 / temperature;
   at::Tensor dx_out, dW, db, dU, dV, dmu_x, dmu_y;
@@ -328,14 +381,15 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
       const T* dop = dout.data_ptr<T>();
       T* dxp = dx_out.data_ptr<T>();
       T* dlp = dlogit.data_ptr<T>();
-      T* dmxp = dmu_x.data_ptr<T>();
       T* dmyp = dmu_y.data_ptr<T>();
+      Scratch scratch(largest_group(groups), opt);
       for (int64_t s = 0; s < K; ++s) {
         run_tasks(condition_tasks(groups, s), [&](const Task& t, int64_t) {
           const int64_t c = t.k, n = t.r1 - t.r0;
           const int64_t* rows = groups.rows[s].data() + t.r0;
-          at::Tensor xm = at::empty({n, dx}, opt), d = at::empty({n, dy}, opt);
-          at::Tensor zc = at::empty({n, r}, opt), gc = at::empty({n, 1}, opt);
+          at::Tensor xm = scratch.get(0, n, dx), d = scratch.get(1, n, dy);
+          at::Tensor zc = scratch.get(2, n, r), gc = scratch.get(3, n, 1);
+          at::Tensor ds = scratch.get(4, n, r), dxm = scratch.get(5, n, dx);
           gather_rows<T>(xp, dx, rows, n, mxp + c * dx, xm.data_ptr<T>());
           gather_rows<T>(dop, dy, rows, n, nullptr, d.data_ptr<T>());
           T* zcp = zc.data_ptr<T>();
@@ -344,17 +398,14 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
             gcp[i] = gp[rows[i] * K + s];
             std::memcpy(zcp + i * r, zp + (rows[i] * K + s) * r, r * sizeof(T));
           }
-          at::Tensor ds = at::mm(d, p.V[c].t());  // (n, r)
+          at::mm_out(ds, d, p.V[c].t());
           at::Tensor dmy = at::mv(d.t(), gc.squeeze(1));  // sum_i g_i dout_i
           T* dsp = ds.data_ptr<T>();
           const T* dmyc = dmy.data_ptr<T>();
           const T* my = myp + c * dy;
           const T* dp = d.data_ptr<T>();
           for (int64_t i = 0; i < n; ++i) {
-            T dot = 0;
-            for (int64_t j = 0; j < dy; ++j) dot += dp[i * dy + j] * my[j];
-            for (int64_t j = 0; j < r; ++j) dot += dsp[i * r + j] * zcp[i * r + j];
-            dlp[rows[i] * K + s] = dot;
+            dlp[rows[i] * K + s] = dot_row<T>(dp + i * dy, my, dy) + dot_row<T>(dsp + i * r, zcp + i * r, r);
             for (int64_t j = 0; j < r; ++j) {  // g z and dz = g dS, in place
               zcp[i * r + j] *= gcp[i];
               dsp[i * r + j] *= gcp[i];
@@ -363,16 +414,13 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
           for (int64_t j = 0; j < dy; ++j) dmyp[c * dy + j] += dmyc[j];
           dV[c].addmm_(zc.t(), d);
           dU[c].addmm_(xm.t(), ds);
-          at::Tensor dxm = at::mm(ds, p.U[c].t());  // (n, dx)
+          at::mm_out(dxm, ds, p.U[c].t());
           const T* dxmp = dxm.data_ptr<T>();
-          T* dmx = dmxp + c * dx;
           for (int64_t i = 0; i < n; ++i) {  // rows are distinct within a slot
             T* dst = dxp + rows[i] * dx;
-            for (int64_t j = 0; j < dx; ++j) {
-              dst[j] += dxmp[i * dx + j];
-              dmx[j] -= dxmp[i * dx + j];
-            }
+            fma_row<T>(dst, dst, T(1), dxmp + i * dx, T(0), dxmp, dx);
           }
+          dmu_x[c].sub_(at::mv(p.U[c], ds.sum(0)));  // sum of the rows of dz U_c^T
         });
       }
       // Softmax over the selected logits, row by row.
@@ -396,7 +444,7 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
             const T a = dlp[n * K + s];
             const T* w = wtp + ip[n * K + s] * dx;
             T* dst = dxp + n * dx;
-            for (int64_t j = 0; j < dx; ++j) dst[j] += a * w[j];
+            fma_row<T>(dst, dst, a, w, T(0), w, dx);
           }
       });
       T* dwp = dWt.data_ptr<T>();
@@ -409,7 +457,7 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
               const T a = dlp[n * K + s];
               const T* xr = xp + n * dx;
               T* dst = dwp + c * dx;
-              for (int64_t j = 0; j < dx; ++j) dst[j] += a * xr[j];
+              fma_row<T>(dst, dst, a, xr, T(0), xr, dx);
               dbp[c] += a;
             }
       });
