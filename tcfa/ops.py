@@ -173,7 +173,6 @@ def _register_triton():
         pass
     else:
         torch.library.register_kernel("tcfa::gated_stitch", "cuda", tk_stitch.gated_stitch_forward)
-        torch.library.register_kernel("tcfa::gated_stitch_backward", "cuda", tk_stitch.gated_stitch_backward)
     try:
         from .kernels import barycentric as tk_bary
         from .kernels import softmin as tk_softmin

@@ -264,3 +264,31 @@ def test_torch_compile_module_runs():
     torch.testing.assert_close(out, model(x), atol=1e-6, rtol=1e-6)
     out.sum().backward()
     assert s.U.grad is not None and s.gate_weight.grad is not None
+
+
+# ------------------------------------------------------------------ Triton (interpreter)
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(37, 9, 7, 5, 3), (1, 5, 3, 4, 2), (23, 13, 11, 1, 4), (70, 71, 150, 6, 17)])
+def test_triton_matches_cpp(shape, dtype):
+    """Several row blocks, column tiles and dx chunks in the last shape; exact dots in the interpreter."""
+    from tcfa.kernels.gated_stitch import gated_stitch_forward
+
+    args = sample_inputs(dtype=dtype, shape=shape)
+    atol, rtol = TOL[dtype]
+    for k in sorted({None, 1, 2, shape[3]} - ({2} if shape[3] < 2 else set()), key=str):
+        got = gated_stitch_forward(*args, k, 0.7)
+        want = torch.ops.tcfa.gated_stitch(*args, k, 0.7)
+        for name, a, b in zip(("out", "gates", "index", "z"), got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=f"{name}, top_k={k}")
+
+
+@pytest.mark.interpreter
+def test_triton_ties_go_to_lower_index():
+    from tcfa.kernels.gated_stitch import gated_stitch_forward
+
+    x, W, b, U, V, mu_x, mu_y = sample_inputs(shape=(11, 5, 4, 6, 2))
+    b = torch.tensor([0.0, 2.0, 1.0, 2.0, 1.0, 2.0], dtype=b.dtype)
+    _, _, index, _ = gated_stitch_forward(x, torch.zeros_like(W), b, U, V, mu_x, mu_y, 4, 1.0)
+    assert index.tolist() == [[1, 3, 5, 2]] * 11
