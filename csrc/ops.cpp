@@ -20,4 +20,13 @@ TORCH_LIBRARY(tcfa, m) {
   m.def("cost(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, str cost) -> Tensor");
   m.def("barycentric(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, Tensor g, "
         "Tensor log_b, Tensor values, float eps, str cost) -> Tensor");
+  // Returns (out, gates, index, z); index and z are empty in dense mode (top_k=None).
+  m.def("gated_stitch(Tensor x, Tensor gate_weight, Tensor gate_bias, Tensor U, Tensor V, "
+        "Tensor mu_x, Tensor mu_y, int? top_k=None, float temperature=1.0) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns the gradients of (x, gate_weight, gate_bias, U, V, mu_x, mu_y).
+  m.def("gated_stitch_backward(Tensor grad_out, Tensor x, Tensor gate_weight, "
+        "Tensor gate_bias, Tensor U, Tensor V, Tensor mu_x, Tensor mu_y, Tensor gates, "
+        "Tensor index, Tensor z, int? top_k=None, float temperature=1.0) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -21,7 +21,12 @@ def tensor(name: str, t, *, dim=None, dtypes=FLOAT_DTYPES, finite: bool = True) 
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if dim is not None and t.dim() not in ((dim,) if isinstance(dim, int) else dim):
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if finite and t.is_floating_point() and t.numel() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+    # A finite sum proves every entry finite (NaN and inf propagate) and reads t
+    # once without a mask: 0.9 ms against 22 ms for isfinite(t).all() on an
+    # 8192 x 768 fp32 x (one thread, this machine). Only a non-finite sum,
+    # maybe mere overflow, pays for the entry-wise check. Meta tensors have no values.
+    if finite and t.is_floating_point() and t.numel() and t.device.type != "meta" \
+            and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(f"{name} must be finite, found {t[tuple(bad)].item()} at index {tuple(bad)}")
     return t
@@ -160,3 +165,38 @@ def labels(name: str, lab, n_rows: int, num_segments: int) -> torch.Tensor:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name} must lie in [0, {num_segments}), got {bad}")
     return lab
+
+
+def top_k(name: str, k, num_conditions: int):
+    """None (dense) or an int in [1, num_conditions]."""
+    if k is None:
+        return None
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"{name} must be None or an int, got {type(k).__name__}")
+    if not 1 <= k <= num_conditions:
+        raise ValueError(f"{name} must lie in [1, {num_conditions}] (the number of conditions), got {k}")
+    return k
+
+
+def stitch_args(x, gate_weight, gate_bias, U, V, mu_x, mu_y, k, temperature):
+    """Checks the arguments of tcfa.ops.gated_stitch; returns (top_k, temperature)."""
+    x = tensor("x", x, dim=2)
+    U = tensor("U", U, dim=3)
+    C, dx, r = U.shape
+    if C < 1:
+        raise ValueError(f"U must hold at least one condition, got shape {tuple(U.shape)}")
+    if x.shape[1] != dx:
+        raise ValueError(f"x must have width dx = {dx} (U.shape[1]), got {x.shape[1]}")
+    V = tensor("V", V, dim=3)
+    if V.shape[:2] != (C, r):
+        raise ValueError(f"V must have shape ({C}, {r}, dy), got {tuple(V.shape)}")
+    dy = V.shape[2]
+    expected = {"gate_weight": (gate_weight, (dx, C)), "gate_bias": (gate_bias, (C,)),
+                "mu_x": (mu_x, (C, dx)), "mu_y": (mu_y, (C, dy))}
+    for name, (t, shape) in expected.items():
+        tensor(name, t, dim=len(shape))
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    same_dtype(x=x, gate_weight=gate_weight, gate_bias=gate_bias, U=U, V=V, mu_x=mu_x, mu_y=mu_y)
+    same_device(x=x, gate_weight=gate_weight, gate_bias=gate_bias, U=U, V=V, mu_x=mu_x, mu_y=mu_y)
+    return top_k("top_k", k, C), positive("temperature", temperature)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C_loader
+from . import _C_loader, _validate
 
 _C = _C_loader.load()
 
@@ -72,6 +72,35 @@ def barycentric(x, y, x_offsets, y_offsets, g, log_b, values, eps: float, cost: 
     return torch.ops.tcfa.barycentric(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost)
 
 
+def gated_stitch(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k=None, temperature: float = 1.0,
+                 *, return_routing: bool = False):
+    """Gated mixture of C low-rank affine maps, one per condition.
+
+    For each row x (width dx):
+
+        logits = x W_g + b_g                                   (C,)
+        g      = softmax(logits / tau)                         dense: top_k=None
+        g_c    = softmax over the top_k largest logits, 0 elsewhere    routed
+                 (ties broken by the lower condition index)
+        out    = sum_c g_c * (mu_y[c] + (x - mu_x[c]) U_c V_c)         (dy,)
+
+    Shapes: x (N, dx), gate_weight W_g (dx, C), gate_bias b_g (C,), U (C, dx, r),
+    V (C, r, dy), mu_x (C, dx), mu_y (C, dy); out (N, dy). Differentiable in
+    every tensor argument; the top-k choice itself is piecewise constant, so
+    unselected logits get zero gradient.
+
+    The raw op ``torch.ops.tcfa.gated_stitch`` returns (out, gates, index, z):
+    gates (N, K) are the nonzero g_c of each row, largest first, index (N, K)
+    their conditions and z (N, K, r) = (x - mu_x[c]) U_c, kept for the backward
+    (K = top_k). In dense mode gates is all C gates in condition order and
+    index, z are empty (N, 0), (N, 0, r). With ``return_routing=True`` this
+    wrapper returns (out, gates, index); gates, index and z carry no gradient.
+    """
+    top_k, temperature = _validate.stitch_args(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k, temperature)
+    out, gates, index, _ = torch.ops.tcfa.gated_stitch(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k, temperature)
+    return (out, gates, index) if return_routing else out
+
+
 # ------------------------------------------------------------------ fake kernels
 # Shapes only, for torch.compile / meta tensors; dtype follows the inputs.
 
@@ -98,22 +127,59 @@ def _barycentric_fake(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost):
     return values.new_empty(x.shape[0], values.shape[1])
 
 
+@torch.library.register_fake("tcfa::gated_stitch")
+def _gated_stitch_fake(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k=None, temperature=1.0):
+    N, C, r, dy = x.shape[0], U.shape[0], U.shape[2], V.shape[2]
+    k_saved = 0 if top_k is None else top_k
+    ct = _compute_dtype(x.dtype)
+    return (x.new_empty(N, dy), x.new_empty(N, top_k or C, dtype=ct),
+            x.new_empty(N, k_saved, dtype=torch.int64), x.new_empty(N, k_saved, r, dtype=ct))
+
+
+@torch.library.register_fake("tcfa::gated_stitch_backward")
+def _gated_stitch_backward_fake(grad_out, x, gate_weight, gate_bias, U, V, mu_x, mu_y, gates, index, z,
+                                top_k=None, temperature=1.0):
+    return tuple(torch.empty_like(t) for t in (x, gate_weight, gate_bias, U, V, mu_x, mu_y))
+
+
 def _compute_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# ------------------------------------------------------------------ autograd
+def _gated_stitch_setup_context(ctx, inputs, output):
+    x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k, temperature = inputs
+    _, gates, index, z = output
+    ctx.mark_non_differentiable(gates, index, z)
+    ctx.save_for_backward(x, gate_weight, gate_bias, U, V, mu_x, mu_y, gates, index, z)
+    ctx.top_k, ctx.temperature = top_k, temperature
+
+
+def _gated_stitch_backward(ctx, grad_out, _grad_gates, _grad_index, _grad_z):
+    grads = torch.ops.tcfa.gated_stitch_backward(grad_out, *ctx.saved_tensors, ctx.top_k, ctx.temperature)
+    return (*grads, None, None)
+
+
+torch.library.register_autograd("tcfa::gated_stitch", _gated_stitch_backward, setup_context=_gated_stitch_setup_context)
+
+
 # ------------------------------------------------------------------ Triton (CUDA key)
 def _register_triton():
-    """Registers the Triton launchers for CUDA tensors when Triton is installed."""
+    """Registers the Triton launchers for CUDA tensors when Triton is installed.
+
+    Without triton, CUDA tensors hit the dispatcher's clear "no kernel" error.
+    """
     try:
         from .kernels import barycentric as tk_bary
+        from .kernels import gated_stitch as tk_stitch
         from .kernels import softmin as tk_softmin
-    except ImportError:  # no triton: CUDA tensors then hit the dispatcher's clear "no kernel" error
+    except ImportError:
         return
     torch.library.register_kernel("tcfa::softmin", "cuda", tk_softmin.softmin_forward)
     torch.library.register_kernel("tcfa::softmin_dense", "cuda", tk_softmin.softmin_dense_forward)
     torch.library.register_kernel("tcfa::cost", "cuda", tk_softmin.cost_forward)
     torch.library.register_kernel("tcfa::barycentric", "cuda", tk_bary.barycentric_forward)
+    torch.library.register_kernel("tcfa::gated_stitch", "cuda", tk_stitch.gated_stitch_forward)
 
 
 _register_triton()
