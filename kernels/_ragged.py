@@ -15,7 +15,8 @@ import math
 
 import torch
 
-COSTS = ("sqeuclidean", "cosine")
+from .. import _validate
+
 LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2/log2 (see softmin.py)
 LN2 = 0.6931471805599453
 
@@ -26,22 +27,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------- checks
+# The argument checks are tcfa/_validate.py's, shared with every backend; the
+# launchers only add what a kernel needs (host copies of offsets, block tables).
 def check_offsets(name: str, off, n_rows: int) -> torch.Tensor:
     """int64 (B+1,) offsets starting at 0, non-decreasing, ending at n_rows; returned on the CPU."""
-    if not isinstance(off, torch.Tensor) or off.dtype != torch.int64:
-        raise TypeError(f"{name} must be an int64 tensor, got {getattr(off, 'dtype', type(off).__name__)}")
-    if off.dim() != 1 or off.numel() < 2:
-        raise ValueError(f"{name} must be 1-D with B+1 >= 2 entries, got shape {tuple(off.shape)}")
-    host = off.cpu()  # one small device-to-host copy, as the C++ kernels make
-    if int(host[0]) != 0:
-        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
-    if int(host[-1]) != n_rows:
-        raise ValueError(f"{name} must end at the number of rows ({n_rows}), got {int(host[-1])}")
-    steps = host[1:] - host[:-1]
-    if bool((steps < 0).any()):
-        k = int((steps < 0).nonzero()[0]) + 1
-        raise ValueError(f"{name} must be non-decreasing, got {int(host[k - 1])} then {int(host[k])} at position {k}")
-    return host
+    return _validate.offsets(name, off, n_rows, "cpu")
 
 
 def check_pair(x_offsets, n_x: int, y_offsets, n_y: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,23 +46,16 @@ def check_pair(x_offsets, n_x: int, y_offsets, n_y: int) -> tuple[torch.Tensor, 
 
 def check_points(x, y) -> None:
     """x (N, d) and y (M, d) of one floating dtype."""
-    for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (rows, d), got shape {tuple(t.shape)}")
+    _validate.tensor("x", x, dim=2, finite=False)
+    _validate.tensor("y", y, dim=2, finite=False)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same width, got {x.shape[1]} and {y.shape[1]}")
-    if y.dtype != x.dtype:
-        raise TypeError(f"y must have dtype {x.dtype}, got {y.dtype}")
+    _validate.same_dtype(x=x, y=y)
 
 
 def check_vector(name: str, t) -> None:
     """A 1-D floating-point tensor."""
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    _validate.tensor(name, t, dim=1, finite=False)
 
 
 def check_rows(name: str, t, n: int) -> None:
@@ -83,15 +66,11 @@ def check_rows(name: str, t, n: int) -> None:
 
 
 def check_eps(eps) -> float:
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    return float(eps)
+    return _validate.positive("eps", eps)
 
 
 def check_cost(cost) -> str:
-    if cost not in COSTS:
-        raise ValueError(f"cost must be 'sqeuclidean' or 'cosine', got {cost!r}")
-    return cost
+    return _validate.choice("cost", cost, _validate.COSTS)
 
 
 def active_flags(active, num_problems: int) -> torch.Tensor | None:

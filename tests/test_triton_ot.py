@@ -303,7 +303,7 @@ def test_launchers_reject_out_of_bounds_input_naming_the_argument():
         (ValueError, "x_offsets must end", dict(x_offsets=torch.tensor([0, 2, 6]))),
         (ValueError, "x_offsets must start", dict(x_offsets=torch.tensor([1, 2, 5]))),
         (ValueError, "y_offsets must be non-decreasing", dict(y_offsets=torch.tensor([0, 3, 1, 4]))),
-        (TypeError, "x_offsets must be an int64", dict(x_offsets=good.int())),
+        (TypeError, "x_offsets must be int64", dict(x_offsets=good.int())),
         (ValueError, "same number of problems", dict(y_offsets=torch.tensor([0, 4]))),
         (ValueError, "same width", dict(y=torch.randn(4, 2))),
         (ValueError, "h must have shape", dict(h=torch.zeros(3))),
