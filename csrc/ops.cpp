@@ -20,4 +20,7 @@ TORCH_LIBRARY(tcfa, m) {
   m.def("cost(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, str cost) -> Tensor");
   m.def("barycentric(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, Tensor g, "
         "Tensor log_b, Tensor values, float eps, str cost) -> Tensor");
+  m.def("segment_moments(Tensor x, Tensor y, Tensor labels, int num_segments, bool xx=True, "
+        "bool yy=True, bool xy=True) -> (Tensor count, Tensor mean_x, Tensor mean_y, "
+        "Tensor sxx, Tensor syy, Tensor sxy)");
 }

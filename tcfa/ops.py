@@ -102,9 +102,51 @@ def _compute_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# ------------------------------------------------------------------ moments
+
+
+def segment_moments(x, y, labels, num_segments: int, xx: bool = True, yy: bool = True, xy: bool = True):
+    """Per-segment count, means and centered co-moment sums of paired rows.
+
+    For every segment c in [0, num_segments), S_c = {i : labels_i = c}, n_c = |S_c|:
+
+        count[c]  = n_c
+        mean_x[c] = (1/n_c) sum_{i in S_c} x_i                       (0 when n_c = 0)
+        sxx[c]    = sum_{i in S_c} (x_i - mean_x[c]) (x_i - mean_x[c])^T   (dx, dx)
+        syy[c]    = sum_{i in S_c} (y_i - mean_y[c]) (y_i - mean_y[c])^T   (dy, dy)
+        sxy[c]    = sum_{i in S_c} (x_i - mean_x[c]) (y_i - mean_y[c])^T   (dx, dy)
+
+    so sxx[c] / (n_c - 1) is segment c's covariance. Labels may come in any
+    order. Means are accumulated in fp64 and the rows shifted by them before
+    the co-moment GEMMs, so fp32 inputs with a large common offset stay
+    accurate (no E[x^2] - E[x]^2 cancellation). ``xx``/``yy``/``xy`` = False
+    skips a block, which is then returned empty with shape (C, 0, 0).
+    Shapes: x (N, dx), y (N, dy), labels (N,) int64; count is int64, the
+    rest have x's dtype (fp16/bf16 computed and returned in fp32).
+    """
+    return torch.ops.tcfa.segment_moments(x, y, labels, num_segments, xx, yy, xy)
+
+
+@torch.library.register_fake("tcfa::segment_moments")
+def _segment_moments_fake(x, y, labels, num_segments, xx=True, yy=True, xy=True):
+    dt = _compute_dtype(x.dtype)
+    C, dx, dy = num_segments, x.shape[1], y.shape[1]
+
+    def block(on, a, b):
+        return x.new_empty((C, a, b) if on else (C, 0, 0), dtype=dt)
+
+    return (x.new_empty(C, dtype=torch.int64), x.new_empty(C, dx, dtype=dt), x.new_empty(C, dy, dtype=dt),
+            block(xx, dx, dx), block(yy, dy, dy), block(xy, dx, dy))
+
+
 # ------------------------------------------------------------------ Triton (CUDA key)
 def _register_triton():
     """Registers the Triton launchers for CUDA tensors when Triton is installed."""
+    try:  # every kernel module imports triton: if this one fails, so would the rest
+        from .kernels import segment_moments as tk_moments
+    except ImportError:
+        return
+    torch.library.register_kernel("tcfa::segment_moments", "cuda", tk_moments.segment_moments_forward)
     try:
         from .kernels import barycentric as tk_bary
         from .kernels import softmin as tk_softmin
