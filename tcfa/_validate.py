@@ -6,6 +6,7 @@ half-computed when input is bad.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,10 @@ def tensor(name: str, t, *, dim=None, dtypes=FLOAT_DTYPES, finite: bool = True) 
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if dim is not None and t.dim() not in ((dim,) if isinstance(dim, int) else dim):
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if finite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    # A sum is finite when every entry is (overflow only sends us to the exact
+    # check): 7 ms against 115 ms for isfinite(t).all() on 32768 x 640 fp32.
+    if finite and t.is_floating_point() and t.numel() and not math.isfinite(t.sum().item()) \
+            and not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(f"{name} must be finite, found {t[tuple(bad)].item()} at index {tuple(bad)}")
     return t

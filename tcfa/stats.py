@@ -69,6 +69,11 @@ def segment_moments(x, y, labels, num_segments: int, blocks=BLOCKS) -> Moments:
     labels = _validate.labels("labels", labels, x.shape[0], num_segments)
     _validate.same_device(x=x, labels=labels)
     blocks = _validate.blocks("blocks", blocks)
+    return _moments(x, y, labels, num_segments, blocks)
+
+
+def _moments(x, y, labels, num_segments, blocks) -> Moments:
+    """segment_moments on already validated input."""
     out = ops.segment_moments(x, y, labels, num_segments, "xx" in blocks, "yy" in blocks, "xy" in blocks)
     count, mx, my, sxx, syy, sxy = out
     return Moments(count, mx, my, *(s if b in blocks else None for b, s in zip(BLOCKS, (sxx, syy, sxy))))
@@ -123,7 +128,9 @@ class MomentAccumulator:
         x, y = _validate.paired_rows(x, y)
         if x.shape[1] != self.dx or y.shape[1] != self.dy:
             raise ValueError(f"x and y must have widths ({self.dx}, {self.dy}), got ({x.shape[1]}, {y.shape[1]})")
-        m = segment_moments(x.to(self.dtype), y.to(self.dtype), labels, self.num_segments, self.blocks)
+        labels = _validate.labels("labels", labels, x.shape[0], self.num_segments)
+        _validate.same_device(x=x, labels=labels, mean_x=self.mean_x)
+        m = _moments(x.to(self.dtype), y.to(self.dtype), labels, self.num_segments, self.blocks)
         self._combine(m)
         return self
 

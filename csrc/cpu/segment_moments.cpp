@@ -17,6 +17,10 @@ namespace {
 // A segment is split into row chunks only when there are fewer segments than
 // threads to keep busy; chunks below this size are not worth a partial GEMM.
 constexpr int64_t kMinChunkRows = 256;
+// Rows centered and multiplied per GEMM call: bounds the per-thread buffer
+// (2048 x (dx + dy)) however large a segment is; 2048 keeps segments of
+// ~1000 rows in one GEMM instead of a large and a sliver one.
+constexpr int64_t kRowBlock = 2048;
 
 // Rows of segment s are perm[off[s]], ..., perm[off[s+1]-1], in input order.
 struct SegmentIndex {
@@ -60,19 +64,15 @@ void segment_means(const T* rows, int64_t d, const SegmentIndex& idx, double* me
   });
 }
 
-// Rows perm[r0..r1) of `rows`, minus their segment mean, as an (r1-r0, d) block.
+// Rows perm[r0..r1) of `rows` minus `shift`, written to the (r1-r0, d) block `out`.
 template <typename T>
-at::Tensor centered_block(const T* rows, int64_t d, const int64_t* perm, int64_t r0,
-                          int64_t r1, const double* mean, const at::TensorOptions& opt) {
-  at::Tensor out = at::empty({r1 - r0, d}, opt);
-  T* o = out.data_ptr<T>();
+void centered_block(const T* rows, int64_t d, const int64_t* perm, int64_t r0, int64_t r1,
+                    const T* shift, T* out) {
   for (int64_t r = r0; r < r1; ++r) {
-    const T* row = rows + perm[r] * d;
-    T* dst = o + (r - r0) * d;
-    for (int64_t j = 0; j < d; ++j)
-      dst[j] = static_cast<T>(static_cast<double>(row[j]) - mean[j]);
+    const T* __restrict__ row = rows + perm[r] * d;
+    T* __restrict__ dst = out + (r - r0) * d;
+    for (int64_t j = 0; j < d; ++j) dst[j] = row[j] - shift[j];
   }
-  return out;
 }
 
 }  // namespace
@@ -104,56 +104,88 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
   at::Tensor my = at::empty({C, dy}, x.options().dtype(at::kDouble));
   // An unselected block is returned empty, shape (C, 0, 0).
   auto block = [&](bool on, int64_t a, int64_t b) {
-    return on ? at::zeros({C, a, b}, opt) : at::empty({C, 0, 0}, opt);
+    return on ? at::empty({C, a, b}, opt) : at::empty({C, 0, 0}, opt);
   };
   at::Tensor sxx = block(xx, dx, dx), syy = block(yy, dy, dy), sxy = block(xy, dx, dy);
+  at::Tensor shift_x, shift_y;
 
   AT_DISPATCH_FLOATING_TYPES(ct, "tcfa_segment_moments", [&] {
     using T = scalar_t;
     const T* xp = xs.data_ptr<T>();
     const T* yp = ys.data_ptr<T>();
-    const double* mxp = mx.data_ptr<double>();
-    const double* myp = my.data_ptr<double>();
     segment_means(xp, dx, idx, mx.data_ptr<double>());
     segment_means(yp, dy, idx, my.data_ptr<double>());
+    // Rows are shifted by the fp64 mean rounded to T, so centering is a plain
+    // vectorised subtraction in T; the rounding residue delta = mean - shift
+    // is removed exactly at the end.
+    shift_x = mx.to(ct);
+    shift_y = my.to(ct);
+    const T* sxp = shift_x.data_ptr<T>();
+    const T* syp = shift_y.data_ptr<T>();
     if (!(xx || yy || xy)) return;
 
     int64_t nonempty = 0;
-    for (int64_t c = 0; c < C; ++c) nonempty += idx.off[c + 1] > idx.off[c];
+    for (int64_t c = 0; c < C; ++c) {
+      const bool has_rows = idx.off[c + 1] > idx.off[c];
+      nonempty += has_rows;
+      if (!has_rows) {
+        for (at::Tensor* s : {&sxx, &syy, &sxy})
+          if (s->size(1) > 0) s->select(0, c).zero_();
+      }
+    }
     const int64_t threads = at::get_num_threads();
     const int64_t parts = std::max<int64_t>(1, (2 * threads + nonempty - 1) / std::max<int64_t>(nonempty, 1));
     const std::vector<uint8_t> all(C, 1);
     const auto tasks = row_chunks(idx.off, all, parts, kMinChunkRows);
+    // One centered-rows buffer per thread, reused across tasks: allocating it
+    // per task page-faulted fresh memory every time.
+    std::vector<std::vector<T>> xbuf(threads), ybuf(threads);
     // The first chunk of a segment writes its blocks in place; later chunks
     // (only when segments < threads) write partial sums, added afterwards.
-    // Every chunk is centered on the full segment's mean, so partials add
-    // without a Chan correction.
+    // Every chunk uses the same per-segment shift, so partials just add.
     std::vector<std::array<at::Tensor, 3>> partial(tasks.size());
     run_tasks(tasks, [&](const Task& t, int64_t ti) {
       const bool first = t.r0 == idx.off[t.k];
-      at::Tensor xc = (xx || xy) ? centered_block(xp, dx, idx.perm.data(), t.r0, t.r1, mxp + t.k * dx, opt)
-                                 : at::Tensor();
-      at::Tensor yc = (yy || xy) ? centered_block(yp, dy, idx.perm.data(), t.r0, t.r1, myp + t.k * dy, opt)
-                                 : at::Tensor();
-      auto gemm = [&](at::Tensor& out, int slot, const at::Tensor& a, const at::Tensor& b) {
-        if (first) {
-          at::Tensor dst = out.select(0, t.k);
-          at::mm_out(dst, a.t(), b);
-        } else {
-          partial[ti][slot] = at::mm(a.t(), b);
-        }
-      };
-      if (xx) gemm(sxx, 0, xc, xc);
-      if (yy) gemm(syy, 1, yc, yc);
-      if (xy) gemm(sxy, 2, xc, yc);
+      const int64_t tid = at::get_thread_num();
+      std::vector<T>& xb = xbuf[tid];
+      std::vector<T>& yb = ybuf[tid];
+      xb.resize(kRowBlock * dx);
+      yb.resize(kRowBlock * dy);
+      std::array<at::Tensor, 3> dst;
+      at::Tensor* full[3] = {&sxx, &syy, &sxy};
+      for (int b = 0; b < 3; ++b) {
+        if (full[b]->size(1) == 0) continue;
+        dst[b] = first ? full[b]->select(0, t.k) : at::empty({full[b]->size(1), full[b]->size(2)}, opt);
+      }
+      for (int64_t r0 = t.r0; r0 < t.r1; r0 += kRowBlock) {
+        const int64_t r1 = std::min(t.r1, r0 + kRowBlock), n = r1 - r0;
+        const double beta = r0 == t.r0 ? 0.0 : 1.0;
+        at::Tensor xc = at::from_blob(xb.data(), {n, dx}, opt);
+        at::Tensor yc = at::from_blob(yb.data(), {n, dy}, opt);
+        if (xx || xy) centered_block(xp, dx, idx.perm.data(), r0, r1, sxp + t.k * dx, xb.data());
+        if (yy || xy) centered_block(yp, dy, idx.perm.data(), r0, r1, syp + t.k * dy, yb.data());
+        if (xx) at::addmm_out(dst[0], dst[0], xc.t(), xc, beta, 1.0);
+        if (yy) at::addmm_out(dst[1], dst[1], yc.t(), yc, beta, 1.0);
+        if (xy) at::addmm_out(dst[2], dst[2], xc.t(), yc, beta, 1.0);
+      }
+      if (!first) partial[ti] = dst;
     });
-    for (size_t ti = 0; ti < tasks.size(); ++ti) {
-      const int64_t k = tasks[ti].k;
-      if (partial[ti][0].defined()) sxx.select(0, k).add_(partial[ti][0]);
-      if (partial[ti][1].defined()) syy.select(0, k).add_(partial[ti][1]);
-      if (partial[ti][2].defined()) sxy.select(0, k).add_(partial[ti][2]);
-    }
+    for (size_t ti = 0; ti < tasks.size(); ++ti)
+      for (int b = 0; b < 3; ++b)
+        if (partial[ti][b].defined()) (b == 0 ? sxx : b == 1 ? syy : sxy).select(0, tasks[ti].k).add_(partial[ti][b]);
   });
+  // sum (x - shift)(y - shift)^T = S + n delta_x delta_y^T, delta = mean - shift: a
+  // rank-one term of the rounding residue (zero for fp64), removed here.
+  if (ct != at::kDouble && (xx || yy || xy)) {
+    const at::Tensor n = count.to(at::kDouble).view({C, 1, 1});
+    const at::Tensor dx_ = (mx - shift_x.to(at::kDouble)), dy_ = (my - shift_y.to(at::kDouble));
+    auto fix = [&](at::Tensor& s, const at::Tensor& a, const at::Tensor& b) {
+      if (s.size(1) > 0) s.sub_((n * a.unsqueeze(2) * b.unsqueeze(1)).to(ct));
+    };
+    fix(sxx, dx_, dx_);
+    fix(syy, dy_, dy_);
+    fix(sxy, dx_, dy_);
+  }
   return {count, mx.to(ct), my.to(ct), sxx, syy, sxy};
 }
 
