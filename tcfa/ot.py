@@ -16,7 +16,6 @@ with torch.ops.tcfa.softmin (cost on the fly) or softmin_dense (stored cost).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
