@@ -180,6 +180,7 @@ def _register_triton():
     torch.library.register_kernel("tcfa::cost", "cuda", tk_softmin.cost_forward)
     torch.library.register_kernel("tcfa::barycentric", "cuda", tk_bary.barycentric_forward)
     torch.library.register_kernel("tcfa::gated_stitch", "cuda", tk_stitch.gated_stitch_forward)
+    torch.library.register_kernel("tcfa::gated_stitch_backward", "cuda", tk_stitch.gated_stitch_backward_forward)
 
 
 _register_triton()
