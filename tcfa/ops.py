@@ -217,6 +217,7 @@ def _register_triton():
     torch.library.register_kernel("tcfa::barycentric", "cuda", tk_bary.barycentric_forward)
     torch.library.register_kernel("tcfa::gated_stitch", "cuda", tk_stitch.gated_stitch_forward)
     torch.library.register_kernel("tcfa::segment_moments", "cuda", tk_moments.segment_moments_forward)
+    torch.library.register_kernel("tcfa::gated_stitch_backward", "cuda", tk_stitch.gated_stitch_backward_forward)
 
 
 _register_triton()

@@ -7,8 +7,9 @@
 // with the per-block gate scaling fused into one pass between them.
 // Routed: slot s of every row (its s-th largest gate) is processed in one
 // pass; the rows of a pass are grouped by their selected condition with a
-// counting sort, and each condition gets one task doing a small GEMM pair on
-// its gathered rows. A row appears once per pass, so tasks write disjoint
+// counting sort, and each condition gets one task doing a small GEMM pair
+// (micro_kernel below) that reads its x rows in place by index and writes z
+// and out rows directly. A row appears once per pass, so tasks write disjoint
 // output rows (no atomics), and a condition is owned by one task per pass, so
 // its parameter gradients need no reduction either. Unselected conditions are
 // never touched. The shrink result z = (x - mu_x[c]) U_c of every selected
@@ -182,6 +183,108 @@ void gather_rows(const T* src, int64_t width, const int64_t* rows, int64_t n,
   }
 }
 
+// ---------------------------------------------------------------- micro-kernel
+// acc[i][v] = sum_k a[i][k] * B[k, v*W .. v*W + W) for M rows given by
+// pointer (rows of x read in place by index: no gathered copy) and NV vectors
+// of B's columns (B already offset to the column block, row stride ldb, its
+// columns padded to whole vectors). M x NV accumulators stay in registers.
+// Replacing the gather + at::mm_out + scatter per condition with this kernel
+// took the routed top-2 forward of the benchmark (N=8192, 768->768, C=64,
+// r=32), single-threaded on the loaded shared machine, from 92 to 72 ms.
+template <typename T, int M, int NV>
+inline void micro_kernel(const T* const* a, int64_t kdim, const T* B, int64_t ldb,
+                         vec_t<T> (&acc)[M][NV]) {
+  constexpr int W = lanes<T>();
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = vec_t<T>{};
+  for (int64_t k = 0; k < kdim; ++k) {
+    vec_t<T> b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load(B + k * ldb + v * W);
+    for (int i = 0; i < M; ++i) {
+      // vector * scalar: one broadcast; splat()'s lane loop compiled to
+      // masked per-lane inserts here and ran ~10x slower.
+      const T ai = a[i][k];
+      for (int v = 0; v < NV; ++v) acc[i][v] += b[v] * ai;
+    }
+  }
+}
+
+// Stores the first `valid` (<= W) lanes of v.
+template <typename T> inline void store_valid(T* p, vec_t<T> v, int64_t valid) {
+  if (valid >= lanes<T>()) return store(p, v);
+  for (int64_t l = 0; l < valid; ++l) p[l] = v[l];
+}
+
+// Runs micro_kernel over n rows (tiles of M, the tail by a smaller M) and the
+// `ncols` columns of B (blocks of NV vectors, the tail one vector at a time),
+// calling epi(i, col, acc_vector) for every computed vector of row i. Rows of
+// the row tile outermost: each row's `a` stays in L1 while B streams from L2.
+template <typename T, int M, int NV, typename Epi>
+void rows_times(const T* const* a, int64_t n, int64_t kdim, const T* B, int64_t ldb,
+                int64_t ncols, Epi&& epi) {
+  constexpr int W = lanes<T>();
+  if constexpr (M > 1) {  // the row tail, one smaller tile size per instantiation
+    const int64_t full = n / M * M;
+    if (n - full > 0)
+      rows_times<T, (M > 4 ? 4 : 1), NV>(a + full, n - full, kdim, B, ldb, ncols,
+                                        [&](int64_t i, int64_t j, vec_t<T> v) { epi(full + i, j, v); });
+    n = full;
+  }
+  for (int64_t i0 = 0; i0 < n; i0 += M) {
+    int64_t j = 0;
+    for (; j + NV * W <= ncols; j += NV * W) {
+      vec_t<T> acc[M][NV];
+      micro_kernel<T, M, NV>(a + i0, kdim, B + j, ldb, acc);
+      for (int i = 0; i < M; ++i)
+        for (int v = 0; v < NV; ++v) epi(i0 + i, j + v * W, acc[i][v]);
+    }
+    for (; j < ncols; j += W) {
+      vec_t<T> acc[M][1];
+      micro_kernel<T, M, 1>(a + i0, kdim, B + j, ldb, acc);
+      for (int i = 0; i < M; ++i) epi(i0 + i, j, acc[i][0]);
+    }
+  }
+}
+
+// (C, rows, cols) with the last dimension zero-padded to whole vectors, or t
+// itself when it already is: the micro-kernel then never needs a masked load.
+at::Tensor pad_cols(const at::Tensor& t, int64_t w) {
+  const int64_t cols = t.size(2), padded = (cols + w - 1) / w * w;
+  return padded == cols ? t : at::constant_pad_nd(t, {0, padded - cols});
+}
+
+// logits = x W_g + b_g with the micro-kernel, rows split across threads.
+// MKL's sgemm takes its generic AVX2 path on this AMD machine
+// (mkl_blas_def_sgemm_kernel_0_zen in perf, ymm only): swapping it for this
+// kernel took the whole routed top-2 forward of the benchmark (N=8192,
+// 768->768, C=64, r=32), single-threaded on the loaded shared machine, from
+// 72 to 58 ms; the addmm alone took 26 ms there. Dense mode keeps addmm: its
+// gate GEMM is small next to the shrink and expand.
+at::Tensor gate_logits(const Params& p) {
+  at::Tensor logits = at::empty({p.N, p.C}, p.x.options());
+  AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "tcfa_gate_logits", [&] {
+    using T = scalar_t;
+    constexpr int W = lanes<T>();
+    const at::Tensor Wp = pad_cols(p.W.unsqueeze(0), W).squeeze(0).contiguous();
+    const int64_t cp = Wp.size(1), C = p.C, dx = p.dx;
+    const T* xp = p.x.data_ptr<T>();
+    const T* wp = Wp.data_ptr<T>();
+    const T* bp = p.b.data_ptr<T>();
+    T* lp = logits.data_ptr<T>();
+    at::parallel_for(0, p.N, 96, [&](int64_t n0, int64_t n1) {
+      std::vector<const T*> xrow(n1 - n0);
+      for (int64_t n = n0; n < n1; ++n) xrow[n - n0] = xp + n * dx;
+      rows_times<T, 6, 4>(xrow.data(), n1 - n0, dx, wp, cp, C,
+                          [&](int64_t i, int64_t j, vec_t<T> v) {
+        const int64_t valid = std::min<int64_t>(W, C - j);
+        const vec_t<T> bias = valid == W ? load(bp + j) : load_partial<T>(bp + j, valid, T(0));
+        store_valid<T>(lp + (n0 + i) * C + j, v + bias, valid);
+      });
+    });
+  });
+  return logits;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ forward
@@ -196,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_stitch_cpu(
   const bool dense = !top_k.has_value();
   const int64_t K = checked_k(top_k, C);
   const auto opt = p.x.options();
-  at::Tensor logits = at::addmm(p.b, p.x, p.W);  // (N, C)
+  at::Tensor logits = dense ? at::addmm(p.b, p.x, p.W) : gate_logits(p);  // (N, C)
 
   if (dense) {
     at::Tensor gates = at::softmax(logits / temperature, 1).contiguous();
@@ -238,36 +341,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_stitch_cpu(
     });
     const SlotGroups groups = group_by_condition(index, C);
     const T* xp = p.x.data_ptr<T>();
-    const T* mxp = p.mu_x.data_ptr<T>();
     const T* myp = p.mu_y.data_ptr<T>();
     T* zp = z.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    Scratch scratch(largest_group(groups), opt);
+    constexpr int W = lanes<T>();
+    // (x - mu_x[c]) U_c = x U_c - mu_x[c] U_c: the shift is one (C, r) GEMM,
+    // so x rows are read in place instead of being copied and centred.
+    const at::Tensor shift = at::bmm(p.mu_x.unsqueeze(1), p.U).squeeze(1).contiguous();
+    const at::Tensor Up = pad_cols(p.U, W).contiguous(), Vp = pad_cols(p.V, W).contiguous();
+    const int64_t rp = Up.size(2), dyp = Vp.size(2);
+    const T* shp = shift.data_ptr<T>();
+    const T* up = Up.data_ptr<T>();
+    const T* vp = Vp.data_ptr<T>();
     for (int64_t s = 0; s < K; ++s) {
       run_tasks(condition_tasks(groups, s), [&](const Task& t, int64_t) {
         const int64_t c = t.k, n = t.r1 - t.r0;
         const int64_t* rows = groups.rows[s].data() + t.r0;
-        at::Tensor xm = scratch.get(0, n, dx), zc = scratch.get(1, n, r), yc = scratch.get(2, n, dy);
-        gather_rows<T>(xp, dx, rows, n, mxp + c * dx, xm.data_ptr<T>());
-        at::mm_out(zc, xm, p.U[c]);
-        T* zcp = zc.data_ptr<T>();
-        for (int64_t i = 0; i < n; ++i) {  // keep z, then scale it by the gate
-          const T g = gp[rows[i] * K + s];
-          std::memcpy(zp + (rows[i] * K + s) * r, zcp + i * r, r * sizeof(T));
-          for (int64_t j = 0; j < r; ++j) zcp[i * r + j] *= g;
-        }
-        at::mm_out(yc, zc, p.V[c]);
-        const T* ycp = yc.data_ptr<T>();
-        const T* my = myp + c * dy;
+        std::vector<const T*> xrow(n);
+        std::vector<T*> zrow(n);
         for (int64_t i = 0; i < n; ++i) {
-          const T g = gp[rows[i] * K + s];
-          T* o = op + rows[i] * dy;
-          const T* y = ycp + i * dy;
-          if (s == 0)  // slot 0 holds every row once: it initialises out
-            fma_row<T>(o, y, g, my, T(0), my, dy);
-          else
-            fma_row<T>(o, o, T(1), y, g, my, dy);
+          xrow[i] = xp + rows[i] * dx;
+          zrow[i] = zp + (rows[i] * K + s) * r;
         }
+        // z rows of the output, written in place (kept for the backward).
+        const T* sh = shp + c * r;
+        rows_times<T, 8, 2>(xrow.data(), n, dx, up + c * dx * rp, rp, r,
+                            [&](int64_t i, int64_t j, vec_t<T> v) {
+          const int64_t valid = std::min<int64_t>(W, r - j);
+          store_valid<T>(zrow[i] + j,
+                         v - (valid == W ? load(sh + j) : load_partial<T>(sh + j, valid, T(0))), valid);
+        });
+        // out[row] (+)= g (mu_y[c] + z V_c); slot 0 holds every row once, so
+        // it initialises out and later slots add.
+        const T* my = myp + c * dy;
+        rows_times<T, 6, 4>(static_cast<const T* const*>(zrow.data()), n, r, vp + c * r * dyp, dyp, dy,
+                            [&](int64_t i, int64_t j, vec_t<T> v) {
+          const int64_t valid = std::min<int64_t>(W, dy - j);
+          const T g = gp[rows[i] * K + s];
+          T* o = op + rows[i] * dy + j;
+          vec_t<T> y = (v + (valid == W ? load(my + j) : load_partial<T>(my + j, valid, T(0)))) * g;
+          if (s > 0) y += valid == W ? load(o) : load_partial<T>(o, valid, T(0));
+          store_valid<T>(o, y, valid);
+        });
       });
     }
   });
