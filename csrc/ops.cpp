@@ -29,4 +29,7 @@ TORCH_LIBRARY(tcfa, m) {
         "Tensor gate_bias, Tensor U, Tensor V, Tensor mu_x, Tensor mu_y, Tensor gates, "
         "Tensor index, Tensor z, int? top_k=None, float temperature=1.0) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("segment_moments(Tensor x, Tensor y, Tensor labels, int num_segments, bool xx=True, "
+        "bool yy=True, bool xy=True) -> (Tensor count, Tensor mean_x, Tensor mean_y, "
+        "Tensor sxx, Tensor syy, Tensor sxy)");
 }

@@ -1,12 +1,25 @@
 """tcfa: Task-Conditioned Functional Alignment for PyTorch.
 
 Fused kernels (torch.ops.tcfa) for streaming log-domain Sinkhorn on ragged
-batches and a gated multi-stitch, with a thin Python API on top.
+batches, per-condition moments and CCA, and a gated multi-stitch, with a thin Python API on top.
 """
 from . import ops
 from .maps import LowRankMaps
 from .ot import GWResult, SinkhornResult, barycentric_map, entropic_gw, sinkhorn, sinkhorn_divergence
 from .stitch import GatedMultiStitch
+from .stats import (
+    CCA,
+    MomentAccumulator,
+    Moments,
+    cca,
+    cca_maps,
+    cka_from_moments,
+    linear_cka,
+    procrustes,
+    rbf_cka,
+    ridge_map,
+    segment_moments,
+)
 
 __version__ = "0.1.0"
 
@@ -20,4 +33,15 @@ __all__ = [
     "entropic_gw",
     "GWResult",
     "GatedMultiStitch",
+    "segment_moments",
+    "Moments",
+    "MomentAccumulator",
+    "cca",
+    "CCA",
+    "cca_maps",
+    "ridge_map",
+    "procrustes",
+    "linear_cka",
+    "cka_from_moments",
+    "rbf_cka",
 ]

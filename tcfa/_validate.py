@@ -6,6 +6,7 @@ half-computed when input is bad.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -200,3 +201,42 @@ def stitch_args(x, gate_weight, gate_bias, U, V, mu_x, mu_y, k, temperature):
     same_dtype(x=x, gate_weight=gate_weight, gate_bias=gate_bias, U=U, V=V, mu_x=mu_x, mu_y=mu_y)
     same_device(x=x, gate_weight=gate_weight, gate_bias=gate_bias, U=U, V=V, mu_x=mu_x, mu_y=mu_y)
     return top_k("top_k", k, C), positive("temperature", temperature)
+def integer(name: str, value, lo: int | None = None) -> int:
+    """A Python int (not bool), optionally >= lo."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
+def nonnegative(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (value >= 0) or value == float("inf"):
+        raise ValueError(f"{name} must be >= 0 and finite, got {value}")
+    return float(value)
+
+
+def paired_rows(x, y, xname: str = "x", yname: str = "y"):
+    """Two 2-D float tensors of paired rows: same N, dtype and device, finite."""
+    x = tensor(xname, x, dim=2)
+    y = tensor(yname, y, dim=2)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{xname} and {yname} must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+    same_dtype(**{xname: x, yname: y})
+    same_device(**{xname: x, yname: y})
+    return x, y
+
+
+MOMENT_BLOCKS = ("xx", "yy", "xy")
+
+
+def blocks(name: str, value) -> tuple:
+    """A non-empty subset of ("xx", "yy", "xy"), returned in that order."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list, set, frozenset)):
+        raise TypeError(f"{name} must be a tuple of block names from {MOMENT_BLOCKS}, got {value!r}")
+    bad = [b for b in value if b not in MOMENT_BLOCKS]
+    if bad or not value:
+        raise ValueError(f"{name} must be a non-empty subset of {MOMENT_BLOCKS}, got {tuple(value)!r}")
+    return tuple(b for b in MOMENT_BLOCKS if b in value)

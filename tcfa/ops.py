@@ -161,6 +161,41 @@ def _gated_stitch_backward(ctx, grad_out, _grad_gates, _grad_index, _grad_z):
 
 
 torch.library.register_autograd("tcfa::gated_stitch", _gated_stitch_backward, setup_context=_gated_stitch_setup_context)
+# ------------------------------------------------------------------ moments
+
+
+def segment_moments(x, y, labels, num_segments: int, xx: bool = True, yy: bool = True, xy: bool = True):
+    """Per-segment count, means and centered co-moment sums of paired rows.
+
+    For every segment c in [0, num_segments), S_c = {i : labels_i = c}, n_c = |S_c|:
+
+        count[c]  = n_c
+        mean_x[c] = (1/n_c) sum_{i in S_c} x_i                       (0 when n_c = 0)
+        sxx[c]    = sum_{i in S_c} (x_i - mean_x[c]) (x_i - mean_x[c])^T   (dx, dx)
+        syy[c]    = sum_{i in S_c} (y_i - mean_y[c]) (y_i - mean_y[c])^T   (dy, dy)
+        sxy[c]    = sum_{i in S_c} (x_i - mean_x[c]) (y_i - mean_y[c])^T   (dx, dy)
+
+    so sxx[c] / (n_c - 1) is segment c's covariance. Labels may come in any
+    order. Means are accumulated in fp64 and the rows shifted by them before
+    the co-moment GEMMs, so fp32 inputs with a large common offset stay
+    accurate (no E[x^2] - E[x]^2 cancellation). ``xx``/``yy``/``xy`` = False
+    skips a block, which is then returned empty with shape (C, 0, 0).
+    Shapes: x (N, dx), y (N, dy), labels (N,) int64; count is int64, the
+    rest have x's dtype (fp16/bf16 computed and returned in fp32).
+    """
+    return torch.ops.tcfa.segment_moments(x, y, labels, num_segments, xx, yy, xy)
+
+
+@torch.library.register_fake("tcfa::segment_moments")
+def _segment_moments_fake(x, y, labels, num_segments, xx=True, yy=True, xy=True):
+    dt = _compute_dtype(x.dtype)
+    C, dx, dy = num_segments, x.shape[1], y.shape[1]
+
+    def block(on, a, b):
+        return x.new_empty((C, a, b) if on else (C, 0, 0), dtype=dt)
+
+    return (x.new_empty(C, dtype=torch.int64), x.new_empty(C, dx, dtype=dt), x.new_empty(C, dy, dtype=dt),
+            block(xx, dx, dx), block(yy, dy, dy), block(xy, dx, dy))
 
 
 # ------------------------------------------------------------------ Triton (CUDA key)
@@ -172,6 +207,7 @@ def _register_triton():
     try:
         from .kernels import barycentric as tk_bary
         from .kernels import gated_stitch as tk_stitch
+        from .kernels import segment_moments as tk_moments
         from .kernels import softmin as tk_softmin
     except ImportError:
         return
@@ -180,6 +216,7 @@ def _register_triton():
     torch.library.register_kernel("tcfa::cost", "cuda", tk_softmin.cost_forward)
     torch.library.register_kernel("tcfa::barycentric", "cuda", tk_bary.barycentric_forward)
     torch.library.register_kernel("tcfa::gated_stitch", "cuda", tk_stitch.gated_stitch_forward)
+    torch.library.register_kernel("tcfa::segment_moments", "cuda", tk_moments.segment_moments_forward)
 
 
 _register_triton()

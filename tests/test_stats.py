@@ -1,0 +1,463 @@
+"""Moments op, accumulator, CCA / ridge / Procrustes maps and CKA against independent references.
+
+References are NumPy float64 implementations of the textbook formulas
+(numpy.cov, the svcca recipe, numpy.linalg.lstsq, scipy's
+orthogonal_procrustes, Kornblith's Gram-matrix CKA), never tcfa itself.
+"""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import tcfa
+from tcfa import stats
+
+# (dtype, atol, rtol) for the moments against a float64 reference of the same inputs; for fp32 the
+# atol is relative to the largest entry of the block (fp32 GEMM rounding scales with it)
+MOMENT_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-6, 0.0)}
+
+
+def sample_inputs(device="cpu", dtype=torch.float64, C=5, dx=4, dy=7, offset=0.0, seed=0):
+    """Paired rows with unsorted labels; segment 2 is empty, segment 3 has a single row."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [37, 23, 0, 1, 53][:C] + [11] * max(0, C - 5)
+    labels = torch.cat([torch.full((n,), c, dtype=torch.int64) for c, n in enumerate(sizes)])
+    labels = labels[torch.randperm(labels.numel(), generator=g)]
+    N = labels.numel()
+    x = torch.randn(N, dx, generator=g, dtype=torch.float64) + offset
+    mix = torch.randn(dx, dy, generator=g, dtype=torch.float64)
+    y = 0.5 * (x - offset) @ mix + torch.randn(N, dy, generator=g, dtype=torch.float64) + offset
+    # per-segment shifts and scales so segments really differ
+    x = x * (1 + labels[:, None]) + 3 * labels[:, None]
+    return x.to(device, dtype), y.to(device, dtype), labels.to(device), C
+
+
+def numpy_moments(x, y, labels, C):
+    """count, means and (n-1) * numpy.cov blocks per segment, float64."""
+    x, y, labels = x.double().numpy(), y.double().numpy(), labels.numpy()
+    dx, dy = x.shape[1], y.shape[1]
+    out = {k: [] for k in ("count", "mean_x", "mean_y", "sxx", "syy", "sxy")}
+    for c in range(C):
+        xc, yc = x[labels == c], y[labels == c]
+        n = len(xc)
+        out["count"].append(n)
+        out["mean_x"].append(xc.mean(0) if n else np.zeros(dx))
+        out["mean_y"].append(yc.mean(0) if n else np.zeros(dy))
+        if n >= 2:
+            cov = np.cov(np.hstack([xc, yc]).T, ddof=1) * (n - 1)
+        else:
+            cov = np.zeros((dx + dy, dx + dy))
+        out["sxx"].append(cov[:dx, :dx])
+        out["syy"].append(cov[dx:, dx:])
+        out["sxy"].append(cov[:dx, dx:])
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def assert_moments(m, ref, dtype):
+    atol, rtol = MOMENT_TOL[dtype]
+    np.testing.assert_array_equal(m.count.numpy(), ref["count"])
+    for k in ("mean_x", "mean_y", "sxx", "syy", "sxy"):
+        got = getattr(m, k)
+        assert got.dtype == dtype
+        scale = 1.0 if dtype == torch.float64 else max(np.abs(ref[k]).max(), 1.0)
+        np.testing.assert_allclose(got.double().numpy(), ref[k], atol=atol * scale, rtol=rtol, err_msg=k)
+
+
+# ------------------------------------------------------------------ moments
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_moments_match_numpy_cov_per_segment(dtype):
+    x, y, labels, C = sample_inputs(dtype=dtype)
+    m = tcfa.segment_moments(x, y, labels, C)
+    assert_moments(m, numpy_moments(x, y, labels, C), dtype)
+    assert m.valid.tolist() == [True, True, False, False, True]
+
+
+def test_empty_and_single_row_segments():
+    x, y, labels, C = sample_inputs()
+    m = tcfa.segment_moments(x, y, labels, C)
+    assert int(m.count[2]) == 0 and int(m.count[3]) == 1
+    for k in ("mean_x", "mean_y", "sxx", "syy", "sxy"):
+        assert not bool(getattr(m, k)[2].any()), k  # empty: zeros, not NaN
+    assert torch.equal(m.mean_x[3], x[labels == 3][0])
+    assert not bool(m.sxx[3].any()) and not bool(m.sxy[3].any())
+
+
+def test_fp32_large_offset_stays_accurate():
+    x, y, labels, C = sample_inputs(dtype=torch.float32, offset=1e4)
+    m = tcfa.segment_moments(x, y, labels, C)
+    ref = numpy_moments(x, y, labels, C)  # float64 on the same fp32 values
+    assert_moments(m, ref, torch.float32)
+    # the test can fail: the naive fp32 E[x^2] - E[x]^2 misses by far more than the tolerance
+    xs, lab = x.numpy(), labels.numpy()
+    naive = np.stack([xs[lab == c].T @ xs[lab == c] - np.outer(xs[lab == c].sum(0), xs[lab == c].mean(0))
+                      for c in (0, 1, 4)])
+    err = np.abs(naive - ref["sxx"][[0, 1, 4]]).max()
+    assert err > 100 * MOMENT_TOL[torch.float32][0] * np.abs(ref["sxx"]).max()
+
+
+def test_unsorted_labels_equal_sorted():
+    x, y, labels, C = sample_inputs()
+    order = torch.argsort(labels, stable=True)
+    a = tcfa.segment_moments(x, y, labels, C)
+    b = tcfa.segment_moments(x[order], y[order], labels[order], C)
+    for k in ("count", "mean_x", "sxx", "syy", "sxy"):
+        torch.testing.assert_close(getattr(a, k), getattr(b, k), atol=1e-10, rtol=1e-10)
+
+
+def test_one_large_segment_split_across_threads():
+    # a single segment of many rows is split into row chunks whose partial sums are added
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2000, 3, generator=g, dtype=torch.float64) + 5
+    y = torch.randn(2000, 2, generator=g, dtype=torch.float64)
+    labels = torch.zeros(2000, dtype=torch.int64)
+    assert_moments(tcfa.segment_moments(x, y, labels, 1), numpy_moments(x, y, labels, 1), torch.float64)
+
+
+def test_selected_blocks_only():
+    x, y, labels, C = sample_inputs()
+    full = tcfa.segment_moments(x, y, labels, C)
+    only = tcfa.segment_moments(x, y, labels, C, blocks=("xy",))
+    assert only.sxx is None and only.syy is None
+    torch.testing.assert_close(only.sxy, full.sxy, atol=0, rtol=0)
+    raw = torch.ops.tcfa.segment_moments(x, y, labels, C, False, True, False)
+    assert raw[3].shape == (C, 0, 0) and raw[5].shape == (C, 0, 0)
+    with pytest.raises(ValueError, match="cca needs the moment blocks"):
+        tcfa.cca(only, 1)
+
+
+# ------------------------------------------------------------------ accumulator
+@pytest.mark.parametrize("cuts", [(0, 114), (10, 50, 51, 90), (1, 2, 3, 100), (57,)])
+def test_accumulator_any_split_equals_one_pass(cuts):
+    x, y, labels, C = sample_inputs()
+    one = tcfa.segment_moments(x, y, labels, C)
+    bounds = [0, *cuts, x.shape[0]]
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):  # one accumulator per part (some empty), then merged
+        acc = tcfa.MomentAccumulator(C, x.shape[1], y.shape[1])
+        mid = (a + b) // 2
+        acc.update(x[a:mid], y[a:mid], labels[a:mid]).update(x[mid:b], y[mid:b], labels[mid:b])
+        parts.append(acc)
+    total = parts[-1]
+    for p in parts[:-1]:
+        total.merge(p)
+    r = total.result()
+    for k in ("count", "mean_x", "mean_y", "sxx", "syy", "sxy"):
+        torch.testing.assert_close(getattr(r, k), getattr(one, k), atol=1e-10, rtol=1e-10, msg=k)
+
+
+def test_accumulator_state_dict_roundtrip_and_blocks():
+    x, y, labels, C = sample_inputs()
+    acc = tcfa.MomentAccumulator(C, 4, 7, blocks=("xx", "xy")).update(x[:60], y[:60], labels[:60])
+    fresh = tcfa.MomentAccumulator(C, 4, 7, blocks=("xy", "xx"))
+    fresh.load_state_dict(acc.state_dict())
+    fresh.update(x[60:], y[60:], labels[60:])
+    r, one = fresh.result(), tcfa.segment_moments(x, y, labels, C)
+    assert r.syy is None
+    torch.testing.assert_close(r.sxy, one.sxy, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(r.sxx, one.sxx, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="num_segments, dx, dy, blocks"):
+        tcfa.MomentAccumulator(C, 4, 7).load_state_dict(acc.state_dict())
+    with pytest.raises(ValueError, match="num_segments, dx, dy, blocks"):
+        tcfa.MomentAccumulator(C, 4, 7).merge(acc)
+
+
+def test_accumulator_memory_budget_raises_before_allocating():
+    # 1000 x (4000 + 4000)^2 fp64 = 512 GB: a real allocation would fail with RuntimeError, not this
+    with pytest.raises(ValueError, match="memory_budget"):
+        tcfa.MomentAccumulator(1000, 4000, 4000, memory_budget=2**30)
+    need = tcfa.MomentAccumulator.state_bytes(3, 4, 5, ("xx", "yy", "xy"), torch.float64)
+    assert need == 8 * 3 * (16 + 25 + 20 + 4 + 5) + 8 * 3
+    tcfa.MomentAccumulator(3, 4, 5, memory_budget=need)  # exactly fits
+    with pytest.raises(ValueError, match="memory_budget"):
+        tcfa.MomentAccumulator(3, 4, 5, memory_budget=need - 1)
+    tcfa.MomentAccumulator(3, 4, 5, blocks=("xy",), memory_budget=need // 2)  # fewer blocks fit
+
+
+# ------------------------------------------------------------------ CCA
+def cca_inputs(dtype=torch.float64, C=3, n=80, dx=5, dy=6, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(C).repeat_interleave(n)
+    labels = labels[torch.randperm(C * n, generator=g)]
+    x = torch.randn(C * n, dx, generator=g, dtype=torch.float64) * torch.linspace(0.5, 3, dx, dtype=torch.float64)
+    y = x @ torch.randn(dx, dy, generator=g, dtype=torch.float64) * 0.4 + torch.randn(C * n, dy, generator=g,
+                                                                                     dtype=torch.float64)
+    return x.to(dtype), y.to(dtype), labels, C
+
+
+def numpy_cov_blocks(xc, yc, reg):
+    """Covariances of one condition with the reg * (tr / d) * I convention."""
+    dx = xc.shape[1]
+    cov = np.cov(np.hstack([xc, yc]).T, ddof=1)
+    sxx, syy, sxy = cov[:dx, :dx], cov[dx:, dx:], cov[:dx, dx:]
+    sxx = sxx + reg * np.trace(sxx) / sxx.shape[0] * np.eye(sxx.shape[0])
+    syy = syy + reg * np.trace(syy) / syy.shape[0] * np.eye(syy.shape[0])
+    return sxx, syy, sxy
+
+
+def svcca_rho(xc, yc, reg):
+    """The svcca recipe in float64: covariances, reg, inverse square roots, SVD."""
+    sxx, syy, sxy = numpy_cov_blocks(xc, yc, reg)
+
+    def inv_sqrt(a):
+        w, v = np.linalg.eigh(a)
+        return (v / np.sqrt(w)) @ v.T
+
+    return np.linalg.svd(inv_sqrt(sxx) @ sxy @ inv_sqrt(syy), compute_uv=False)
+
+
+@pytest.mark.parametrize("dims", [(5, 6), (6, 4)])
+def test_cca_rho_matches_numpy_svcca(dims):
+    x, y, labels, C = cca_inputs(dx=dims[0], dy=dims[1])
+    k, reg = 3, 1e-3
+    c = tcfa.cca(tcfa.segment_moments(x, y, labels, C), k, reg)
+    for cond in range(C):
+        ref = svcca_rho(x[labels == cond].numpy(), y[labels == cond].numpy(), reg)[:k]
+        np.testing.assert_allclose(c.rho[cond].numpy(), ref, atol=1e-6, rtol=0)
+    assert bool((c.rho[:, :-1] >= c.rho[:, 1:]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cca_whitening_identities(dtype):
+    x, y, labels, C = cca_inputs(dtype=dtype)
+    reg = 1e-2
+    m = tcfa.segment_moments(x, y, labels, C)
+    c = tcfa.cca(m, 4, reg)
+    assert c.wx.shape == (C, 5, 4) and c.wy.shape == (C, 6, 4) and c.rho.shape == (C, 4)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    eye = torch.eye(4, dtype=torch.float64).expand(C, 4, 4)
+    for cond in range(C):
+        sxx, syy, sxy = numpy_cov_blocks(x[labels == cond].double().numpy(), y[labels == cond].double().numpy(), reg)
+        wx, wy = c.wx[cond].double().numpy(), c.wy[cond].double().numpy()
+        np.testing.assert_allclose(wx.T @ sxx @ wx, eye[cond], atol=tol)
+        np.testing.assert_allclose(wy.T @ syy @ wy, eye[cond], atol=tol)
+        np.testing.assert_allclose(wx.T @ sxy @ wy, np.diag(c.rho[cond].double().numpy()), atol=tol)
+
+
+def test_cca_k_too_large_names_the_condition():
+    x, y, labels, C = sample_inputs()  # segment 2 is empty
+    with pytest.raises(ValueError, match=r"k=1 must be <= min\(dx, dy, count - 1\).*condition 2"):
+        tcfa.cca(tcfa.segment_moments(x, y, labels, C), 1)
+    x, y, labels, C = cca_inputs()
+    with pytest.raises(ValueError, match="k=6"):
+        tcfa.cca(tcfa.segment_moments(x, y, labels, C), 6)  # dx = 5
+
+
+def test_cca_map_is_least_squares_on_canonical_variates():
+    x, y, labels, C = cca_inputs()
+    k = 3
+    m = tcfa.segment_moments(x, y, labels, C)
+    maps = tcfa.cca_maps(m, k, reg=0.0)
+    assert isinstance(maps, tcfa.LowRankMaps) and maps.rank == k
+    got = maps.apply(x, labels).numpy()
+    c = tcfa.cca(m, k, reg=0.0)
+    for cond in range(C):
+        xc, yc = x[labels == cond].numpy(), y[labels == cond].numpy()
+        u = (xc - xc.mean(0)) @ c.wx[cond].numpy()  # canonical variates of x
+        coef, *_ = np.linalg.lstsq(u, yc - yc.mean(0), rcond=None)
+        np.testing.assert_allclose(got[labels.numpy() == cond], yc.mean(0) + u @ coef, atol=1e-10)
+
+
+# ------------------------------------------------------------------ ridge, Procrustes
+def test_ridge_matches_lstsq_on_augmented_system():
+    x, y, labels, C = cca_inputs()
+    reg = 0.3
+    maps = tcfa.ridge_map(tcfa.segment_moments(x, y, labels, C), reg)
+    got = maps.apply(x, labels).numpy()
+    for cond in range(C):
+        xc, yc = x[labels == cond].numpy(), y[labels == cond].numpy()
+        X, Y = xc - xc.mean(0), yc - yc.mean(0)
+        n, dx = X.shape
+        lam = reg * np.trace(X.T @ X / (n - 1)) / dx * (n - 1)
+        A = np.vstack([X, np.sqrt(lam) * np.eye(dx)])
+        B, *_ = np.linalg.lstsq(A, np.vstack([Y, np.zeros((dx, Y.shape[1]))]), rcond=None)
+        np.testing.assert_allclose(got[labels.numpy() == cond], yc.mean(0) + X @ B, atol=1e-10)
+        np.testing.assert_allclose((maps.U[cond] @ maps.V[cond]).numpy(), B, atol=1e-10)
+
+
+def test_reduced_rank_ridge_matches_numpy_recipe():
+    x, y, labels, C = cca_inputs()
+    reg, r = 0.3, 2
+    maps = tcfa.ridge_map(tcfa.segment_moments(x, y, labels, C), reg, rank=r)
+    assert maps.U.shape == (C, 5, r) and maps.V.shape == (C, r, 6)
+    for cond in range(C):
+        xc, yc = x[labels == cond].numpy(), y[labels == cond].numpy()
+        X, Y = xc - xc.mean(0), yc - yc.mean(0)
+        n, dx = X.shape
+        lam = reg * np.trace(X.T @ X / (n - 1)) / dx * (n - 1)
+        A = np.vstack([X, np.sqrt(lam) * np.eye(dx)])
+        B, *_ = np.linalg.lstsq(A, np.vstack([Y, np.zeros((dx, Y.shape[1]))]), rcond=None)
+        _, _, vt = np.linalg.svd(A @ B)  # principal directions of the augmented fitted values
+        ref = B @ vt[:r].T @ vt[:r]
+        np.testing.assert_allclose((maps.U[cond] @ maps.V[cond]).numpy(), ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("dims", [(4, 7), (7, 4), (5, 5)])
+def test_procrustes_matches_scipy_with_zero_padding(dims):
+    dx, dy = dims
+    x, y, labels, C = cca_inputs(dx=dx, dy=dy)
+    maps = tcfa.procrustes(x, y, labels, C)
+    d = max(dx, dy)
+    for cond in range(C):
+        xc, yc = x[labels == cond].numpy(), y[labels == cond].numpy()
+        X = np.zeros((len(xc), d))
+        Y = np.zeros((len(yc), d))
+        X[:, :dx], Y[:, :dy] = xc - xc.mean(0), yc - yc.mean(0)
+        R, _ = scipy.linalg.orthogonal_procrustes(X, Y)
+        np.testing.assert_allclose((maps.U[cond] @ maps.V[cond]).numpy(), R[:dx, :dy], atol=1e-10)
+
+
+def test_procrustes_anchors_and_uncentered():
+    x, y, labels, C = cca_inputs(dx=5, dy=5, C=1)
+    anchors = torch.arange(0, 80, 3)
+    maps = tcfa.procrustes(x, y, anchors=anchors, center=False)
+    R, _ = scipy.linalg.orthogonal_procrustes(x[anchors].numpy(), y[anchors].numpy())
+    np.testing.assert_allclose((maps.U[0] @ maps.V[0]).numpy(), R, atol=1e-10)
+    np.testing.assert_allclose(maps.apply(x, labels).numpy(), x.numpy() @ R, atol=1e-10)
+    mask = torch.zeros(80, dtype=torch.bool)
+    mask[anchors] = True
+    torch.testing.assert_close(tcfa.procrustes(x, y, anchors=mask, center=False).V, maps.V)
+
+
+# ------------------------------------------------------------------ CKA
+def kornblith_cka(x, y, debiased=False):
+    """Gram-matrix CKA: HSIC of centered linear Grams; debiased with Song et al.'s unbiased HSIC."""
+    K, L = x @ x.T, y @ y.T
+    n = len(K)
+    if not debiased:
+        H = np.eye(n) - 1.0 / n
+        hs = lambda a, b: np.sum((H @ a @ H) * (H @ b @ H))  # noqa: E731
+    else:
+        def hs(a, b):
+            a, b = a - np.diag(np.diag(a)), b - np.diag(np.diag(b))
+            one = np.ones(n)
+            return (np.trace(a @ b) + one @ a @ one * (one @ b @ one) / ((n - 1) * (n - 2))
+                    - 2.0 / (n - 2) * one @ a @ b @ one) / (n * (n - 3))
+    return hs(K, L) / np.sqrt(hs(K, K) * hs(L, L))
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_linear_cka_matches_kornblith(debiased):
+    x, y, labels, C = cca_inputs(C=1, n=40)
+    got = float(tcfa.linear_cka(x, y, debiased=debiased))
+    assert got == pytest.approx(kornblith_cka(x.numpy(), y.numpy(), debiased), abs=1e-12)
+
+
+def test_cka_invariances():
+    x, y, _, _ = cca_inputs(C=1, n=50, dx=5, dy=6)
+    base = float(tcfa.linear_cka(x, y))
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    assert float(tcfa.linear_cka(x, y @ Q)) == pytest.approx(base, abs=1e-12)
+    assert float(tcfa.linear_cka(3.7 * x, y)) == pytest.approx(base, abs=1e-12)
+    A = torch.randn(6, 6, dtype=torch.float64) + 2 * torch.eye(6, dtype=torch.float64)  # invertible, not orthogonal
+    assert abs(float(tcfa.linear_cka(x, y @ A)) - base) > 1e-3
+    assert float(tcfa.rbf_cka(x, y @ Q)) == pytest.approx(float(tcfa.rbf_cka(x, y)), abs=1e-12)
+    assert float(tcfa.rbf_cka(2.0 * x, y)) == pytest.approx(float(tcfa.rbf_cka(x, y)), abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [4, 5, 6])
+def test_debiased_cka_never_nan(n):
+    g = torch.Generator().manual_seed(n)
+    for trial in range(50):
+        x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        y = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        assert bool(torch.isfinite(tcfa.linear_cka(x, y, debiased=True)))
+    const = torch.ones(n, 3, dtype=torch.float64)
+    assert float(tcfa.linear_cka(const, y, debiased=True)) == 0.0
+    with pytest.raises(ValueError, match="at least 4 rows"):
+        tcfa.linear_cka(x[:3], y[:3], debiased=True)
+
+
+def test_cka_from_moments_equals_per_condition_cka():
+    x, y, labels, C = cca_inputs()
+    got = tcfa.cka_from_moments(tcfa.segment_moments(x, y, labels, C))
+    ref = [kornblith_cka(x[labels == c].numpy(), y[labels == c].numpy()) for c in range(C)]
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-12)
+    x, y, labels, C = sample_inputs()  # empty and single-row segments: 0, not NaN
+    got = tcfa.cka_from_moments(tcfa.segment_moments(x, y, labels, C))
+    assert got[2] == 0 and got[3] == 0 and bool(torch.isfinite(got).all())
+
+
+def test_rbf_cka_matches_numpy_median_bandwidth():
+    x, y, _, _ = cca_inputs(C=1, n=30)
+
+    def gram(a):
+        d2 = ((a[:, None] - a[None]) ** 2).sum(-1)
+        med = np.median(np.sqrt(d2[np.triu_indices(len(a), 1)]))
+        return np.exp(-d2 / (2 * med**2))
+
+    K, L = gram(x.numpy()), gram(y.numpy())
+    H = np.eye(30) - 1.0 / 30
+    Kc, Lc = H @ K @ H, H @ L @ H
+    ref = np.sum(Kc * Lc) / np.sqrt(np.sum(Kc * Kc) * np.sum(Lc * Lc))
+    assert float(tcfa.rbf_cka(x, y)) == pytest.approx(ref, abs=1e-12)
+
+
+# ------------------------------------------------------------------ op registration, Triton, errors
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck(dtype):
+    x, y, labels, C = sample_inputs(dtype=dtype)
+    torch.library.opcheck(torch.ops.tcfa.segment_moments, (x, y, labels, C))
+    torch.library.opcheck(torch.ops.tcfa.segment_moments, (x, y, labels, C, True, False, True))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_kernel_equals_cpp_op(dtype):
+    from tcfa.kernels import segment_moments as tk
+
+    x, y, labels, C = sample_inputs(dtype=dtype, C=6, dx=5, dy=19)
+    want = torch.ops.tcfa.segment_moments(x, y, labels, C)
+    got = tk.segment_moments_forward(x, y, labels, C)
+    atol, rtol = MOMENT_TOL[dtype]
+    for name, g, w in zip(("count", "mean_x", "mean_y", "sxx", "syy", "sxy"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        scale = 1.0 if dtype == torch.float64 else max(float(w.abs().max()), 1.0)
+        torch.testing.assert_close(g, w, atol=atol * scale, rtol=rtol, msg=name)
+    got = tk.segment_moments_forward(x, y, labels, C, False, True, False)
+    assert got[3].shape == (C, 0, 0) and got[5].shape == (C, 0, 0)
+    torch.testing.assert_close(got[4], want[4], atol=atol * max(float(want[4].abs().max()), 1.0), rtol=rtol)
+
+
+def test_bad_input_raises_named_errors():
+    x, y, labels, C = sample_inputs()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\), got 5"):
+        tcfa.segment_moments(x, y, torch.where(labels == 4, 5, labels), C)
+    with pytest.raises(ValueError, match="labels must lie"):  # the C++ op checks too
+        torch.ops.tcfa.segment_moments(x, y, torch.where(labels == 4, -1, labels), C)
+    with pytest.raises(ValueError, match="x and y must have the same number of rows"):
+        tcfa.segment_moments(x, y[1:], labels, C)
+    with pytest.raises(ValueError, match="x and y must have the same number of rows"):
+        torch.ops.tcfa.segment_moments(x, y[1:], labels, C)
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="x must be finite"):
+        tcfa.segment_moments(bad, y, labels, C)
+    with pytest.raises(ValueError, match="y must be finite"):
+        tcfa.MomentAccumulator(C, 4, 7).update(x, y * float("inf"), labels)
+    with pytest.raises(TypeError, match="labels must be int64"):
+        tcfa.segment_moments(x, y, labels.int(), C)
+    with pytest.raises(TypeError, match="y has dtype"):
+        tcfa.segment_moments(x, y.float(), labels, C)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        tcfa.segment_moments(x, y, labels[:-1], C)
+    with pytest.raises(ValueError, match="blocks must be a non-empty subset"):
+        tcfa.segment_moments(x, y, labels, C, blocks=("zz",))
+    with pytest.raises(ValueError, match="x and y must have widths"):
+        tcfa.MomentAccumulator(C, 5, 7).update(x, y, labels)
+    m = tcfa.segment_moments(*cca_inputs()[:3], 3)
+    with pytest.raises(ValueError, match="reg must be >= 0"):
+        tcfa.cca(m, 2, reg=-1.0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        tcfa.cca(m, 2.0)
+    with pytest.raises(ValueError, match="rank must be <= min"):
+        tcfa.ridge_map(m, 0.1, rank=6)
+    with pytest.raises(ValueError, match="ridge_map needs count >= 2 .* condition 2"):
+        tcfa.ridge_map(tcfa.segment_moments(x, y, labels, C), 0.1)
+    with pytest.raises(ValueError, match="procrustes needs count >= 1 .* condition 2"):
+        tcfa.procrustes(x, y, labels, C)
+    with pytest.raises(ValueError, match="anchors must index rows"):
+        tcfa.procrustes(x, y, anchors=torch.tensor([0, 10**6]))
+    with pytest.raises(ValueError, match="Sigma_xx of condition 0 is not positive definite"):
+        xd = torch.cat([x[:, :1], x[:, :1]], 1)  # rank-deficient, reg = 0
+        tcfa.cca(tcfa.segment_moments(xd, y, torch.zeros_like(labels), 1), 1, reg=0.0)
+    assert stats.BLOCKS == ("xx", "yy", "xy")
