@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
-DEPS   := numpy scipy scikit-learn POT triton pytest hypothesis ninja pybind11 safetensors setuptools wheel
+DEPS   := numpy scipy scikit-learn POT triton pytest hypothesis ninja pybind11 safetensors setuptools wheel timm transformers tqdm matplotlib
 # peers timed by the benchmarks only (jax is large: not needed for test/demo)
 BENCH_DEPS := geomloss ott-jax
 STAMP  := $(VENV)/.deps-installed
