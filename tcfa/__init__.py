@@ -5,6 +5,7 @@ batches, per-condition moments and CCA, and a gated multi-stitch, with a thin Py
 """
 from . import ops
 from .maps import LowRankMaps
+from .models import StitchedModel, capture, extract, get_module, paired_rows, stream_moments, to_rows
 from .ot import GWResult, SinkhornResult, barycentric_map, entropic_gw, sinkhorn, sinkhorn_divergence
 from .stitch import GatedMultiStitch
 from .stats import (
@@ -33,6 +34,13 @@ __all__ = [
     "entropic_gw",
     "GWResult",
     "GatedMultiStitch",
+    "StitchedModel",
+    "get_module",
+    "extract",
+    "capture",
+    "stream_moments",
+    "to_rows",
+    "paired_rows",
     "segment_moments",
     "Moments",
     "MomentAccumulator",
