@@ -13,7 +13,7 @@ BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 def _demo(args) -> int:
     from . import demo
 
-    demo.run(args.out, seed=args.seed)
+    demo.run(args.out, seed=args.seed, epochs=args.epochs, tune_steps=args.tune_steps, cache=not args.no_cache)
     return 0
 
 
@@ -34,9 +34,12 @@ def _bench(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tcfa", description="Task-Conditioned Functional Alignment")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="align two real point clouds (sklearn digits) and report")
-    d.add_argument("--out", default="demo_output", help="directory for results.json")
+    d = sub.add_parser("demo", help="stitch a small CNN into a small ViT on sklearn digits with every TCFA method")
+    d.add_argument("--out", default="demo_output", help="directory for results.json and stitching.png")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--epochs", type=int, default=12, help="training epochs of each model (cached by config)")
+    d.add_argument("--tune-steps", type=int, default=60, help="optimizer steps of each tuning mode")
+    d.add_argument("--no-cache", action="store_true", help="retrain instead of loading ~/.cache/tcfa weights")
     d.set_defaults(func=_demo)
     b = sub.add_parser("bench", help="run every benchmarks/bench_*.py (peers timed in the same run)")
     b.add_argument("only", nargs="*", help="substrings of script names to run")
