@@ -6,7 +6,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
-DEPS   := numpy scipy scikit-learn POT triton pytest hypothesis ninja pybind11 safetensors setuptools wheel
+DEPS   := numpy scipy scikit-learn POT triton pytest hypothesis ninja pybind11 safetensors setuptools wheel transformers tqdm matplotlib
+# timm is not installed: it imports torchvision, and PyPI's torchvision cannot
+# load beside the CPU torch 2.13.0 wheel ("operator torchvision::nms does not
+# exist"). The models in tests and the demo come from transformers' configs.
 # peers timed by the benchmarks only (jax is large: not needed for test/demo)
 BENCH_DEPS := geomloss ott-jax
 STAMP  := $(VENV)/.deps-installed

@@ -5,8 +5,11 @@ batches, per-condition moments and CCA, and a gated multi-stitch, with a thin Py
 """
 from . import ops
 from .maps import LowRankMaps
+from .models import StitchedModel, capture, extract, get_module, paired_rows, stream_moments, to_rows
 from .ot import GWResult, SinkhornResult, barycentric_map, entropic_gw, sinkhorn, sinkhorn_divergence
 from .stitch import GatedMultiStitch
+from .align import TCFA, TUNING, tune
+from .data import Conditions, binned_conditions, class_conditions, no_conditions, transform_conditions
 from .stats import (
     CCA,
     MomentAccumulator,
@@ -33,6 +36,13 @@ __all__ = [
     "entropic_gw",
     "GWResult",
     "GatedMultiStitch",
+    "StitchedModel",
+    "get_module",
+    "extract",
+    "capture",
+    "stream_moments",
+    "to_rows",
+    "paired_rows",
     "segment_moments",
     "Moments",
     "MomentAccumulator",
@@ -44,4 +54,12 @@ __all__ = [
     "linear_cka",
     "cka_from_moments",
     "rbf_cka",
+    "TCFA",
+    "TUNING",
+    "tune",
+    "Conditions",
+    "class_conditions",
+    "no_conditions",
+    "binned_conditions",
+    "transform_conditions",
 ]

@@ -1,0 +1,724 @@
+"""Layer taps on any nn.Module, and StitchedModel: A's early layers -> stitch -> B's late layers.
+
+Public API (the align code depends on these names and signatures):
+
+    get_module(model, path) -> nn.Module
+    extract(model, path, data, *, batch_size=256, device=None, progress=False) -> Tensor
+    capture(model, paths, inputs) -> dict[str, Tensor]      # several taps, one forward, stops after the last
+    stream_moments(model_a, path_a, model_b, path_b, data, labels, accumulator, *, mode="pooled",
+                   batch_size=256, progress=False) -> accumulator
+    layout_of(act, *, model=None, num_special=None, grid=None) -> Layout
+    to_rows(act, mode="pooled", grid=None) -> Tensor             # (N, D) or (N * P, D)
+    rows_per_sample(act, mode="pooled", grid=None) -> int
+    paired_rows(act_a, act_b, mode="tokens", ...) -> (rows_a, rows_b)   # the rows StitchedModel maps
+    StitchedModel(model_a, path_a, model_b, path_b, stitch, *, mode="tokens", cls_stitch=None,
+                  example_input=None, layout_a=None, layout_b=None)
+        .forward(inputs) -> B's logits (or B's raw output when it has no .logits)
+        .forward_taps(inputs, paths_b) -> (logits, {path: activation of the stitched model in B})
+        .num_trainable() -> int
+
+Inputs everywhere are what the model takes: a Tensor (images) is passed positionally, a dict
+(BERT: input_ids, attention_mask) as keyword arguments.
+
+Activation layouts. A tap gives either a "map" (N, C, H, W) (CNNs) or "tokens" (N, T, D)
+(ViT, BERT); tokens hold ``num_special`` leading special tokens (CLS, distillation) and, for
+vision models, an h x w grid of patch tokens after them. Rows pair positions of A with positions of
+B in B's order:
+
+  * "pooled": one row per sample, the mean over every spatial position / every token (special
+    tokens included: BERT and ViT expose no padding-free patch mean that holds for both, and the
+    mean over all tokens needs no knowledge of the layout).
+  * "tokens": one row per position of B. Same layout on both sides (ViT->ViT, BERT->BERT, equal
+    CNN maps): position i of A feeds position i of B, CLS feeds CLS. Different layouts
+    (CNN->ViT, ViT->CNN, different grids): A's grid is resampled bilinearly to B's grid, and each
+    of B's special tokens is filled from A's pooled features (mapped by ``cls_stitch`` if given).
+
+Running B from its tap onward, without its earlier layers. B's own forward is called (so its glue
+code -- attention masks, pooling, heads -- is exactly the model's), with its modules temporarily
+swapped: along the dotted path of the tap, every sibling registered *before* the path (the
+embeddings, the earlier blocks) is replaced by a placeholder that returns the injected activation
+without computing anything, and the tap module itself by one that returns the stitched activation.
+This relies on registration order being execution order, which holds for transformers and timm
+backbones; a placeholder that is called after the tap raises instead of giving a silent wrong
+result. Glue code between skipped modules must not depend on their output's shape; where a known
+family has such glue, ``_FAMILY_BYPASS`` lists the methods to bypass (timm VisionTransformer's
+``_pos_embed``, which prepends CLS and adds position embeddings between patch_embed and blocks).
+
+Families tested here (tests/test_models.py, random-weight configs): transformers ResNet,
+ConvNeXt, ViT and BERT. timm ResNet (``layer2``), ConvNeXt (``stages.1``) and VisionTransformer
+(``blocks.5``) follow the same mechanism but are untested here (timm cannot be installed beside
+this torch build).
+
+The shape of B's tap (and of A's) is learned once from one example by running each model up to its
+tap (``example_input``, or the first sample of the first batch); afterwards B's earlier layers
+never run.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "get_module",
+    "extract",
+    "capture",
+    "stream_moments",
+    "Layout",
+    "layout_of",
+    "to_rows",
+    "rows_per_sample",
+    "paired_rows",
+    "StitchedModel",
+]
+
+# Methods of known model classes that sit between skipped modules and transform their output in a
+# shape-dependent way; they are bypassed (identity) while B runs from its tap.
+_FAMILY_BYPASS = {
+    "VisionTransformer": ("_pos_embed",),  # timm: cat(CLS, patches) + pos_embed, before blocks
+}
+
+
+# ------------------------------------------------------------------ module paths
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path`` ("encoder.layer.3", "blocks.5"); "" is the model itself."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a str, got {type(path).__name__}")
+    module = model
+    walked = []
+    for part in path.split(".") if path else []:
+        children = module._modules
+        if part not in children or children[part] is None:
+            where = ".".join(walked) or "<model>"
+            names = [n for n, m in children.items() if m is not None]
+            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            raise ValueError(f"layer path {path!r} does not exist in {type(model).__name__}: "
+                             f"{where} has no child {part!r}; its children are [{shown}]")
+        module = children[part]
+        walked.append(part)
+    return module
+
+
+# ------------------------------------------------------------------ calling models
+def _call(model: nn.Module, inputs):
+    """Calls a model with a Tensor (positional) or a dict of keyword inputs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    raise TypeError(f"inputs must be a Tensor or a dict of model kwargs, got {type(inputs).__name__}")
+
+
+def _first_tensor(out, path: str) -> torch.Tensor:
+    """The activation in a module's output: the tensor itself, last_hidden_state, or the first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("last_hidden_state", "hidden_states"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple"):
+        for value in (out.to_tuple() if hasattr(out, "to_tuple") else out):
+            if isinstance(value, torch.Tensor):
+                return value
+    raise TypeError(f"module {path!r} returned {type(out).__name__}, which holds no tensor to tap")
+
+
+def _logits(out):
+    """B's prediction: .logits of a transformers output, else the output itself."""
+    logits = getattr(out, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else out
+
+
+class _Stop(Exception):
+    """Raised by a tap hook to end the forward pass once every wanted activation is captured."""
+
+
+@contextlib.contextmanager
+def _taps(model: nn.Module, paths, stop_when_done: bool):
+    """Hooks the modules at ``paths``; yields the dict they fill. Optionally stops the forward after the last."""
+    found = {}
+    handles = []
+
+    def hook_for(path):
+        def hook(module, args, out):
+            found[path] = _first_tensor(out, path)
+            if stop_when_done and len(found) == len(paths):
+                raise _Stop
+        return hook
+
+    try:
+        for path in paths:
+            handles.append(get_module(model, path).register_forward_hook(hook_for(path)))
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture(model: nn.Module, paths, inputs) -> dict:
+    """Activations at several ``paths`` from one forward of ``model``, stopped after the last tap fires.
+
+    Runs in the caller's grad mode and train/eval mode (unlike ``extract``): this is the building
+    block for training losses on B's own activations.
+    """
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths:
+        raise ValueError("paths must name at least one layer")
+    with _taps(model, paths, stop_when_done=True) as found:
+        try:
+            _call(model, inputs)
+        except _Stop:
+            pass
+    missing = [p for p in paths if p not in found]
+    if missing:
+        raise ValueError(f"layers {missing} were not executed by the forward pass of {type(model).__name__}")
+    return dict(found)
+
+
+# ------------------------------------------------------------------ batching
+def _batch_input(batch):
+    """The model input of a batch: a Tensor, a dict of kwargs, or the first element of a tuple/list."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("data yielded an empty tuple/list batch")
+        batch = batch[0]
+    if isinstance(batch, (torch.Tensor, dict)):
+        return batch
+    raise TypeError(f"each batch of data must be a Tensor, a dict of model kwargs or a tuple/list whose "
+                    f"first element is the input; got {type(batch).__name__}")
+
+
+def _batches(data, batch_size: int) -> Iterator:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(data, torch.Tensor):
+        yield from data.split(batch_size)
+    elif isinstance(data, dict):
+        n = _batch_len(data)
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    elif isinstance(data, Iterable):
+        for batch in data:
+            yield _batch_input(batch)
+    else:
+        raise TypeError(f"data must be a Tensor, a dict of tensors or an iterable of batches, "
+                        f"got {type(data).__name__}")
+
+
+def _batch_len(inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    for v in inputs.values():
+        if isinstance(v, torch.Tensor):
+            return v.shape[0]
+    raise ValueError("a dict of inputs must hold at least one tensor")
+
+
+def _head(inputs, n: int = 1):
+    """The first ``n`` samples of a batch of inputs."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:n]
+    return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _to_device(inputs, device):
+    if device is None:
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, unit="batch")
+
+
+@contextlib.contextmanager
+def _inference(*models):
+    """eval mode + no_grad, restoring each model's train flag afterwards."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def extract(model: nn.Module, path: str, data, *, batch_size: int = 256, device=None,
+            progress: bool = False) -> torch.Tensor:
+    """Activations at the output of module ``path`` for every sample of ``data``, concatenated.
+
+    The forward pass stops right after the tap (a hook raises), in eval mode under no_grad.
+    ``data``: a Tensor of inputs (split into ``batch_size`` batches), a dict of input tensors, or an
+    iterable of batches (Tensor, dict of kwargs, or tuple/list whose first element is the input).
+    Returns the raw activation shape: (N, C, H, W) for CNN stages, (N, T, D) for ViT/BERT blocks.
+    """
+    get_module(model, path)  # fail early, naming the path
+    chunks = []
+    with _inference(model):
+        for inputs in _progress(_batches(data, batch_size), progress, f"extract {path}"):
+            chunks.append(capture(model, [path], _to_device(inputs, device))[path])
+    if not chunks:
+        raise ValueError("data holds no batches")
+    return torch.cat(chunks)
+
+
+# ------------------------------------------------------------------ layouts and rows
+@dataclass(frozen=True)
+class Layout:
+    """How one sample's activation is laid out: a "map" (C, H, W) or "tokens" (T, D).
+
+    ``grid`` is (H, W) for a map, the (h, w) patch grid for vision tokens and None for text tokens;
+    ``num_special`` counts the leading special tokens (CLS...) of a token layout.
+    """
+
+    kind: str
+    width: int
+    positions: int
+    grid: tuple | None = None
+    num_special: int = 0
+
+
+def _infer_special(model, tokens: int) -> tuple[int, tuple | None]:
+    """(num_special, grid) of a token sequence: from the model when it says, else a square grid."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "vocab_size") and not hasattr(config, "patch_size"):
+        return 0, None  # a text model (BERT): a sequence, whatever its length
+    if model is not None:
+        prefix = getattr(model, "num_prefix_tokens", None)  # timm VisionTransformer
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        if isinstance(prefix, int) and grid is not None and prefix + grid[0] * grid[1] == tokens:
+            return prefix, tuple(grid)
+    for special in (1, 0, 2):  # CLS (ViT), none, CLS + distillation (DeiT)
+        side = math.isqrt(max(tokens - special, 0))
+        if side > 1 and side * side == tokens - special:
+            return special, (side, side)
+    return 0, None  # text: a sequence without a spatial grid
+
+
+def layout_of(act: torch.Tensor, *, model=None, num_special=None, grid=None) -> Layout:
+    """The Layout of a tap's activation (N, C, H, W) or (N, T, D).
+
+    For tokens, ``num_special`` and ``grid`` default to the model's own description (timm's
+    ``num_prefix_tokens`` and ``patch_embed.grid_size``), else to a square grid after 1, 0 or 2
+    special tokens, else a text sequence (no grid). Pass them for non-square grids.
+    """
+    if not isinstance(act, torch.Tensor):
+        raise TypeError(f"act must be a Tensor, got {type(act).__name__}")
+    if act.dim() == 4:
+        return Layout("map", act.shape[1], act.shape[2] * act.shape[3], (act.shape[2], act.shape[3]))
+    if act.dim() != 3:
+        raise ValueError(f"act must be (N, C, H, W) or (N, T, D), got shape {tuple(act.shape)}")
+    tokens = act.shape[1]
+    if num_special is None and grid is None:
+        num_special, grid = _infer_special(model, tokens)
+    num_special = num_special or 0
+    if grid is not None:
+        grid = tuple(grid)
+        if num_special + grid[0] * grid[1] != tokens:
+            raise ValueError(f"grid {grid} with num_special={num_special} does not cover the {tokens} tokens")
+    return Layout("tokens", act.shape[2], tokens, grid, num_special)
+
+
+def _check_mode(mode):
+    if mode not in ("pooled", "tokens"):
+        raise ValueError(f"mode must be 'pooled' or 'tokens', got {mode!r}")
+
+
+def _pooled(act: torch.Tensor) -> torch.Tensor:
+    """(N, D): the mean over spatial positions (maps) or over all tokens (special ones included)."""
+    return act.mean(dim=(2, 3)) if act.dim() == 4 else act.mean(dim=1)
+
+
+def _as_grid(act: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(N, D, H, W): a map, or the patch tokens of a vision token layout."""
+    if layout.kind == "map":
+        return act
+    if layout.grid is None:
+        raise ValueError(f"a text token sequence ({layout.positions} tokens) has no spatial grid to resample; "
+                         "pass grid= (and num_special=) when the tokens are patches")
+    patches = act[:, layout.num_special:]
+    return patches.transpose(1, 2).reshape(act.shape[0], layout.width, *layout.grid)
+
+
+def _resample(grid_act: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resampling of (N, D, H, W) to ``size``; a no-op when it already has that size."""
+    if tuple(grid_act.shape[-2:]) == tuple(size):
+        return grid_act
+    return nn.functional.interpolate(grid_act, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def to_rows(act: torch.Tensor, mode: str = "pooled", grid=None) -> torch.Tensor:
+    """Rows for alignment from one tap's activation.
+
+    pooled: (N, D), the mean over positions (all tokens incl. CLS for token activations).
+    tokens: (N * P, D), one row per position in row-major order; a map (N, C, H, W) is first
+    resampled bilinearly to ``grid`` = (h, w) when given (B's patch grid for CNN -> ViT). Token
+    activations (N, T, D) give their T tokens as they are (``grid`` must be None).
+    """
+    _check_mode(mode)
+    layout = layout_of(act, num_special=0)
+    if mode == "pooled":
+        return _pooled(act)
+    if act.dim() == 3:
+        if grid is not None:
+            raise ValueError("grid resamples CNN maps only; token activations (N, T, D) are used as they are")
+        return act.reshape(-1, act.shape[-1])
+    grid_act = _resample(act, grid if grid is not None else layout.grid)
+    return grid_act.flatten(2).transpose(1, 2).reshape(-1, act.shape[1])
+
+
+def rows_per_sample(act: torch.Tensor, mode: str = "pooled", grid=None) -> int:
+    """How many rows ``to_rows(act, mode, grid)`` gives per sample (to expand per-sample labels)."""
+    _check_mode(mode)
+    if mode == "pooled":
+        return 1
+    if act.dim() == 4 and grid is not None:
+        return int(grid[0]) * int(grid[1])
+    return act.shape[1] if act.dim() == 3 else act.shape[2] * act.shape[3]
+
+
+def _same_positions(la: Layout, lb: Layout) -> bool:
+    """Position i of A corresponds to position i of B without resampling."""
+    return la.positions == lb.positions and la.num_special == lb.num_special and (
+        la.kind == lb.kind or la.grid == lb.grid)
+
+
+def _source(act_a: torch.Tensor, la: Layout, lb: Layout, mode: str):
+    """A's features per position of B: (N, P_b, dx), plus a mask of B's positions fed from A's pool.
+
+    The mask is None when no position is pooled-fed (so one stitch maps every row).
+    """
+    n = act_a.shape[0]
+    if mode == "pooled":
+        return _pooled(act_a)[:, None, :], None
+    if _same_positions(la, lb):
+        seq = act_a.flatten(2).transpose(1, 2) if la.kind == "map" else act_a
+        return seq, None
+    if lb.grid is None:
+        raise ValueError(f"tokens mode cannot pair A's {la.kind} layout ({la.positions} positions) with B's text "
+                         f"sequence of {lb.positions} tokens; use mode='pooled'")
+    patches = _resample(_as_grid(act_a, la), lb.grid).flatten(2).transpose(1, 2)
+    if lb.num_special == 0:
+        return patches, None
+    special = _pooled(act_a)[:, None, :].expand(n, lb.num_special, -1)
+    mask = torch.zeros(lb.positions, dtype=torch.bool, device=act_a.device)
+    mask[:lb.num_special] = True
+    return torch.cat([special, patches], dim=1), mask
+
+
+def _target(act_b: torch.Tensor, lb: Layout, mode: str) -> torch.Tensor:
+    """B's features per position in B's order: (N, P_b, dy) (P_b = 1 when pooled)."""
+    if mode == "pooled":
+        return _pooled(act_b)[:, None, :]
+    return act_b.flatten(2).transpose(1, 2) if lb.kind == "map" else act_b
+
+
+def _from_rows(rows: torch.Tensor, lb: Layout, mode: str) -> torch.Tensor:
+    """(N, P_b, dy) rows back to B's activation shape; pooled rows are broadcast to every position."""
+    n = rows.shape[0]
+    if mode == "pooled":
+        rows = rows.expand(n, lb.positions, rows.shape[-1])
+    if lb.kind == "map":
+        return rows.transpose(1, 2).reshape(n, lb.width, *lb.grid)
+    return rows
+
+
+def paired_rows(act_a: torch.Tensor, act_b: torch.Tensor, mode: str = "tokens", *, layout_a=None,
+                layout_b=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (A, B) row pairs that StitchedModel maps: rows_a (N * P, dx), rows_b (N * P, dy).
+
+    Uses the same correspondence as StitchedModel (see the module docstring), so a map fitted to
+    these rows is the one the stitched model applies. Rows come sample-major: P per sample.
+    """
+    _check_mode(mode)
+    if act_a.shape[0] != act_b.shape[0]:
+        raise ValueError(f"act_a and act_b must hold the same samples, got {act_a.shape[0]} and {act_b.shape[0]}")
+    la = layout_a or layout_of(act_a)
+    lb = layout_b or layout_of(act_b)
+    src, _ = _source(act_a, la, lb, mode)
+    tgt = _target(act_b, lb, mode)
+    return src.reshape(-1, src.shape[-1]), tgt.reshape(-1, tgt.shape[-1])
+
+
+def stream_moments(model_a, path_a, model_b, path_b, data, labels, accumulator, *, mode: str = "pooled",
+                   batch_size: int = 256, progress: bool = False):
+    """Feeds paired rows of A's and B's taps into ``accumulator`` batch by batch (memory independent of N).
+
+    ``labels``: one condition per sample, a Tensor aligned with ``data`` (consumed in order) or None
+    when every batch of ``data`` is a tuple (inputs, labels). Each sample's label is repeated for its
+    rows (tokens mode). Returns the accumulator.
+    """
+    _check_mode(mode)
+    for m, p in ((model_a, path_a), (model_b, path_b)):
+        get_module(m, p)
+    if labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1)
+    seen = 0
+    layouts = None
+    batches = _labelled_batches(data, labels, batch_size)
+    with _inference(model_a, model_b):
+        for inputs, y in _progress(batches, progress, f"moments {path_a} -> {path_b}"):
+            act_a = capture(model_a, [path_a], inputs)[path_a]
+            act_b = capture(model_b, [path_b], inputs)[path_b]
+            if layouts is None:
+                layouts = layout_of(act_a, model=model_a), layout_of(act_b, model=model_b)
+            xa, xb = paired_rows(act_a, act_b, mode, layout_a=layouts[0], layout_b=layouts[1])
+            per = xa.shape[0] // act_a.shape[0]
+            accumulator.update(xa, xb, y.to(xa.device).repeat_interleave(per))
+            seen += act_a.shape[0]
+    if labels is not None and seen != labels.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} entries but data held {seen} samples")
+    return accumulator
+
+
+def _labelled_batches(data, labels, batch_size):
+    """(inputs, labels) per batch, from data + a labels tensor, or from (inputs, labels) batches."""
+    if labels is not None:
+        start = 0
+        for inputs in _batches(data, batch_size):
+            n = _batch_len(inputs)
+            if start + n > labels.shape[0]:
+                raise ValueError(f"labels has {labels.shape[0]} entries, fewer than the samples in data")
+            yield inputs, labels[start:start + n]
+            start += n
+        return
+    for batch in data:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            raise ValueError("labels=None needs data batches of the form (inputs, labels)")
+        yield _batch_input(batch), torch.as_tensor(batch[1]).reshape(-1)
+
+
+# ------------------------------------------------------------------ running B from its tap
+class _Inject(nn.Module):
+    """Stands in for B's tap module: returns the stitched activation instead of computing."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+        self.fired = False
+
+    def forward(self, *args, **kwargs):
+        self.fired = True
+        return self.value
+
+
+class _Skipped(nn.Module):
+    """Stands in for a module of B before the tap: computes nothing, returns a placeholder.
+
+    The placeholder is the injected activation itself, which has the right shape for the common
+    chain of same-shape blocks; it never reaches the output because the tap replaces it.
+    """
+
+    def __init__(self, path, original: nn.Module, inject: _Inject):
+        super().__init__()
+        self.path = path
+        self.inject = inject
+        # Kept out of _modules (not a child: it must not run or be hooked), but reachable, because
+        # glue code may read its attributes (transformers ViT reads patch_embeddings' weight dtype).
+        self.__dict__["original"] = original
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["original"], name)
+
+    def forward(self, *args, **kwargs):
+        if self.inject.fired:
+            raise RuntimeError(f"module {self.path!r} is registered before the tap but ran after it; "
+                               "its model does not execute its children in registration order, so "
+                               "StitchedModel cannot skip B's early layers by path")
+        return self.inject.value
+
+
+def _earlier_siblings(model: nn.Module, path: str):
+    """(parent, name, dotted path) of every module registered before the tap along its path."""
+    parent = model
+    prefix = []
+    for part in path.split("."):
+        for name, child in parent._modules.items():
+            if name == part:
+                break
+            if child is not None:
+                yield parent, name, ".".join(prefix + [name])
+        prefix.append(part)
+        parent = parent._modules[part]
+
+
+@contextlib.contextmanager
+def _run_from(model: nn.Module, path: str, activation: torch.Tensor):
+    """While active, calling ``model`` skips everything before ``path`` and injects ``activation`` there."""
+    inject = _Inject(activation)
+    swaps = [(parent, name, _Skipped(p, parent._modules[name], inject)) for parent, name, p in _earlier_siblings(model, path)]
+    *parent_path, tap_name = path.split(".")
+    swaps.append((get_module(model, ".".join(parent_path)), tap_name, inject))
+    originals = [(parent, name, parent._modules[name]) for parent, name, _ in swaps]
+    bypassed = [(m, name) for m in model.modules() for name in _FAMILY_BYPASS.get(type(m).__name__, ())]
+    try:
+        for parent, name, stub in swaps:
+            parent._modules[name] = stub
+        for m, name in bypassed:
+            setattr(m, name, _identity)
+        yield inject
+    finally:
+        for parent, name, original in originals:
+            parent._modules[name] = original
+        for m, name in bypassed:
+            m.__dict__.pop(name, None)
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _widths(stitch: nn.Module):
+    """(in, out) widths a stitch declares (GatedMultiStitch: dx/dy, nn.Linear: in/out_features), or Nones."""
+    dx = getattr(stitch, "dx", getattr(stitch, "in_features", None))
+    dy = getattr(stitch, "dy", getattr(stitch, "out_features", None))
+    return (dx if isinstance(dx, int) else None), (dy if isinstance(dy, int) else None)
+
+
+class StitchedModel(nn.Module):
+    """A up to ``path_a`` -> stitch -> B from ``path_b`` onward; returns B's logits.
+
+    ``stitch`` maps rows (n, dx) -> (n, dy), dx = A's channel width at its tap, dy = B's.
+    ``mode``: "tokens" maps every position (see the module docstring for how A's positions are
+    paired with B's), "pooled" maps A's pooled features and broadcasts them to all of B's positions.
+    ``cls_stitch`` maps A's pooled features to B's special tokens when they are filled from the pool
+    (different layouts in tokens mode); default: ``stitch``.
+    ``example_input``: one batch (or a sample) used to learn the two tap layouts by running each
+    model up to its tap; default: the first forward's first sample. ``layout_a``/``layout_b``
+    override the inferred layouts (non-square patch grids).
+    A and B are frozen (requires_grad False) and kept in eval mode; only the stitch trains.
+    """
+
+    def __init__(self, model_a: nn.Module, path_a: str, model_b: nn.Module, path_b: str, stitch: nn.Module, *,
+                 mode: str = "tokens", cls_stitch: nn.Module | None = None, example_input=None,
+                 layout_a: Layout | None = None, layout_b: Layout | None = None, freeze: bool = True):
+        super().__init__()
+        for name, m in (("model_a", model_a), ("model_b", model_b), ("stitch", stitch)):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
+        if cls_stitch is not None and not isinstance(cls_stitch, nn.Module):
+            raise TypeError(f"cls_stitch must be an nn.Module or None, got {type(cls_stitch).__name__}")
+        _check_mode(mode)
+        get_module(model_a, path_a)
+        get_module(model_b, path_b)
+        if path_b == "":
+            raise ValueError("path_b must name a layer inside model_b, not the model itself")
+        self.model_a, self.model_b = model_a, model_b
+        self.path_a, self.path_b = path_a, path_b
+        self.stitch, self.cls_stitch = stitch, cls_stitch
+        self.mode = mode
+        self.layout_a, self.layout_b = layout_a, layout_b
+        self.train()
+        if freeze:
+            _freeze(model_a)
+            _freeze(model_b)
+        if example_input is not None:
+            self._learn_layouts(example_input)
+
+    # ---------------------------------------------------------------- layouts
+    def _learn_layouts(self, inputs) -> None:
+        """Runs A and B up to their taps on one sample to learn the layouts, then checks the stitch widths."""
+        one = _head(inputs, 1)
+        with _inference(self.model_a, self.model_b):
+            if self.layout_a is None:
+                act = capture(self.model_a, [self.path_a], one)[self.path_a]
+                self.layout_a = layout_of(act, model=self.model_a)
+            if self.layout_b is None:
+                act = capture(self.model_b, [self.path_b], one)[self.path_b]
+                self.layout_b = layout_of(act, model=self.model_b)
+        self._check_widths()
+
+    def _check_widths(self) -> None:
+        dx, dy = self.layout_a.width, self.layout_b.width
+        for name, stitch in (("stitch", self.stitch), ("cls_stitch", self.cls_stitch)):
+            if stitch is None:
+                continue
+            sx, sy = _widths(stitch)
+            if (sx is not None and sx != dx) or (sy is not None and sy != dy):
+                raise ValueError(f"{name} maps width {sx} -> {sy}, but A's tap {self.path_a!r} has width {dx} "
+                                 f"and B's tap {self.path_b!r} has width {dy}")
+
+    # ---------------------------------------------------------------- forward
+    def _run_a(self, inputs) -> torch.Tensor:
+        """A's activation at its tap (A stops there); without autograd when A is frozen."""
+        a_trains = any(p.requires_grad for p in self.model_a.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and a_trains):
+            return capture(self.model_a, [self.path_a], inputs)[self.path_a]
+
+    def stitched_activation(self, inputs) -> torch.Tensor:
+        """The activation the stitch hands to B, in B's tap layout ((N, C, H, W) or (N, T, D))."""
+        if self.layout_a is None or self.layout_b is None:
+            self._learn_layouts(inputs)
+        act_a = self._run_a(inputs)
+        src, pooled_mask = _source(act_a, self.layout_a, self.layout_b, self.mode)
+        n, p, dx = src.shape
+        out = self._apply(self.stitch, src.reshape(n * p, dx)).reshape(n, p, -1)
+        if pooled_mask is not None and self.cls_stitch is not None:
+            special = self._apply(self.cls_stitch, src[:, pooled_mask].reshape(-1, dx))
+            out = torch.cat([special.reshape(n, -1, out.shape[-1]), out[:, ~pooled_mask]], dim=1)
+        if out.shape[-1] != self.layout_b.width:
+            raise ValueError(f"the stitch returned width {out.shape[-1]}, but B's tap {self.path_b!r} "
+                             f"has width {self.layout_b.width}")
+        return _from_rows(out, self.layout_b, self.mode)
+
+    @staticmethod
+    def _apply(stitch, rows):
+        out = stitch(rows)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(self, inputs):
+        """B's logits for ``inputs`` (a Tensor, or a dict of kwargs given to both models)."""
+        return self.forward_taps(inputs, [])[0]
+
+    def forward_taps(self, inputs, paths_b) -> tuple:
+        """(B's logits, {path: activation}) for layers of B at or after its tap, from one stitched forward.
+
+        ``path_b`` itself gives the stitched activation; later paths give what B's later layers
+        compute from it (for losses that match B's own activations at several depths, e.g. with
+        ``capture(model_b, paths_b, inputs)`` as the target).
+        """
+        paths_b = [paths_b] if isinstance(paths_b, str) else list(paths_b)
+        activation = self.stitched_activation(inputs)
+        later = [p for p in paths_b if p != self.path_b]
+        with _run_from(self.model_b, self.path_b, activation), _taps(self.model_b, later, False) as found:
+            out = _call(self.model_b, inputs)
+        missing = [p for p in later if p not in found]
+        if missing:
+            raise ValueError(f"layers {missing} of model_b did not run after the tap {self.path_b!r}")
+        acts = {p: activation if p == self.path_b else found[p] for p in paths_b}
+        return _logits(out), acts
+
+    def train(self, mode: bool = True) -> "StitchedModel":
+        """Sets the stitch's mode; A and B stay in eval mode (their dropout and batch-norm
+        statistics are part of the frozen functions, not of what is trained)."""
+        super().train(mode)
+        self.model_a.eval()
+        self.model_b.eval()
+        return self
+
+    def num_trainable(self) -> int:
+        """Trainable parameters (the stitch's, plus any the caller unfroze in A or B)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
