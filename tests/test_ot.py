@@ -259,3 +259,16 @@ def test_plan_too_large_raises_clear_error():
     r = tcfa.sinkhorn(x, y, eps=0.5)
     with pytest.raises(ValueError, match="plan\\(\\) needs"):
         r.plan(memory_budget=1000)
+
+
+def test_readme_api_example_runs():
+    """The README's ten-line example is real code: run it as written."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["out"].shape == (2000, 96)
+    assert namespace["rb"].f.shape == (64, 256)
