@@ -26,6 +26,19 @@ at::Tensor barycentric_cpu(const at::Tensor& x, const at::Tensor& y, const at::T
                     "), got shape ", values.sizes());
   const RaggedPair rp = ragged_pair(x_offsets, x.size(0), y_offsets, y.size(0));
   const auto& yo = rp.yo;
+  // sum_j pi_ij = 0 when a problem has x rows but no y row of positive weight:
+  // T_i = 0/0. Refuse it by name rather than return NaN.
+  {
+    const at::Tensor lb = log_b.to(at::kDouble).to(at::kCPU).contiguous();
+    const double* p = lb.data_ptr<double>();
+    for (int64_t k = 0; k < rp.B; ++k) {
+      if (rp.xo[k + 1] == rp.xo[k]) continue;
+      bool mass = false;
+      for (int64_t j = yo[k]; j < yo[k + 1] && !mass; ++j) mass = p[j] > -INFINITY;
+      TORCH_CHECK_VALUE(mass, "log_b: problem ", k, " has x rows but no y row of positive weight "
+                        "(log_b = -inf everywhere or no y rows), so its barycentric map is 0/0");
+    }
+  }
   const auto ct = compute_dtype(x.scalar_type());
   AffineRows ax = affine_rows(x.to(ct), kind), ay = affine_rows(y.to(ct), kind);
   at::Tensor v = values.to(ct).contiguous();
