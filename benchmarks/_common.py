@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import time
 
@@ -36,6 +37,29 @@ def gemm_rate(n: int = 2048, dtype=torch.float32) -> float:
     return 2 * n**3 / t
 
 
+def bandwidth(nbytes: int = 256 * 2**20) -> float:
+    """This machine's measured memory bandwidth in bytes/s (the roofline's memory roof).
+
+    A copy of a buffer far larger than the caches (L2 is 1 MB/core here) reads
+    and writes every byte once: 2 * nbytes per copy, on all torch threads.
+    """
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), repeat=5)
+    return 2 * nbytes / t
+
+
+_ROOFS: dict | None = None
+
+
+def roofs() -> dict:
+    """Both roofs, measured once per process (about a second)."""
+    global _ROOFS
+    if _ROOFS is None:
+        _ROOFS = {"gemm_flops": gemm_rate(), "bandwidth": bandwidth()}
+    return _ROOFS
+
+
 def machine() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(),
@@ -60,10 +84,122 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(out)
 
 
-def write(name: str, rows: list[dict], extra: dict | None = None) -> str:
+def write(name: str, rows: list[dict], extra: dict | None = None, *, measure_roofs: bool = True) -> str:
+    """Writes results/<name>.json and prints the roofline line(s) of its table.
+
+    The roofs (GEMM rate, bandwidth) are measured here, in the same run, unless
+    the script passed its own in extra["roofs"]. An optional extra["sweep"]
+    holds N-sweeps for the plots: a list of {"impl", "N", "seconds"[, "peak_mib"]}.
+    """
+    doc = {"benchmark": name, "machine": machine(), "rows": rows, **(extra or {})}
+    if measure_roofs and "roofs" not in doc:
+        doc["roofs"] = roofs()
+    if "roofline" not in doc:
+        doc["roofline"] = roofline_lines(doc)
+    for r in doc["roofline"]:
+        print(roofline_text(r))
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
     with open(path + ".tmp", "w") as fh:
-        json.dump({"benchmark": name, "machine": machine(), "rows": rows, **(extra or {})}, fh, indent=2)
+        json.dump(doc, fh, indent=2)
     os.replace(path + ".tmp", path)
     return path
+
+
+def sweep_point(impl: str, n: int, seconds: float, peak_mib: float | None = None) -> dict:
+    """One point of an N-sweep (extra["sweep"] in write): plotted as time vs N and memory vs N."""
+    point = {"impl": impl, "N": n, "seconds": seconds}
+    if peak_mib is not None:
+        point["peak_mib"] = peak_mib
+    return point
+
+
+# ------------------------------------------------------------------ roofline
+# What each benchmark's tcfa rows compute and move, from the shapes in its JSON.
+# FLOPs count multiply-adds as 2 and each exp as 1; bytes are the compulsory
+# traffic (every input read once, every output written once), so the memory
+# fraction is an upper bound on how well the kernel could do, not a cache model.
+# A model returns (label, flops, bytes, seconds) per row it understands.
+
+F32 = 4
+
+
+def _sinkhorn_model(doc):
+    out = []
+    for r in doc["rows"]:
+        if not str(r.get("impl", "")).startswith("tcfa") or "ms" not in str(r.get("unit", "")):
+            continue
+        seconds = r["value"] / 1e3
+        m = re.match(r"\w+ (?:online )?(\d+)\^2 d(\d+)", r["case"])
+        if m:  # one Sinkhorn iteration = two half-steps on an n x n problem
+            n, d = int(m[1]), int(m[2])
+            if "online" in r["impl"]:  # cost recomputed: a GEMM per half-step, only the rows move
+                out.append((f"{r['case']} {r['impl']}", 2 * 2 * n * n * d, 2 * 2 * n * d * F32, seconds))
+            elif "dense" in r["impl"]:  # stored cost read once per half-step; ~4 FLOP per entry
+                out.append((f"{r['case']} {r['impl']}", 2 * 4 * n * n, 2 * n * n * F32, seconds))
+        m = re.match(r"C (\d+) x (\d+)\^2 d(\d+), (\d+) it", r["case"])
+        if m:  # the cost GEMMs once, then `it` dense iterations on B stored costs
+            B, n, d, it = (int(g) for g in m.groups())
+            flops = B * 2 * n * n * d + it * 2 * 4 * B * n * n
+            nbytes = B * 2 * n * d * F32 + it * 2 * B * n * n * F32
+            out.append((f"{r['case']} {r['impl']}", flops, nbytes, seconds))
+    return out
+
+
+def _stitch_model(doc):
+    s, out = doc.get("shape"), []
+    if not s:
+        return out
+    N, dx, dy, C, r = s["N"], s["dx"], s["dy"], s["C"], s["r"]
+    weights = (dx * C + C + C * r * (dx + dy) + C * (dx + dy)) * F32
+    for row in doc["rows"]:
+        impl = row.get("impl", "")
+        if not impl.startswith("tcfa") or "forward ms" not in row:
+            continue
+        k = C if "dense" in impl else int(re.search(r"top-(\d+)", impl)[1])
+        flops = 2 * N * dx * C + 2 * N * k * r * (dx + dy)  # gate logits + k shrink/expand maps
+        out.append((f"{impl} forward", flops, (N * (dx + dy)) * F32 + weights, row["forward ms"] / 1e3))
+    return out
+
+
+def _cca_model(doc):
+    s, out = doc.get("shape"), []
+    if not s:
+        return out
+    n, C, dx, dy = s["C"] * s["n"], s["C"], s["dx"], s["dy"]
+    for row in doc["rows"]:
+        if row.get("method") == "tcfa.segment_moments (fp32)":
+            flops = 2 * n * (dx * dx + dy * dy + dx * dy)  # the three co-moment GEMMs
+            nbytes = n * (dx + dy) * F32 + n * 8 + C * (dx * dx + dy * dy + dx * dy + dx + dy) * F32
+            out.append((row["method"], flops, nbytes, row["seconds"]))
+    return out
+
+
+MODELS = {"sinkhorn": _sinkhorn_model, "stitch": _stitch_model, "cca": _cca_model}
+
+
+def roofline_lines(doc: dict) -> list[dict]:
+    """The roofline record of every tcfa row a model understands; fractions need doc["roofs"]."""
+    model = MODELS.get(doc.get("benchmark"))
+    rf = doc.get("roofs") or {}
+    out = []
+    for label, flops, nbytes, seconds in (model(doc) if model else []):
+        rec = {"label": label, "flops": flops, "bytes": nbytes, "seconds": seconds,
+               "flop_per_s": flops / seconds if seconds > 0 else float("nan"),
+               "bytes_per_s": nbytes / seconds if seconds > 0 else float("nan")}
+        if rf:
+            rec["frac_gemm"] = rec["flop_per_s"] / rf["gemm_flops"]
+            rec["frac_bandwidth"] = rec["bytes_per_s"] / rf["bandwidth"]
+            # The roof that binds: time at the compute roof vs time at the memory roof.
+            rec["bound"] = "compute" if flops / rf["gemm_flops"] >= nbytes / rf["bandwidth"] else "memory"
+        out.append(rec)
+    return out
+
+
+def roofline_text(r: dict) -> str:
+    head = (f"roofline {r['label']}: {r['flops'] / 1e9:.3g} GFLOP, {r['bytes'] / 1e6:.3g} MB in "
+            f"{r['seconds'] * 1e3:.3g} ms = {r['flop_per_s'] / 1e9:.3g} GFLOP/s, {r['bytes_per_s'] / 1e9:.3g} GB/s")
+    if "frac_gemm" not in r:
+        return head + " (roofs not measured in this run)"
+    return head + (f"; {r['frac_gemm']:.0%} of measured GEMM, {r['frac_bandwidth']:.0%} of measured "
+                   f"bandwidth ({r['bound']}-bound)")

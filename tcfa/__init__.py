@@ -3,7 +3,7 @@
 Fused kernels (torch.ops.tcfa) for streaming log-domain Sinkhorn on ragged
 batches, per-condition moments and CCA, and a gated multi-stitch, with a thin Python API on top.
 """
-from . import ops
+from . import artifacts, ops
 from .maps import LowRankMaps
 from .models import StitchedModel, capture, extract, get_module, paired_rows, stream_moments, to_rows
 from .ot import GWResult, SinkhornResult, barycentric_map, entropic_gw, sinkhorn, sinkhorn_divergence
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ops",
+    "artifacts",
     "LowRankMaps",
     "sinkhorn",
     "SinkhornResult",

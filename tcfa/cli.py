@@ -76,6 +76,9 @@ def _bench(args) -> int:
     for script in scripts:
         print(f"== {os.path.basename(script)}", flush=True)
         status |= subprocess.call([sys.executable, script])
+    if not args.no_plots:  # PNGs from every results/*.json, including ones this run did not refresh
+        print("== plots.py", flush=True)
+        status |= subprocess.call([sys.executable, os.path.join(BENCH_DIR, "plots.py")])
     return status
 
 
@@ -106,6 +109,7 @@ def main(argv=None) -> int:
     a.set_defaults(func=_align)
     b = sub.add_parser("bench", help="run every benchmarks/bench_*.py (peers timed in the same run)")
     b.add_argument("only", nargs="*", help="substrings of script names to run")
+    b.add_argument("--no-plots", action="store_true", help="skip benchmarks/plots.py (PNGs from results/*.json)")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)

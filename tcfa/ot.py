@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _validate, ops
+from . import _validate, distributed, ops
 
 DEFAULT_BUDGET_FRACTION = 0.25  # of available memory, for stored costs and plans
 
@@ -55,6 +55,7 @@ class _Problem:
     b: torch.Tensor  # (Ny,)
     cost: str
     eps: float
+    comm: distributed.LocalComm | distributed.ShardedComm = distributed.LOCAL  # x may be a shard
     x_index: torch.Tensor = field(init=False)  # (Nx,) problem id per row
     y_index: torch.Tensor = field(init=False)
 
@@ -69,56 +70,70 @@ class _Problem:
         return self.x.num_problems
 
     def segment_sum(self, values: torch.Tensor, side: str) -> torch.Tensor:
+        """Per-problem sum of per-row values; over every rank's rows for side "x"."""
         index = self.x_index if side == "x" else self.y_index
         out = torch.zeros(self.num_problems, dtype=values.dtype, device=values.device)
-        return out.index_add_(0, index, values)
+        out.index_add_(0, index, values)
+        return self.comm.sum(out) if side == "x" else out
 
     def cost_bytes(self) -> int:
         n = (self.x.sizes * self.y.sizes).sum().item()
         return int(n) * torch.finfo(self.x.rows.dtype).bits // 8
 
 
-def _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets) -> tuple[_Problem, torch.Tensor, torch.Tensor]:
-    """Validates once; returns the problem plus the normalised weights (keeping autograd)."""
+def _check(x, y, a, b, eps, cost, x_offsets, y_offsets, comm):
+    """The rank-local checks of _prepare; the last item is the shape every rank must share."""
     eps = _validate.positive("eps", eps)
     cost = _validate.choice("cost", cost, _validate.COSTS)
     _validate.same_device(x=_validate.tensor("x", x, finite=False), y=_validate.tensor("y", y, finite=False))
-    rx = _validate.ragged("x", x, x_offsets, "x_offsets")
+    rx = comm.ragged_x("x", x, x_offsets, "x_offsets")
     ry = _validate.ragged("y", y, y_offsets, "y_offsets")
     _validate.same_dtype(x=rx.rows, y=ry.rows)
     if rx.rows.shape[1] != ry.rows.shape[1]:
         raise ValueError(f"x and y must have the same width, got {rx.rows.shape[1]} and {ry.rows.shape[1]}")
     if rx.num_problems != ry.num_problems:
         raise ValueError(f"x and y must hold the same number of problems, got {rx.num_problems} and {ry.num_problems}")
-    a_n = _validate.weights("a", a, rx)
+    a_n = comm.weights_x("a", a, rx)
     b_n = _validate.weights("b", b, ry)
     _validate.same_device(x=rx.rows, a=a_n, b=b_n)
+    return eps, cost, rx, ry, a_n, b_n, (rx.num_problems, ry.rows.shape[0], ry.rows.shape[1])
+
+
+def _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets, comm=distributed.LOCAL):
+    """Validates once; returns the problem plus the normalised weights (keeping autograd).
+
+    With a sharded comm, x is this rank's shard: the weight mass and the
+    centring mean are taken over every rank's rows.
+    """
+    # every rank finishes its local checks before the first collective
+    eps, cost, rx, ry, a_n, b_n = comm.agree(_check, x, y, a, b, eps, cost, x_offsets, y_offsets, comm)
+    a_n = comm.normalise_x("a", a_n, rx)
     ct = torch.float32 if rx.rows.dtype in (torch.float16, torch.bfloat16) else rx.rows.dtype
     xr, yr = rx.rows.detach().to(ct), ry.rows.detach().to(ct)
     if cost == "sqeuclidean":
         # |x - y|^2 is translation invariant: centring each problem on its x
         # mean keeps |x|^2 + |y|^2 - 2 x.y accurate for data far from the origin.
-        counts = rx.sizes.to(ct).unsqueeze(1)
+        counts = comm.sum(rx.sizes.to(ct)).unsqueeze(1)
         idx_x, idx_y = rx.problem_index(), ry.problem_index()
-        mean = torch.zeros(rx.num_problems, xr.shape[1], dtype=ct, device=xr.device).index_add_(0, idx_x, xr) / counts
+        sums = torch.zeros(rx.num_problems, xr.shape[1], dtype=ct, device=xr.device).index_add_(0, idx_x, xr)
+        mean = comm.sum(sums) / counts
         xr, yr = xr - mean[idx_x], yr - mean[idx_y]
     px = _validate.Ragged(xr.contiguous(), rx.offsets, rx.batch_shape)
     py = _validate.Ragged(yr.contiguous(), ry.offsets, ry.batch_shape)
-    prob = _Problem(px, py, a_n.detach().to(ct), b_n.detach().to(ct), cost, eps)
+    prob = _Problem(px, py, a_n.detach().to(ct), b_n.detach().to(ct), cost, eps, comm)
     return prob, a_n, b_n
 
 
 def _eps_schedule(prob: _Problem, scaling) -> list[float]:
-    """eps values of the annealing phase (GeomLoss-style), before the target eps."""
+    """eps values of the annealing phase (GeomLoss-style), before the target eps (scaling checked)."""
     if scaling is None:
         return []
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < 1:
-        raise ValueError(f"scaling must be in (0, 1) or None, got {scaling!r}")
     if prob.cost == "cosine":
         top = 2.0  # the largest possible cosine cost
     else:
-        both = torch.cat([prob.x.rows, prob.y.rows])
-        top = float(((both.max(0).values - both.min(0).values) ** 2).sum())  # squared diameter
+        both = torch.cat([prob.x.rows, prob.y.rows])  # never empty: y is whole on every rank
+        hi, lo = prob.comm.max(both.amax(0)), -prob.comm.max(-both.amin(0))
+        top = float(((hi - lo) ** 2).sum())  # squared diameter
     if top <= prob.eps:
         return []
     steps = int(math.ceil(math.log(prob.eps / top) / math.log(scaling)))
@@ -133,10 +148,13 @@ class _HalfSteps:
         self.cost = ops.cost_matrix(prob.x.rows, prob.y.rows, prob.x.offsets, prob.y.offsets, prob.cost) if dense else None
 
     def g_update(self, f, eps, active):
+        """Reduces over x rows: with x sharded, each rank's partial soft-min is merged."""
         p = self.p
         if self.cost is not None:
-            return ops.softmin_dense(self.cost, p.x.offsets, p.y.offsets, p.log_a, p.log_b, f, eps, 0, active)
-        return ops.softmin(p.y.rows, p.x.rows, p.y.offsets, p.x.offsets, f, p.log_a, eps, p.cost, active)
+            out = ops.softmin_dense(self.cost, p.x.offsets, p.y.offsets, p.log_a, p.log_b, f, eps, 0, active)
+        else:
+            out = ops.softmin(p.y.rows, p.x.rows, p.y.offsets, p.x.offsets, f, p.log_a, eps, p.cost, active)
+        return p.comm.merge_softmin(out, eps)
 
     def f_update(self, g, eps, active):
         p = self.p
@@ -152,7 +170,9 @@ def _iterate(prob: _Problem, steps: _HalfSteps, max_iter: int, tol: float, sched
     the cost: after g is updated from f, the plan (f, g) has exact column sums,
     and its row sums are a_i exp((f_i - f_new_i)/eps), where f_new is the next
     f-update. A problem stops costing work once its error is below tol; its
-    potentials are those of its last update.
+    potentials are those of its last update. With x sharded over ranks the
+    errors are global sums, so every rank stops the same problems at the same
+    iteration and issues the same collectives.
     """
     B, dev, dt = prob.num_problems, prob.a.device, prob.a.dtype
     f = torch.zeros_like(prob.a) if f is None else f.clone()
@@ -229,6 +249,11 @@ class SinkhornResult:
         Differentiable w.r.t. x, y, a and b by the envelope theorem (the
         potentials are optimal, so no backpropagation through the iterations):
         d/da_i = f_i, d/db_j = g_j, d/dx_i = sum_j P_ij dC(x_i, y_j)/dx_i.
+
+        Sharded (process_group given): the value is global on every rank;
+        backward is then a collective (every rank must call it): each rank
+        gets the gradient of its own shard of x and a (including the
+        cross-rank weight normalisation) and the full gradient of y and b.
         """
         x, y, a, b = self._inputs
         return _OTValue.apply(x, y, a, b, self)
@@ -250,6 +275,22 @@ def _cost_grad(p: _Problem, side: str, f, g, mass) -> torch.Tensor:
     return -mass.unsqueeze(1) * (T - (uh * T).sum(1, keepdim=True) * uh) / norm
 
 
+def _y_cost_grad(p: _Problem, res: "SinkhornResult") -> torch.Tensor:
+    """_cost_grad for y over this process's x rows.
+
+    With x whole, column j of the plan has mass b_j. A shard holds the part
+    b_j w_j of it, w_j = exp((G_j - h_j)/eps) with h its own soft-min over
+    its rows and G the merged one, so the parts sum to b_j exactly (and the
+    rows of problems the shard has none of, whose barycentre is 0/0, get 0).
+    """
+    if not p.comm.sharded:
+        return _cost_grad(p, "y", res._f, res._g, p.b)
+    part = ops.softmin(p.y.rows, p.x.rows, p.y.offsets, p.x.offsets, res._f, p.log_a, p.eps, p.cost)
+    mass = p.b * torch.exp((p.comm.merge_softmin(part, p.eps) - part) / p.eps)
+    grad = _cost_grad(p, "y", res._f, res._g, mass)
+    return torch.where((mass > 0).unsqueeze(1), grad, torch.zeros_like(grad))
+
+
 class _OTValue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, a, b, res: SinkhornResult):
@@ -267,7 +308,8 @@ class _OTValue(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = (_cost_grad(p, "x", res._f, res._g, p.a) * grad[p.x_index].unsqueeze(1)).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            gy = (_cost_grad(p, "y", res._f, res._g, p.b) * grad[p.y_index].unsqueeze(1)).reshape(ctx.y_shape)
+            gy = _y_cost_grad(p, res) * grad[p.y_index].unsqueeze(1)
+            gy = p.comm.sum(gy).reshape(ctx.y_shape)  # each rank's x rows pull on y
         if ctx.needs_input_grad[2]:
             ga = res._f * grad[p.x_index]
         if ctx.needs_input_grad[3]:
@@ -276,7 +318,7 @@ class _OTValue(torch.autograd.Function):
 
 
 def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y_offsets=None, max_iter=1000,
-             tol=1e-6, scaling=None, mode="auto", memory_budget=None) -> SinkhornResult:
+             tol=1e-6, scaling=None, mode="auto", memory_budget=None, process_group=None) -> SinkhornResult:
     """Entropic OT between the rows of x and y for a batch of problems in one call.
 
     x, y: (N, d) rows with int64 offsets (B+1,) (None: one problem), or dense
@@ -292,14 +334,20 @@ def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y
     tiles each half-step (memory O(N + M)), "auto" stores it when all costs
     fit ``memory_budget`` bytes (default: a quarter of available memory).
     fp16/bf16 inputs are solved in fp32 and give fp32 potentials.
+
+    ``process_group`` (a torch.distributed group, e.g. ``dist.group.WORLD``)
+    solves one batch sharded over its ranks: x, a and x_offsets are this
+    rank's contiguous shard of every problem's rows (a shard may hold 0 rows
+    of a problem), y, b and y_offsets are whole and the same on every rank.
+    Every rank returns its shard of f, the full g, and the global n_iter,
+    error, converged and value(); every rank must make the call. plan() and
+    barycentric_map() give this shard's rows. See tcfa/distributed.py.
     """
-    prob, a_n, b_n = _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets)
-    mode = _validate.choice("mode", mode, ("auto", "dense", "online"))
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-    dense = mode == "dense" or (mode == "auto" and prob.cost_bytes() <= _budget(memory_budget))
+    comm = distributed.communicator(process_group)
+    mode, budget = comm.agree(_check_options, mode, max_iter, tol, scaling, memory_budget)
+    prob, a_n, b_n = _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets, comm)
+    # a shard decides for itself whether its own costs fit: ranks may differ in mode
+    dense = mode == "dense" or (mode == "auto" and prob.cost_bytes() <= budget)
     schedule = _eps_schedule(prob, scaling)
     with torch.no_grad():
         steps = _HalfSteps(prob, dense)
@@ -307,6 +355,20 @@ def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y
     xin = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     yin = y if y.dim() == 2 else y.reshape(-1, y.shape[-1])
     return SinkhornResult(prob, f, g, n_iter, error, converged, (xin, yin, a_n, b_n))
+
+
+def _check_options(mode, max_iter, tol, scaling, memory_budget):
+    """Rank-local checks of the solver options; the last item is what every rank must share."""
+    mode = _validate.choice("mode", mode, ("auto", "dense", "online"))
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))
+                                or not 0 < scaling < 1):
+        raise ValueError(f"scaling must be in (0, 1) or None, got {scaling!r}")
+    # different max_iter or schedules would make the ranks' collectives diverge
+    return mode, _budget(memory_budget), (max_iter, scaling is None)
 
 
 def barycentric_map(result: SinkhornResult, values: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _validate, ops
+from . import _validate, distributed, ops
 from .maps import LowRankMaps
 
 BLOCKS = _validate.MOMENT_BLOCKS
@@ -144,6 +144,16 @@ class MomentAccumulator:
         if mine != theirs:
             raise ValueError(f"other must have (num_segments, dx, dy, blocks) = {mine}, got {theirs}")
         self._combine(other.result())
+        return self
+
+    def all_reduce(self, group=None) -> "MomentAccumulator":
+        """Merges every rank's accumulator into each, in place (a collective: every rank calls it).
+
+        Exact: Chan's parallel formula over the ranks (tcfa/distributed.py).
+        Afterwards every rank holds the moments of all ranks' rows. ``group``:
+        a torch.distributed process group, None for the default one.
+        """
+        distributed.all_reduce_moments(self, group)
         return self
 
     def _combine(self, b: Moments) -> None:

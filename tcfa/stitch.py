@@ -2,7 +2,7 @@
 
 The math is tcfa.ops.gated_stitch (one place); this module holds its
 parameters, initialises them from per-condition alignment maps, counts them,
-and saves/loads them as safetensors.
+and saves/loads them as verified safetensors artifacts (tcfa.artifacts).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from . import _validate, ops
+from . import _validate, artifacts, ops
 from .maps import LowRankMaps
 
 _PARAMS = ("gate_weight", "gate_bias", "U", "V", "mu_x", "mu_y")
@@ -147,33 +147,36 @@ class GatedMultiStitch(nn.Module):
         return stitch
 
     # ------------------------------------------------------------ persistence
-    def save(self, path: str) -> None:
-        """Writes the parameters as safetensors; the config rides in the JSON header."""
-        from safetensors.torch import save_file
+    @staticmethod
+    def _shapes(cfg: dict) -> dict:
+        """Every parameter's shape implied by a config (what a saved file must hold)."""
+        C, dx, dy, r = cfg["num_conditions"], cfg["dx"], cfg["dy"], cfg["rank"]
+        return {"gate_weight": (dx, C), "gate_bias": (C,), "U": (C, dx, r), "V": (C, r, dy),
+                "mu_x": (C, dx), "mu_y": (C, dy)}
 
-        tensors = {name: getattr(self, name).detach().contiguous() for name in _PARAMS}
-        save_file(tensors, path, metadata={"tcfa.GatedMultiStitch": json.dumps(self.config())})
+    def save(self, path: str, *, method: str | None = None, layers=None, conditions=None) -> None:
+        """Writes the parameters atomically as a verified tcfa artifact (safetensors).
+
+        The config rides in the JSON header (also under the plain key
+        "tcfa.GatedMultiStitch"); ``method``, ``layers`` and ``conditions``
+        record where the stitch came from. See :mod:`tcfa.artifacts`.
+        """
+        tensors = {name: getattr(self, name) for name in _PARAMS}
+        artifacts.save(path, tensors, kind="GatedMultiStitch", method=method, layers=layers,
+                       conditions=conditions, config=self.config(),
+                       extra_metadata={"tcfa.GatedMultiStitch": json.dumps(self.config())})
 
     @classmethod
     def load(cls, path: str, device=None) -> "GatedMultiStitch":
-        """The module saved at ``path`` by :meth:`save`."""
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt", device=str(device or "cpu")) as fh:
-            meta = fh.metadata() or {}
-            if "tcfa.GatedMultiStitch" not in meta:
-                raise ValueError(f"{path} was not written by GatedMultiStitch.save (no config in its header)")
-            cfg = json.loads(meta["tcfa.GatedMultiStitch"])
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-        missing = set(_PARAMS) - set(tensors)
+        """The module saved at ``path`` by :meth:`save`; hashes and shapes are verified first."""
+        art = artifacts.load(path, kind="GatedMultiStitch")
+        cfg = art.config
+        missing = {"dx", "dy", "num_conditions", "rank"} - set(cfg)
         if missing:
-            raise ValueError(f"{path} lacks the tensors {sorted(missing)}")
-        stitch = cls(**cfg, device=device, dtype=tensors["U"].dtype)
+            raise ValueError(f"{path}: the header's config lacks {sorted(missing)}")
+        art.check_shapes(cls._shapes(cfg))
+        stitch = cls(**cfg, device=device, dtype=art.tensors["U"].dtype)
         with torch.no_grad():
             for name in _PARAMS:
-                p = getattr(stitch, name)
-                if p.shape != tensors[name].shape:
-                    raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, "
-                                     f"the header's config needs {tuple(p.shape)}")
-                p.copy_(tensors[name])
+                getattr(stitch, name).copy_(art.tensors[name])
         return stitch

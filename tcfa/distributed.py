@@ -1,0 +1,240 @@
+"""torch.distributed reductions for sharded Sinkhorn and moment accumulators.
+
+Sharded Sinkhorn (``tcfa.sinkhorn(..., process_group=group)``): every rank holds
+a contiguous shard of x's rows (and their weights) for every problem, and all
+of y. The solver then needs exactly these cross-rank steps:
+
+* the g-update reduces over x rows, so each rank's soft-min is a partial
+  log-sum-exp L_r = -out_r / eps, merged as  L = M + log sum_r exp(L_r - M),
+  M = max_r L_r  (two all_reduces: MAX, then SUM of the rescaled partials);
+* every per-problem sum over x rows is all_reduced (SUM): weight mass, the
+  centring mean, the L1 marginal error and the x side of the dual value;
+* the squared diameter of the eps-scaling schedule takes a global max/min.
+
+The f-update reduces over y, which every rank holds whole: it stays local.
+Since the errors are all_reduced, the active masks, stopping iteration and
+schedule are identical on every rank, so every rank issues the same
+collectives in the same order.
+
+The solver talks to a communicator: :data:`LOCAL` (one process, every
+reduction is the identity, so the single-process path is unchanged) or
+:class:`ShardedComm` (a process group). Functions here never call the
+kernels; they only combine what the kernels computed on each shard.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import _validate
+
+
+SIGNATURE_LEN = 4  # ints per rank compared by ShardedComm.agree
+
+
+class LocalComm:
+    """One process holds every row: the reductions are the identity."""
+
+    sharded = False
+    world_size = 1
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def merge_softmin(self, out: torch.Tensor, eps: float) -> torch.Tensor:
+        return out
+
+    def agree(self, check, *args):
+        *result, _signature = check(*args)
+        return result
+
+    def ragged_x(self, name, t, off, off_name) -> _validate.Ragged:
+        return _validate.ragged(name, t, off, off_name)
+
+    def weights_x(self, name, w, r: _validate.Ragged) -> torch.Tensor:
+        return _validate.weights(name, w, r)
+
+    def normalise_x(self, name, w, r: _validate.Ragged) -> torch.Tensor:
+        return w  # weights_x already normalised them
+
+
+LOCAL = LocalComm()
+
+
+def communicator(process_group):
+    """LOCAL for None, else a ShardedComm over the given group (or dist.group.WORLD)."""
+    if process_group is None:
+        return LOCAL
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialised; "
+                         "call torch.distributed.init_process_group first (or pass process_group=None)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD) "
+                        f"or None, got {type(process_group).__name__}")
+    return ShardedComm(process_group)
+
+
+class ShardedComm:
+    """Collectives of sharded Sinkhorn over one process group (see the module docstring)."""
+
+    sharded = True
+
+    def __init__(self, group):
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    # ------------------------------------------------------------ reductions
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (a new tensor; t is untouched)."""
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
+    def merge_softmin(self, out: torch.Tensor, eps: float) -> torch.Tensor:
+        """The soft-min over all ranks' x rows from each rank's soft-min over its shard.
+
+        out_r = -eps L_r, L_r the shard's log-sum-exp (+inf out for a shard
+        without rows of a problem: L_r = -inf, an empty sum). Returns
+        -eps (M + log sum_r exp(L_r - M)), M = max_r L_r.
+        """
+        lse = -out / eps
+        top = self.max(lse)
+        # M = -inf only where no rank has rows (inactive problems are 0, not inf):
+        # shift by 0 there so that exp gives 0 and the result is +inf, not NaN.
+        shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        total = self.sum(torch.exp(lse - shift))
+        return -eps * (shift + torch.log(total))
+
+    # ------------------------------------------------------------ validation
+    def agree(self, check, *args):
+        """Runs a rank-local check, then makes every rank agree before any further collective.
+
+        A rank that raised would otherwise leave the others waiting in the
+        next collective forever. ``check`` returns its results plus, last, a
+        tuple of up to SIGNATURE_LEN ints every rank must share (e.g. the
+        number of problems and y's shape); they are compared across ranks.
+        """
+        try:
+            *result, signature = check(*args)
+            error = None
+        except (ValueError, TypeError) as exc:
+            result, signature, error = None, (), exc
+        padded = list(signature) + [0] * (SIGNATURE_LEN - len(signature))  # same size on every rank
+        mine = torch.tensor([error is not None, *padded], dtype=torch.int64)
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine, group=self.group)
+        failed = [r for r, s in enumerate(every) if bool(s[0])]
+        if error is not None:
+            raise error
+        if failed:
+            raise ValueError(f"process_group: rank(s) {failed} rejected their input (see the error on those ranks)")
+        sigs = {tuple(s[1:].tolist()) for s in every}
+        if len(sigs) > 1:
+            raise ValueError(f"process_group: the ranks disagree on values they must share (checked by "
+                             f"{check.__name__}): got {sorted(sigs)} across ranks")
+        return result
+
+    def ragged_x(self, name, t, off, off_name) -> _validate.Ragged:
+        """Like _validate.ragged, but a shard may hold 0 rows of a problem."""
+        t = _validate.tensor(name, t, dim=(2, 3))
+        if t.dim() == 3:
+            return _validate.ragged(name, t, off, off_name)
+        if off is None:
+            off = torch.tensor([0, t.shape[0]], dtype=torch.int64, device=t.device)
+        return _validate.Ragged(t, _validate.offsets(off_name, off, t.shape[0], t.device), None)
+
+    def weights_x(self, name, w, r: _validate.Ragged) -> torch.Tensor:
+        """The shard's raw weights, checked locally; normalise_x divides by the global mass."""
+        if w is None:
+            return torch.ones(r.rows.shape[0], dtype=r.rows.dtype, device=r.rows.device)
+        w = _validate.tensor(name, w, dim=(1, 2))
+        if r.batch_shape is not None and w.dim() == 2:
+            if tuple(w.shape) != r.batch_shape:
+                raise ValueError(f"{name} must have shape {r.batch_shape}, got {tuple(w.shape)}")
+            w = w.reshape(-1)
+        if w.dim() != 1 or w.shape[0] != r.rows.shape[0]:
+            raise ValueError(f"{name} must hold one weight per row of the shard ({r.rows.shape[0]}), "
+                             f"got shape {tuple(w.shape)}")
+        if bool((w < 0).any()):
+            i = int((w < 0).nonzero()[0])
+            raise ValueError(f"{name} must be non-negative, got {w[i].item()} at row {i}")
+        return w
+
+    def normalise_x(self, name, w, r: _validate.Ragged) -> torch.Tensor:
+        """w / (mass of w's problem over all ranks), differentiable across ranks.
+
+        The mass is a differentiable sum over ranks (_SumOverRanks), so
+        d value / d w is exact for the rows of this shard (and backward is
+        then a collective call).
+        """
+        index = r.problem_index()
+        local = torch.zeros(r.num_problems, dtype=w.dtype, device=w.device).index_add(0, index, w)
+        mass = _SumOverRanks.apply(local, self.group) if w.requires_grad else self.sum(local)
+        if bool((mass <= 0).any()):
+            k = int((mass <= 0).nonzero()[0])
+            what = "has no rows on any rank" if (self.sum(r.sizes) == 0)[k] else f"{name} is all zero on every rank"
+            raise ValueError(f"x {what} in problem {k}: every problem needs positive mass")
+        return w / mass[index]
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce SUM with its adjoint: every rank's input feeds every rank's output,
+    so the gradient of one rank's input is the sum of all ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+# ------------------------------------------------------------ moments
+def all_reduce_moments(acc, group=None) -> None:
+    """Replaces a MomentAccumulator's state by the merge of every rank's, in place.
+
+    Chan's parallel formula over R parts: with n = sum_r n_r and the global
+    mean mu = sum_r n_r mu_r / n,
+
+        S = sum_r (S_r + n_r (mu_x,r - mu_x)(mu_y,r - mu_y)^T),
+
+    three all_reduces (counts, count-weighted means, corrected sums); memory
+    stays that of one state. Every rank ends with the same result.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("MomentAccumulator.all_reduce needs torch.distributed to be initialised "
+                         "(torch.distributed.init_process_group)")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    group = group or dist.group.WORLD
+    count = acc.count.clone()
+    dist.all_reduce(count, group=group)
+    n_r = acc.count.to(acc.dtype)[:, None]
+    n = count.to(acc.dtype).clamp_min(1)[:, None]  # empty conditions stay all-zero
+    means = torch.cat([acc.mean_x * n_r, acc.mean_y * n_r], 1)
+    dist.all_reduce(means, group=group)
+    means /= n
+    mean_x, mean_y = means[:, :acc.dx], means[:, acc.dx:]
+    deltas = {"x": acc.mean_x - mean_x, "y": acc.mean_y - mean_y}
+    names = list(acc.sums)
+    corrected = [acc.sums[b] + n_r[:, :, None] * deltas[b[0]][:, :, None] * deltas[b[1]][:, None, :] for b in names]
+    flat = torch.cat([s.reshape(-1) for s in corrected])  # one collective for every block
+    dist.all_reduce(flat, group=group)
+    for b, s in zip(names, flat.split([s.numel() for s in corrected])):
+        acc.sums[b] = s.view_as(acc.sums[b])
+    acc.count, acc.mean_x, acc.mean_y = count, mean_x.contiguous(), mean_y.contiguous()
