@@ -262,15 +262,18 @@ class SinkhornResult:
 def _cost_grad(p: _Problem, side: str, f, g, mass) -> torch.Tensor:
     """sum_j P_ij dC(x_i, y_j)/dx_i for side "x" (or the same for y), on the centred rows."""
     if side == "x":
-        u, v, uo, vo, pot, logw = p.x.rows, p.y.rows, p.x.offsets, p.y.offsets, g, p.log_b
-    else:
-        u, v, uo, vo, pot, logw = p.y.rows, p.x.rows, p.y.offsets, p.x.offsets, f, p.log_a
-    if p.cost == "sqeuclidean":
-        T = ops.barycentric(u, v, uo, vo, pot, logw, v, p.eps, p.cost)
+        return _cost_grad_rows(p.x.rows, p.y.rows, p.x.offsets, p.y.offsets, g, p.log_b, mass, p.eps, p.cost)
+    return _cost_grad_rows(p.y.rows, p.x.rows, p.y.offsets, p.x.offsets, f, p.log_a, mass, p.eps, p.cost)
+
+
+def _cost_grad_rows(u, v, uo, vo, pot, logw, mass, eps, cost) -> torch.Tensor:
+    """mass_i * (the barycentre of dC(u_i, v_j)/du_i under the row-normalised plan), per row of u."""
+    if cost == "sqeuclidean":
+        T = ops.barycentric(u, v, uo, vo, pot, logw, v, eps, cost)
         return 2 * mass.unsqueeze(1) * (u - T)
     norm = u.norm(dim=1, keepdim=True).clamp_min(1e-30)
     uh, vh = u / norm, v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    T = ops.barycentric(u, v, uo, vo, pot, logw, vh, p.eps, p.cost)
+    T = ops.barycentric(u, v, uo, vo, pot, logw, vh, eps, cost)
     # d(1 - uh.vh)/du = -(vh - (uh.vh) uh) / |u|
     return -mass.unsqueeze(1) * (T - (uh * T).sum(1, keepdim=True) * uh) / norm
 
@@ -280,14 +283,22 @@ def _y_cost_grad(p: _Problem, res: "SinkhornResult") -> torch.Tensor:
 
     With x whole, column j of the plan has mass b_j. A shard holds the part
     b_j w_j of it, w_j = exp((G_j - h_j)/eps) with h its own soft-min over
-    its rows and G the merged one, so the parts sum to b_j exactly (and the
-    rows of problems the shard has none of, whose barycentre is 0/0, get 0).
+    its rows and G the merged one, so the parts sum to b_j exactly. The y
+    rows of problems the shard holds no x row of get 0 (their barycentre over
+    this shard is 0/0, which the barycentric op refuses): they are left out.
     """
     if not p.comm.sharded:
         return _cost_grad(p, "y", res._f, res._g, p.b)
     part = ops.softmin(p.y.rows, p.x.rows, p.y.offsets, p.x.offsets, res._f, p.log_a, p.eps, p.cost)
     mass = p.b * torch.exp((p.comm.merge_softmin(part, p.eps) - part) / p.eps)
-    grad = _cost_grad(p, "y", res._f, res._g, mass)
+    local = p.x.sizes > 0  # problems with rows on this shard
+    rows = local[p.y_index]
+    grad = torch.zeros_like(p.y.rows)
+    if bool(local.any()):
+        zero = torch.zeros(1, dtype=torch.int64, device=local.device)
+        yo = torch.cat([zero, p.y.sizes[local].cumsum(0)])
+        xo = torch.cat([zero, p.x.sizes[local].cumsum(0)])  # every x row belongs to a local problem
+        grad[rows] = _cost_grad_rows(p.y.rows[rows], p.x.rows, yo, xo, res._f, p.log_a, mass[rows], p.eps, p.cost)
     return torch.where((mass > 0).unsqueeze(1), grad, torch.zeros_like(grad))
 
 
@@ -377,6 +388,8 @@ def barycentric_map(result: SinkhornResult, values: torch.Tensor) -> torch.Tenso
     values: one row per row of y, (M, dv) or (M,) for flat input, (B, m, dv)
     or (B, m) for dense input. Returns (N, dv) / (N,) / (B, n, dv) / (B, n).
     """
+    if not isinstance(result, SinkhornResult):
+        raise TypeError(f"result must be a tcfa.SinkhornResult (what tcfa.sinkhorn returns), got {type(result).__name__}")
     p = result._prob
     values = _validate.tensor("values", values, dim=(1, 2, 3))
     squeeze = values.dim() == (1 if p.y.batch_shape is None else 2)

@@ -140,36 +140,29 @@ def test_barycentric_matches_reference(c):
                                               a["v"], a["eps"], c["cost"])
     if hurt:
         return expect_named_error(hurt, call)
+    if bool(no_mass(a).any()):  # x rows without y mass: the docstring's 0/0 is refused by name
+        with pytest.raises(ValueError, match="no y row of positive weight"):
+            call()
+        return
     out = call()
     assert out.dtype == a["v"].dtype and out.shape == (a["x"].shape[0], c["dv"])
     d = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in a.items()}
     want = ref.barycentric(d["x"], d["y"], d["xo"], d["yo"], d["h"], d["log_b"], d["v"], d["eps"], c["cost"])
-    # Rows whose problem has no y mass: the docstring's 0/0; test_barycentric_without_y_mass.
-    empty = no_mass(a)
-    assert not out[~empty].isnan().any()
+    assert not out.isnan().any()
     # fp32: the scores x.y/eps carry ~1e-7 |C|/eps relative error into the weights.
     scale = 1.0 + (0 if a["x"].dtype == torch.float64 else 50.0 / c["eps"])
-    close(out[~empty], want[~empty], a["x"].dtype, scale)
+    close(out, want, a["x"].dtype, scale)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="KNOWN BUG: torch.ops.tcfa.barycentric returns NaN (0/0) for x rows whose problem has "
-                          "no y row of positive weight (empty or all-zero b) instead of raising a named error. "
-                          "tcfa.barycentric_map is safe (it rejects such problems first); the raw op is not.")
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(ot_case())
-def test_barycentric_without_y_mass(c):
+def test_barycentric_without_y_mass_is_a_named_error(c):
     c = {**c, "damage": None, "zeros": 1.0}  # every y weight zero: no problem has mass
     a, _ = ot_inputs(c)
     if a["x"].shape[0] == 0:
-        return
-    try:
-        out = torch.ops.tcfa.barycentric(a["x"], a["y"], a["xo"], a["yo"], a["h"], a["log_b"], a["v"],
-                                         a["eps"], c["cost"])
-    except ValueError as err:  # the fix may equally be a named error
-        assert "log_b" in str(err) or "mass" in str(err) or "empty" in str(err), str(err)
-        return
-    assert not out.isnan().any(), "NaN for rows without y mass"
+        return  # no x row, nothing to map: nothing is undefined
+    with pytest.raises(ValueError, match="log_b: problem .* no y row of positive weight"):
+        torch.ops.tcfa.barycentric(a["x"], a["y"], a["xo"], a["yo"], a["h"], a["log_b"], a["v"], a["eps"], c["cost"])
 
 
 @st.composite
@@ -307,10 +300,7 @@ def bench_module(name):
 
 
 # Bad calls that do not (yet) get a named ValueError/TypeError; the README shows what they get.
-KNOWN_GAPS = {
-    # tcfa/ot.py: barycentric_map does not check that r is a SinkhornResult.
-    "tcfa.barycentric_map('r', torch.randn(5, 2, dtype=torch.float64))": "AttributeError",
-}
+KNOWN_GAPS: dict = {}  # bad calls that do not yet raise a named error (none left)
 
 
 def test_bad_inputs_raise_named_errors_and_readme_is_current():
