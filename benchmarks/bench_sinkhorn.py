@@ -113,20 +113,6 @@ def case_b(x, y):
                note="its own stopping rule (annealing schedule)")
     else:
         record("B solve to 1e-4", "GeomLoss", float("nan"), unit="ms", note="not installed")
-    if has("ot"):
-        import ot
-
-        n = xs.shape[0]
-        a = np.full(n, 1 / n, dtype=np.float64)
-        M = ot.dist(xs.double().numpy(), ys.double().numpy())
-        log = {}
-
-        def pot():
-            _, lg = ot.bregman.sinkhorn_log(a, a, M, eps, numItermax=100000, stopThr=tol, log=True)
-            log.update(lg)
-
-        record("B solve to 1e-4", "POT sinkhorn_log numpy", bc.timeit(pot, repeat=1, warmup=0), unit="ms",
-               note=f"{log.get('niter', '?')} iters (its error: L2 of one marginal)")
     ratios("B solve to 1e-4", "tcfa (scaling 0.5)")
 
 

@@ -180,9 +180,12 @@ at::Tensor softmin_dense_cpu(const at::Tensor& cost, const at::Tensor& x_offsets
         int64_t last = ti;
         while (last + 1 < static_cast<int64_t>(tasks.size()) && tasks[last + 1].k == k) ++last;
         for (int64_t j = 0; j < m; ++j) {
-          T mx = lowest<T>(), sum = T(0);
-          for (int64_t c = ti; c <= last; ++c) mx = std::max(mx, state[c][j]);
-          for (int64_t c = ti; c <= last; ++c) sum += state[c][m + j] * std::exp(state[c][j] - mx);
+          T mx = state[ti][j], sum = state[ti][m + j];
+          if (last > ti) {  // several chunks: rescale to the common max (one chunk needs no exp)
+            for (int64_t c = ti + 1; c <= last; ++c) mx = std::max(mx, state[c][j]);
+            sum = T(0);
+            for (int64_t c = ti; c <= last; ++c) sum += state[c][m + j] * std::exp(state[c][j] - mx);
+          }
           op[yo[k] + j] = sum > T(0) ? -eps_t * (mx + std::log(sum)) : static_cast<T>(INFINITY);
         }
       }
