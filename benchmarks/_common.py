@@ -60,6 +60,19 @@ def roofs() -> dict:
     return _ROOFS
 
 
+def peak_rss() -> int:
+    """This process's resident-memory high-water mark in bytes (VmHWM).
+
+    Not ru_maxrss: Linux carries that across execve, so a child started from
+    a big benchmark process would inherit the parent's peak.
+    """
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not in /proc/self/status")
+
+
 def machine() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(),

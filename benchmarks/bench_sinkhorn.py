@@ -5,6 +5,8 @@ Cases (issue 2, fp32, all threads):
   B. the same problem solved to L1 marginal error 1e-4 with eps-scaling
   C. 64 problems 256x256, d=256, 100 iterations in one call vs a POT loop and ot.batch
   D. online mode N=M=30,000, d=64: time per iteration vs the GEMM bound, peak extra memory
+  sweep: time per iteration and peak extra memory vs N, dense and online (one subprocess each,
+         so every point's memory high-water mark starts clean)
 
 Peers that are not installed are reported as such (pip install POT geomloss ott-jax).
 Run:  .venv/bin/python benchmarks/bench_sinkhorn.py   (writes benchmarks/results/sinkhorn.json)
@@ -12,13 +14,13 @@ Run:  .venv/bin/python benchmarks/bench_sinkhorn.py   (writes benchmarks/results
 from __future__ import annotations
 
 import importlib.util
-import resource
+import os
 import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(__file__))
 import _common as bc  # noqa: E402
 
 import tcfa  # noqa: E402
@@ -151,15 +153,50 @@ def case_d():
     y = torch.randn(n, d, generator=g)
     gemm = bc.gemm_rate()
     bound = 2 * 2 * n * n * d / gemm  # two half-steps, each an (n x d) @ (d x n) product
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = bc.peak_rss()
     t = per_iteration(lambda k: tcfa.sinkhorn(x, y, eps=float(d), tol=0, max_iter=k, mode="online"), 1, 3)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = bc.peak_rss()
     extra = max(peak - base, 0)
+    # VmHWM is the process's high-water mark: "extra" is how far the solve
+    # pushed it beyond what the process had already touched (inputs, the GEMM
+    # probe); the whole process's peak bounds it from above.
     row = record("D online 30000^2 d64", "tcfa online", t,
                  note=f"GEMM bound {bound * 1e3:.0f} ms at {gemm / 1e9:.0f} GFLOP/s measured; "
-                      f"ratio to bound {t / bound:.2f}; peak extra memory {extra / 2**20:.0f} MiB")
-    row.update(gemm_bound_ms=bound * 1e3, ratio_to_bound=t / bound, peak_extra_mib=extra / 2**20)
+                      f"ratio to bound {t / bound:.2f}; peak extra memory {extra / 2**20:.0f} MiB "
+                      f"(whole process peak RSS {peak / 2**20:.0f} MiB; a dense cost would be "
+                      f"{n * n * 4 / 2**30:.1f} GiB)")
+    row.update(gemm_bound_ms=bound * 1e3, ratio_to_bound=t / bound, peak_extra_mib=extra / 2**20,
+               peak_rss_mib=peak / 2**20)
     row["tcfa_speedup"] = 1.0
+
+
+SWEEP_PROBE = """
+import sys, time, torch, tcfa
+sys.path.insert(0, sys.argv[3])
+import _common as bc
+n, mode = int(sys.argv[1]), sys.argv[2]
+x, y = torch.randn(n, 64), torch.randn(n, 64)
+tcfa.sinkhorn(x[:64], y[:64], eps=64.0, tol=0, max_iter=1, mode=mode)  # load everything first
+base = bc.peak_rss()
+t1 = time.perf_counter(); tcfa.sinkhorn(x, y, eps=64.0, tol=0, max_iter=2, mode=mode)
+t2 = time.perf_counter(); tcfa.sinkhorn(x, y, eps=64.0, tol=0, max_iter=12, mode=mode)
+t3 = time.perf_counter()
+print((t3 - t2 - (t2 - t1)) / 10, (bc.peak_rss() - base) / 2**20)
+"""
+
+
+def sweep() -> list[dict]:
+    """Seconds per iteration and peak extra MiB vs N (d=64), each point in a fresh process."""
+    import subprocess
+
+    points = []
+    for mode, sizes in (("dense", (1024, 2048, 4096, 8192)), ("online", (1024, 2048, 4096, 8192, 16384))):
+        for n in sizes:
+            out = subprocess.run([sys.executable, "-c", SWEEP_PROBE, str(n), mode, os.path.dirname(__file__)],
+                                 capture_output=True, text=True, check=True).stdout.split()
+            points.append(bc.sweep_point(f"tcfa {mode}", n, max(float(out[0]), 0.0), float(out[1])))
+            print(f"sweep {mode} N={n}: {float(out[0]) * 1e3:.2f} ms/iter, peak extra {float(out[1]):.0f} MiB")
+    return points
 
 
 def main():
@@ -173,7 +210,7 @@ def main():
     case_c()
     print(bc.table(rows, ["case", "impl", "value", "unit", "tcfa_speedup", "note"]))
     print("tcfa_speedup = peer time / tcfa time in the same case (> 1: tcfa faster)")
-    print("wrote", bc.write("sinkhorn", rows))
+    print("wrote", bc.write("sinkhorn", rows, {"sweep": sweep()}))
 
 
 if __name__ == "__main__":
