@@ -129,7 +129,10 @@ class ShardedComm:
         except (ValueError, TypeError) as exc:
             result, signature, error = None, (), exc
         padded = list(signature) + [0] * (SIGNATURE_LEN - len(signature))  # same size on every rank
-        mine = torch.tensor([error is not None, *padded], dtype=torch.int64)
+        # NCCL only moves CUDA tensors; gloo takes CPU ones
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+            else torch.device("cpu")
+        mine = torch.tensor([error is not None, *padded], dtype=torch.int64, device=device)
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine, group=self.group)
         failed = [r for r, s in enumerate(every) if bool(s[0])]
