@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _validate
 from . import _ragged as rg
 from .softmin import COL_BLOCK, MAX_K_BLOCK, ROW_BLOCK, _pair_dots, dot_precision
 
@@ -80,6 +81,7 @@ def barycentric_forward(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost=
         raise ValueError(f"values must be 2-D with one row per row of y ({y.shape[0]}), "
                          f"got shape {tuple(getattr(values, 'shape', ()))}")
     xo, yo = rg.check_pair(x_offsets, x.shape[0], y_offsets, y.shape[0])
+    _validate.barycentric_mass(log_b, xo, yo)
 
     ct = rg.compute_dtype(x.dtype)
     x_rows, _ = rg.affine_rows(x.to(ct), cost)

@@ -239,3 +239,17 @@ def blocks(name: str, value) -> tuple:
     if bad or not value:
         raise ValueError(f"{name} must be a non-empty subset of {MOMENT_BLOCKS}, got {tuple(value)!r}")
     return tuple(b for b in MOMENT_BLOCKS if b in value)
+
+
+def barycentric_mass(log_b: torch.Tensor, x_offsets: torch.Tensor, y_offsets: torch.Tensor) -> None:
+    """Every problem with x rows needs a y row of positive weight: otherwise T_i = 0/0.
+
+    The Triton launcher's check; the C++ kernel makes the same one with the same message.
+    """
+    xo, yo = x_offsets.cpu(), y_offsets.cpu()
+    finite = torch.cat([torch.zeros(1, dtype=torch.int64), torch.isfinite(log_b).cpu().long().cumsum(0)])
+    mass = finite[yo[1:]] - finite[yo[:-1]]
+    bad = ((xo[1:] > xo[:-1]) & (mass == 0)).nonzero()
+    if bad.numel():
+        raise ValueError(f"log_b: problem {int(bad[0])} has x rows but no y row of positive weight "
+                         f"(log_b = -inf everywhere or no y rows), so its barycentric map is 0/0")

@@ -257,16 +257,17 @@ def test_barycentric(dtype, cost, dv):
 @pytest.mark.interpreter
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # the 0/0 under test
 def test_barycentric_weightless_problem_like_the_cpp_op():
-    """All-zero weights give 0/0 = NaN, as in the C++ op (the public API rejects such input)."""
+    """All-zero weights in a problem with x rows: 0/0, refused by name by both backends."""
     xo, yo = offsets((3, 4)), offsets((5, 2))
     x, y = points((3, 4), 5, torch.float64), points((5, 2), 5, torch.float64)
     g, log_b = potentials(7, torch.float64), log_weights(7, torch.float64)
     log_b[5:] = float("-inf")
     values = torch.randn(7, 3, dtype=torch.float64)
-    out = tb.barycentric_forward(x, y, xo, yo, g, log_b, values, EPS, "sqeuclidean")
-    cpp = torch.ops.tcfa.barycentric(x, y, xo, yo, g, log_b, values, EPS, "sqeuclidean")
-    assert_close(out, cpp, BARYCENTRIC[torch.float64], equal_nan=True)
-    assert torch.isnan(out[3:]).all() and torch.isfinite(out[:3]).all()
+    message = "log_b: problem 1 has x rows but no y row of positive weight"
+    with pytest.raises(ValueError, match=message):
+        tb.barycentric_forward(x, y, xo, yo, g, log_b, values, EPS, "sqeuclidean")
+    with pytest.raises(ValueError, match=message):
+        torch.ops.tcfa.barycentric(x, y, xo, yo, g, log_b, values, EPS, "sqeuclidean")
 
 
 # ---------------------------------------------------------------- fp16 / bf16 inputs
