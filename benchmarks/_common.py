@@ -216,3 +216,12 @@ def roofline_text(r: dict) -> str:
         return head + " (roofs not measured in this run)"
     return head + (f"; {r['frac_gemm']:.0%} of measured GEMM, {r['frac_bandwidth']:.0%} of measured "
                    f"bandwidth ({r['bound']}-bound)")
+
+
+def splice(text: str, body: str, begin: str, end: str) -> str:
+    """README text with what stands between the markers begin ... end replaced by body."""
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md lacks the markers {begin} ... {end}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"

@@ -17,6 +17,9 @@ import torch
 
 import tcfa
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 BEGIN, END = "<!-- bad-input:begin -->", "<!-- bad-input:end -->"
 
@@ -117,11 +120,7 @@ def table(rows) -> str:
 
 
 def splice(text: str, body: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md lacks the markers {BEGIN} ... {END}")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{body}\n{END}{tail}"
+    return _common.splice(text, body, BEGIN, END)
 
 
 def main(argv) -> int:

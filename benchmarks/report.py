@@ -66,11 +66,7 @@ def section(results: str = RESULTS) -> str:
 
 
 def splice(text: str, body: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md lacks the markers {BEGIN} ... {END}")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{body}\n{END}{tail}"
+    return _common.splice(text, body, BEGIN, END)
 
 
 def main():
