@@ -22,12 +22,23 @@ namespace {
 struct Params {
   at::Tensor x, W, b, U, V, mu_x, mu_y;  // compute dtype, contiguous
   int64_t N, dx, dy, C, r;
+  bool dense;  // top_k = None: softmax over all C conditions
+  int64_t K;   // conditions per row: C when dense, else top_k
 };
+
+int64_t checked_k(const c10::optional<int64_t>& top_k, int64_t C) {
+  if (!top_k.has_value()) return C;
+  TORCH_CHECK_VALUE(*top_k >= 1 && *top_k <= C, "top_k must lie in [1, ", C, "], got ",
+                    *top_k);
+  return *top_k;
+}
 
 // Bounds checks only; tcfa/_validate.py names every bad argument first.
 Params prepare(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
                const at::Tensor& U, const at::Tensor& V, const at::Tensor& mu_x,
-               const at::Tensor& mu_y) {
+               const at::Tensor& mu_y, const c10::optional<int64_t>& top_k, double temperature) {
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
+                    "temperature must be > 0 and finite, got ", temperature);
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (N, dx), got shape ", x.sizes());
   TORCH_CHECK_VALUE(U.dim() == 3, "U must be 3-D (C, dx, r), got shape ", U.sizes());
   const int64_t N = x.size(0), dx = x.size(1), C = U.size(0), r = U.size(2);
@@ -55,14 +66,8 @@ Params prepare(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
   // Detached: the op is differentiated as a whole (tcfa/ops.py), and the
   // out= GEMMs below refuse inputs that require grad.
   auto cvt = [&](const at::Tensor& t) { return t.detach().to(ct).contiguous(); };
-  return {cvt(x), cvt(W), cvt(b), cvt(U), cvt(V), cvt(mu_x), cvt(mu_y), N, dx, dy, C, r};
-}
-
-int64_t checked_k(const c10::optional<int64_t>& top_k, int64_t C) {
-  if (!top_k.has_value()) return C;
-  TORCH_CHECK_VALUE(*top_k >= 1 && *top_k <= C, "top_k must lie in [1, ", C, "], got ",
-                    *top_k);
-  return *top_k;
+  return {cvt(x), cvt(W), cvt(b), cvt(U), cvt(V), cvt(mu_x), cvt(mu_y), N, dx, dy, C, r,
+          !top_k.has_value(), checked_k(top_k, C)};
 }
 
 // [U_1 ... U_C] as one (dx, C*r) matrix and [V_1; ...; V_C] as (C*r, dy).
@@ -303,12 +308,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_stitch_cpu(
     const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& gate_bias,
     const at::Tensor& U, const at::Tensor& V, const at::Tensor& mu_x, const at::Tensor& mu_y,
     c10::optional<int64_t> top_k, double temperature) {
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
-                    "temperature must be > 0 and finite, got ", temperature);
-  Params p = prepare(x, gate_weight, gate_bias, U, V, mu_x, mu_y);
-  const int64_t N = p.N, dx = p.dx, dy = p.dy, C = p.C, r = p.r;
-  const bool dense = !top_k.has_value();
-  const int64_t K = checked_k(top_k, C);
+  Params p = prepare(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k, temperature);
+  const int64_t N = p.N, dx = p.dx, dy = p.dy, C = p.C, r = p.r, K = p.K;
+  const bool dense = p.dense;
   const auto opt = p.x.options();
   at::Tensor logits = dense ? at::addmm(p.b, p.x, p.W) : gate_logits(p);  // (N, C)
 
@@ -415,12 +417,9 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                           const at::Tensor& mu_y, const at::Tensor& gates,
                           const at::Tensor& index, const at::Tensor& z,
                           c10::optional<int64_t> top_k, double temperature) {
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
-                    "temperature must be > 0 and finite, got ", temperature);
-  Params p = prepare(x, gate_weight, gate_bias, U, V, mu_x, mu_y);
-  const int64_t N = p.N, dx = p.dx, dy = p.dy, C = p.C, r = p.r;
-  const bool dense = !top_k.has_value();
-  const int64_t K = checked_k(top_k, C);
+  Params p = prepare(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k, temperature);
+  const int64_t N = p.N, dx = p.dx, dy = p.dy, C = p.C, r = p.r, K = p.K;
+  const bool dense = p.dense;
   const auto ct = p.x.scalar_type();
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == dy,
                     "grad_out must have shape (", N, ", ", dy, "), got ", grad_out.sizes());
