@@ -16,12 +16,16 @@ import torch
 from . import _validate
 
 
-@dataclass
-class LowRankMaps:
-    U: torch.Tensor  # (C, dx, r)
-    V: torch.Tensor  # (C, r, dy)
-    mu_x: torch.Tensor  # (C, dx)
-    mu_y: torch.Tensor  # (C, dy)
+class LowRankShape:
+    """Shape properties of anything holding per-condition factors U (C, dx, r) and V (C, r, dy)."""
+
+    @property
+    def dx(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def dy(self) -> int:
+        return self.V.shape[2]
 
     @property
     def num_conditions(self) -> int:
@@ -30,6 +34,14 @@ class LowRankMaps:
     @property
     def rank(self) -> int:
         return self.U.shape[2]
+
+
+@dataclass
+class LowRankMaps(LowRankShape):
+    U: torch.Tensor  # (C, dx, r)
+    V: torch.Tensor  # (C, r, dy)
+    mu_x: torch.Tensor  # (C, dx)
+    mu_y: torch.Tensor  # (C, dy)
 
     def apply(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Maps every row x_i with its condition's map T_{labels_i}; returns (N, dy)."""

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from . import _validate, artifacts, ops
-from .maps import LowRankMaps
+from .maps import LowRankMaps, LowRankShape
 
 _PARAMS = ("gate_weight", "gate_bias", "U", "V", "mu_x", "mu_y")
 
 
-class GatedMultiStitch(nn.Module):
+class GatedMultiStitch(nn.Module, LowRankShape):
     """A gate over C conditions mixing C low-rank affine maps from width dx to dy.
 
     Parameters: ``gate_weight`` (dx, C), ``gate_bias`` (C,), ``U`` (C, dx, r),
@@ -47,23 +47,6 @@ class GatedMultiStitch(nn.Module):
         self.V = nn.Parameter(torch.randn(C, rank, dy, **f) / math.sqrt(rank))
         self.mu_x = nn.Parameter(torch.zeros(C, dx, **f))
         self.mu_y = nn.Parameter(torch.zeros(C, dy, **f))
-
-    # ------------------------------------------------------------ shape
-    @property
-    def dx(self) -> int:
-        return self.U.shape[1]
-
-    @property
-    def dy(self) -> int:
-        return self.V.shape[2]
-
-    @property
-    def num_conditions(self) -> int:
-        return self.U.shape[0]
-
-    @property
-    def rank(self) -> int:
-        return self.U.shape[2]
 
     def config(self) -> dict:
         return {"dx": self.dx, "dy": self.dy, "num_conditions": self.num_conditions, "rank": self.rank,
