@@ -17,6 +17,10 @@ TORCH_LIBRARY(tcfa, m) {
         "Tensor log_b, float eps, str cost, Tensor? active=None) -> Tensor");
   m.def("softmin_dense(Tensor cost, Tensor x_offsets, Tensor y_offsets, Tensor log_a, "
         "Tensor log_b, Tensor h, float eps, int dim, Tensor? active=None) -> Tensor");
+  // Returns (f, g, n_iter, error) after up to max_iter iterations at one eps.
+  m.def("sinkhorn_dense(Tensor cost, Tensor x_offsets, Tensor y_offsets, Tensor log_a, "
+        "Tensor log_b, Tensor f, Tensor g, float eps, int max_iter, float tol) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cost(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, str cost) -> Tensor");
   m.def("barycentric(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, Tensor g, "
         "Tensor log_b, Tensor values, float eps, str cost) -> Tensor");

@@ -52,6 +52,27 @@ def softmin_dense(cost, x_offsets, y_offsets, log_a, log_b, h, eps: float, dim: 
     return torch.ops.tcfa.softmin_dense(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim, active)
 
 
+def sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps: float, max_iter: int, tol: float = 0.0):
+    """Whole Sinkhorn loops at one eps on stored costs, every problem in one call.
+
+    From the potentials (f, g), iteration t = 1, 2, ... of problem k is
+
+        g_j <- -eps * log sum_i exp(log_a_i + (f_i - C_ij) / eps)     (softmin_dense, dim=0)
+        f_i <- -eps * log sum_j exp(log_b_j + (g_j - C_ij) / eps)     (softmin_dense, dim=1)
+        error_k = sum_i a_i |exp((f_i^{t-1} - f_i^t) / eps) - 1|
+
+    (error_k is the L1 violation of the row marginal of the plan (f^{t-1}, g^t),
+    whose column marginal is exact), stopping after the first iteration with
+    error_k < tol, or after max_iter (tol = 0 runs exactly max_iter). The input
+    g only shifts the exponents of the first g-update (the previous g is a good
+    one); results do not depend on it beyond rounding.
+    Returns (f, g, n_iter (B,) int64, error (B,)). Empty problems are skipped
+    (n_iter 0). Same cost layout as :func:`softmin_dense`. CPU only: the GPU
+    path alternates the two soft-min ops.
+    """
+    return torch.ops.tcfa.sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol)
+
+
 def cost_matrix(x, y, x_offsets, y_offsets, cost: str = "sqeuclidean"):
     """Every problem's cost block C_ij = C(x_i, y_j), flattened and concatenated.
 
@@ -114,6 +135,12 @@ def _softmin_fake(x, y, x_offsets, y_offsets, h, log_b, eps, cost, active=None):
 def _softmin_dense_fake(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim, active=None):
     n = log_a.shape[0] if dim == 1 else log_b.shape[0]
     return h.new_empty(n)
+
+
+@torch.library.register_fake("tcfa::sinkhorn_dense")
+def _sinkhorn_dense_fake(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol):
+    B = x_offsets.shape[0] - 1
+    return (torch.empty_like(f), torch.empty_like(g), f.new_empty(B, dtype=torch.int64), f.new_empty(B))
 
 
 @torch.library.register_fake("tcfa::cost")

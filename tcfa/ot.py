@@ -146,6 +146,15 @@ class _HalfSteps:
     def __init__(self, prob: _Problem, dense: bool):
         self.p = prob
         self.cost = ops.cost_matrix(prob.x.rows, prob.y.rows, prob.x.offsets, prob.y.offsets, prob.cost) if dense else None
+        # On the CPU a stored cost runs whole loops per call (ops.sinkhorn_dense:
+        # one exp per entry per iteration instead of two, small problems from
+        # cache). A sharded x needs a merge between half-steps, so it cannot.
+        self.fused = dense and prob.comm is distributed.LOCAL and prob.a.device.type == "cpu"
+
+    def loop(self, f, g, eps, iters, tol):
+        """Up to ``iters`` whole iterations at one eps (fused steps only): f, g, n_iter, error."""
+        p = self.p
+        return ops.sinkhorn_dense(self.cost, p.x.offsets, p.y.offsets, p.log_a, p.log_b, f, g, eps, iters, tol)
 
     def g_update(self, f, eps, active):
         """Reduces over x rows: with x sharded, each rank's partial soft-min is merged."""
@@ -179,6 +188,14 @@ def _iterate(prob: _Problem, steps: _HalfSteps, max_iter: int, tol: float, sched
     g = torch.zeros_like(prob.b) if g is None else g.clone()
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
     error = torch.full((B,), float("inf"), dtype=dt, device=dev)
+    if steps.fused:  # the same iterates and stopping rule, one call per eps stage
+        for eps in schedule[:max_iter]:
+            f, g, it, _ = steps.loop(f, g, eps, 1, 0.0)
+            n_iter += it
+        if max_iter > len(schedule):
+            f, g, it, error = steps.loop(f, g, prob.eps, max_iter - len(schedule), tol)
+            n_iter += it
+        return f, g, n_iter, error, error < tol
     active = torch.ones(B, dtype=torch.bool, device=dev)
     for it in range(max_iter):
         eps = schedule[it] if it < len(schedule) else prob.eps

@@ -51,3 +51,25 @@ def sinkhorn_plan(a, b, C, eps, iters=20000, tol=1e-14):
         if done:
             break
     return (a.log()[:, None] + b.log()[None, :] + (f[:, None] + g[None, :] - C) / eps).exp()
+
+
+def sinkhorn_loop(C_flat, xo, yo, log_a, log_b, f, g, eps, max_iter, tol):
+    """The iterations of ops.sinkhorn_dense, problem by problem, on explicit costs."""
+    f, g = f.clone(), g.clone()
+    B = len(xo) - 1
+    n_iter = torch.zeros(B, dtype=torch.int64)
+    error = torch.zeros(B, dtype=f.dtype)
+    start = 0
+    for k, sx, sy in problems(xo, yo):
+        n, m = sx.stop - sx.start, sy.stop - sy.start
+        C = C_flat[start:start + n * m].reshape(n, m)
+        start += n * m
+        for t in range(1, max_iter + 1):
+            g[sy] = -eps * torch.logsumexp(log_a[sx, None] + (f[sx, None] - C) / eps, dim=0)
+            f_new = -eps * torch.logsumexp(log_b[None, sy] + (g[None, sy] - C) / eps, dim=1)
+            error[k] = (log_a[sx].exp() * torch.expm1((f[sx] - f_new) / eps).abs()).sum()
+            f[sx] = f_new
+            n_iter[k] = t
+            if error[k] < tol:
+                break
+    return f, g, n_iter, error

@@ -166,15 +166,28 @@ template <typename T> inline void store(T* p, vec_t<T> v) { std::memcpy(p, &v, s
 // Written so the compiler emits one vmaxps/vminps (NaN semantics match).
 template <typename T> inline vec_t<T> vmax(vec_t<T> a, vec_t<T> b) { return a > b ? a : b; }
 template <typename T> inline vec_t<T> vmin(vec_t<T> a, vec_t<T> b) { return a < b ? a : b; }
+// Horizontal reductions as a tree of half-width vectors: log2(lanes) steps
+// instead of a chain of lanes-1 dependent scalar ops (it matters for short rows,
+// where a row's reductions cost as much as its terms).
+template <typename T, int Bytes, typename Op> inline T reduce_tree(const void* p, Op op) {
+  if constexpr (Bytes == static_cast<int>(sizeof(T))) {
+    T v;
+    std::memcpy(&v, p, sizeof(T));
+    return v;
+  } else {
+    typedef T H __attribute__((vector_size(Bytes / 2)));
+    H lo, hi;
+    std::memcpy(&lo, p, Bytes / 2);
+    std::memcpy(&hi, static_cast<const char*>(p) + Bytes / 2, Bytes / 2);
+    const H r = op(lo, hi);
+    return reduce_tree<T, Bytes / 2>(&r, op);
+  }
+}
 template <typename T> inline T hmax(vec_t<T> v) {
-  T m = v[0];
-  for (int l = 1; l < lanes<T>(); ++l) m = std::max(m, v[l]);
-  return m;
+  return reduce_tree<T, 64>(&v, [](auto a, auto b) { return a > b ? a : b; });
 }
 template <typename T> inline T hsum(vec_t<T> v) {
-  T s = 0;
-  for (int l = 0; l < lanes<T>(); ++l) s += v[l];
-  return s;
+  return reduce_tree<T, 64>(&v, [](auto a, auto b) { return a + b; });
 }
 
 // The smallest finite value: the initial running max. Using it instead of -inf

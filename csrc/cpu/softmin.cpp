@@ -1,6 +1,6 @@
 // CPU kernels of tcfa::softmin (cost on the fly), tcfa::softmin_dense (stored
 // cost) and tcfa::cost. The math is stated once, in tcfa/ops.py.
-#include "common.h"
+#include "dense_columns.h"
 
 namespace tcfa {
 namespace {
@@ -9,10 +9,6 @@ namespace {
 // 1 MB L2 while the log-sum-exp pass reads them back right after the GEMM.
 constexpr int64_t kRowBlock = 128;
 constexpr int64_t kColBlock = 512;
-// Column blocks of the column-wise dense reduction: 256 running (max, sum)
-// pairs live in registers/L1 while every row of the problem streams past.
-constexpr int64_t kDenseColBlock = 256;
-constexpr int64_t kDenseRowBlock = 64;
 
 struct Prepared {
   at::Tensor x, y, h, log_b;  // compute dtype, contiguous
@@ -73,16 +69,6 @@ at::Tensor softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tenso
   return out.to(x.scalar_type());
 }
 
-// One term into a scalar (max, sum) pair: the column tails of softmin_dense.
-template <typename T> inline void fold_scalar(T& m, T& s, T v) {
-  if (v > m) {
-    s = s * std::exp(m - v) + T(1);
-    m = v;
-  } else {
-    s += std::exp(v - m);
-  }
-}
-
 at::Tensor softmin_dense_cpu(const at::Tensor& cost, const at::Tensor& x_offsets,
                              const at::Tensor& y_offsets, const at::Tensor& log_a,
                              const at::Tensor& log_b, const at::Tensor& h, double eps,
@@ -126,70 +112,7 @@ at::Tensor softmin_dense_cpu(const at::Tensor& cost, const at::Tensor& x_offsets
       });
       return;
     }
-    // Columns: sweep the rows of the stored cost (never transpose it) with
-    // per-column running (max, sum) arrays, L1/L2-resident; groups of 4 rows
-    // share one rescale. With fewer problems than threads, a problem's rows
-    // are split into chunks, merged afterwards. Sweeping whole rows (sequential reads) ran
-    // 2x faster than tasks over 256-column strips.
-    constexpr int W = lanes<T>();
-    // Split problems only when there are fewer of them than threads: every
-    // split costs a merge and a second set of column states.
-    const int64_t n_active = std::max<int64_t>(1, std::count(flags.begin(), flags.end(), 1));
-    const int64_t parts = (at::get_num_threads() + n_active - 1) / n_active;
-    const auto tasks = row_chunks(xo, flags, parts, kDenseRowBlock);
-    std::vector<std::vector<T>> state(tasks.size());
-    run_tasks(tasks, [&](const Task& t, int64_t ti) {
-      const int64_t m = yo[t.k + 1] - yo[t.k];
-      std::vector<T>& buf = state[ti];
-      buf.assign(2 * m, T(0));
-      T* M = buf.data();
-      T* S = M + m;
-      std::fill(M, M + m, lowest<T>());
-      const T* base = cp + co[t.k] - xo[t.k] * m;  // row i starts at base + i * m
-      const vec_t<T> nie = splat<T>(neg_inv_eps);
-      int64_t i = t.r0;
-      for (; i + 4 <= t.r1; i += 4) {  // four rows at a time, full vectors
-        const T* r = base + i * m;
-        const vec_t<T> w0 = splat<T>(up[i]), w1 = splat<T>(up[i + 1]),
-                       w2 = splat<T>(up[i + 2]), w3 = splat<T>(up[i + 3]);
-        int64_t j = 0;
-        for (; j + W <= m; j += W) {
-          vec_t<T> mm = load(M + j), ss = load(S + j);
-          LseState<T>::fold4(mm, ss, w0 + nie * load(r + j), w1 + nie * load(r + m + j),
-                             w2 + nie * load(r + 2 * m + j), w3 + nie * load(r + 3 * m + j));
-          store(M + j, mm);
-          store(S + j, ss);
-        }
-        for (int q = 0; q < 4; ++q)  // tail columns one by one
-          for (int64_t jj = j; jj < m; ++jj) fold_scalar(M[jj], S[jj], up[i + q] + neg_inv_eps * r[q * m + jj]);
-      }
-      for (; i < t.r1; ++i) {  // tail rows
-        const T* r = base + i * m;
-        for (int64_t jj = 0; jj < m; ++jj) fold_scalar(M[jj], S[jj], up[i] + neg_inv_eps * r[jj]);
-      }
-    });
-    // A problem without x rows has an empty sum: -eps log 0 = +inf.
-    for (int64_t k = 0; k < B; ++k)
-      if (flags[k] && xo[k + 1] == xo[k])
-        std::fill(op + yo[k], op + yo[k + 1], static_cast<T>(INFINITY));
-    // Merge the chunks of every problem: max, then the rescaled sums.
-    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first, int64_t end) {
-      for (int64_t ti = first; ti < end; ++ti) {
-        if (ti > 0 && tasks[ti - 1].k == tasks[ti].k) continue;  // first chunk merges
-        const int64_t k = tasks[ti].k, m = yo[k + 1] - yo[k];
-        int64_t last = ti;
-        while (last + 1 < static_cast<int64_t>(tasks.size()) && tasks[last + 1].k == k) ++last;
-        for (int64_t j = 0; j < m; ++j) {
-          T mx = state[ti][j], sum = state[ti][m + j];
-          if (last > ti) {  // several chunks: rescale to the common max (one chunk needs no exp)
-            for (int64_t c = ti + 1; c <= last; ++c) mx = std::max(mx, state[c][j]);
-            sum = T(0);
-            for (int64_t c = ti; c <= last; ++c) sum += state[c][m + j] * std::exp(state[c][j] - mx);
-          }
-          op[yo[k] + j] = sum > T(0) ? -eps_t * (mx + std::log(sum)) : static_cast<T>(INFINITY);
-        }
-      }
-    });
+    column_softmin<T>(cp, rp, flags, up, eps_t, op);
   });
   return out.to(h.scalar_type());
 }

@@ -1,0 +1,297 @@
+// CPU kernel of tcfa::sinkhorn_dense: whole Sinkhorn loops on stored costs at
+// one eps. The math is stated once, in tcfa/ops.py.
+//
+// Why a fused loop instead of two softmin_dense calls per iteration:
+// * one exp per cost entry per iteration, not two. With the previous
+//   potentials as a fixed shift, E_ij = b_j exp((f_i + g_j - C_ij)/eps) is
+//   O(1) near convergence, so the row sum s_i = sum_j E_ij needs no running
+//   max, and the next column sums reuse the same E:
+//       f'_i = f_i - eps log s_i,
+//       sum_i a_i b_j exp((f'_i + g_j - C_ij)/eps) = sum_i (a_i / s_i) E_ij =: acc_j,
+//       g'_j = g_j - eps (log acc_j - log b_j).
+//   So one read of the cost serves the f-update of iteration t and the
+//   g-update of iteration t+1, and the L1 marginal error is sum_i a_i |s_i - 1|.
+// * a problem whose cost fits in L2 runs all its iterations in one task, its
+//   cost read from cache instead of memory.
+// Rows or columns whose sums leave the range where the shifted exps are exact
+// (early iterations, tiny eps) are recomputed with the one-pass online max.
+#include "dense_columns.h"
+
+namespace tcfa {
+namespace {
+
+// Limits of the one-exp path. vexp clamps exponents at 88 (float) / 709
+// (double), so a row sum below row_hi (< e^88 / e^709) proves no term was
+// clamped. row_lo: the smallest row sum s_i trusted for f (terms flushed to 0
+// below ~1e-38 / 1e-307 then weigh < 1e-12 of it). col_row_lo: rows with s_i
+// below it would scale flushed terms by 1/s_i in the column sums, so the
+// columns take the fallback. acc_lo / acc_hi: the accepted column sums.
+template <typename T> struct Safe;
+template <> struct Safe<float> {
+  static constexpr float row_hi = 1e37f, row_lo = 1e-20f, col_row_lo = 1e-4f, acc_lo = 1e-25f,
+                         acc_hi = 1e30f;
+};
+template <> struct Safe<double> {
+  static constexpr double row_hi = 1e300, row_lo = 1e-250, col_row_lo = 1e-40, acc_lo = 1e-250,
+                          acc_hi = 1e280;
+};
+
+// A cost problem bigger than this runs its iterations in lock-step over row
+// chunks on all threads; smaller ones (with at least one per thread) run whole
+// loops in one task while their cost stays in the 1 MB L2.
+constexpr int64_t kResidentBytes = 512 * 1024;
+
+template <typename T> inline int64_t padded(int64_t m) {
+  constexpr int W = lanes<T>();
+  return (m + W - 1) / W * W;
+}
+
+// Shared, read-only views of the whole batch plus the potentials being updated.
+template <typename T> struct Batch {
+  const RaggedPair& rp;
+  const T *cost, *log_a, *a, *log_b;
+  T *f, *g;
+  T* u;   // log b_j + g_j / eps, refreshed before every pass
+  T* up;  // scratch for the column fallback: log a_i + f_i / eps
+  T eps;
+
+  int64_t n(int64_t k) const { return rp.xo[k + 1] - rp.xo[k]; }
+  int64_t m(int64_t k) const { return rp.yo[k + 1] - rp.yo[k]; }
+  const T* row(int64_t k, int64_t i) const { return cost + rp.co[k] + (i - rp.xo[k]) * m(k); }
+
+  void refresh_u(int64_t k) const {
+    for (int64_t j = rp.yo[k]; j < rp.yo[k + 1]; ++j) u[j] = log_b[j] + g[j] / eps;
+  }
+};
+
+// E_j = exp(u_j - C_j / eps + shift) for one row into e (padded with zeros);
+// returns sum_j E_j. kPrefetch: the cost streams from memory, so the row 4
+// rows ahead (the next block) is prefetched into L2 meanwhile; without it the
+// hardware prefetcher stalls while the block's column sums are added and the
+// sweep read the cost at half the speed of a plain row soft-min.
+template <typename T, bool kPrefetch>
+inline T row_terms(const T* u, const T* c, T shift, T neg_inv_eps, int64_t m, T* e) {
+  constexpr int W = lanes<T>();
+  const vec_t<T> nie = splat<T>(neg_inv_eps), sh = splat<T>(shift);
+  vec_t<T> s = splat<T>(T(0));
+  int64_t j = 0;
+  for (; j + W <= m; j += W) {
+    if constexpr (kPrefetch) __builtin_prefetch(c + 4 * m + j, 0, 2);
+    const vec_t<T> v = vexp<T>(load(u + j) + nie * load(c + j) + sh);
+    store(e + j, v);
+    s += v;
+  }
+  if (j < m) {
+    const int left = static_cast<int>(m - j);
+    const vec_t<T> v = vexp<T>(load_partial<T>(u + j, left, -INFINITY) +
+                               nie * load_partial<T>(c + j, left, T(0)) + sh);
+    store(e + j, v);
+    s += v;
+  }
+  return hsum<T>(s);
+}
+
+// acc_j += sum_q coef_q e_q[j] over nq <= 4 buffered rows of padded width mp.
+template <typename T>
+inline void add_rows(T* acc, const T* e, const T* coef, int nq, int64_t mp) {
+  constexpr int W = lanes<T>();
+  if (nq == 4) {  // the common case: one load/store of acc per 4 rows
+    const vec_t<T> c0 = splat<T>(coef[0]), c1 = splat<T>(coef[1]), c2 = splat<T>(coef[2]),
+                   c3 = splat<T>(coef[3]);
+    for (int64_t j = 0; j < mp; j += W)
+      store(acc + j, load(acc + j) + (c0 * load(e + j) + c1 * load(e + mp + j)) +
+                         (c2 * load(e + 2 * mp + j) + c3 * load(e + 3 * mp + j)));
+    return;
+  }
+  for (int q = 0; q < nq; ++q) {
+    const vec_t<T> cq = splat<T>(coef[q]);
+    for (int64_t j = 0; j < mp; j += W) store(acc + j, load(acc + j) + cq * load(e + q * mp + j));
+  }
+}
+
+struct PassResult {
+  double err = 0;      // sum_i a_i |row marginal ratio - 1|, rows of this chunk
+  bool cols_ok = true;  // acc holds exact column sums for this chunk
+};
+
+// One sweep over rows [r0, r1) of problem k. update_f: replace f_i by its
+// soft-min update (and measure the error); accumulate: add this chunk's column
+// sums with the current f into acc (padded width). ebuf holds 4 padded rows.
+template <typename T, bool kPrefetch>
+PassResult sweep(const Batch<T>& b, int64_t k, int64_t r0, int64_t r1, bool update_f,
+                 bool accumulate, T* acc, T* ebuf) {
+  using S = Safe<T>;
+  const int64_t m = b.m(k), mp = padded<T>(m);
+  const T* u = b.u + b.rp.yo[k];
+  const T nie = T(-1) / b.eps;
+  PassResult res;
+  for (int64_t i0 = r0; i0 < r1; i0 += 4) {
+    const int nq = static_cast<int>(std::min<int64_t>(4, r1 - i0));
+    T coef[4];
+    for (int q = 0; q < nq; ++q) {
+      const int64_t i = i0 + q;
+      T* e = ebuf + q * mp;
+      const T s = row_terms<T, kPrefetch>(u, b.row(k, i), b.f[i] / b.eps, nie, m, e);
+      const bool exact = s >= S::row_lo && s <= S::row_hi;  // false for NaN too
+      coef[q] = b.a[i];
+      if (update_f) {
+        T f_new;
+        if (exact) {
+          f_new = b.f[i] - b.eps * std::log(s);
+          res.err += static_cast<double>(b.a[i]) * std::abs(static_cast<double>(s) - 1.0);
+        } else {  // the online max: exact whatever the range
+          LseState<T> st;
+          st.add_affine(u, b.row(k, i), nie, m);
+          f_new = -b.eps * st.result();
+          res.err += static_cast<double>(b.a[i]) *
+                     std::abs(std::expm1(static_cast<double>((b.f[i] - f_new) / b.eps)));
+        }
+        b.f[i] = f_new;
+        coef[q] = exact && s >= S::col_row_lo ? b.a[i] / s : T(0);
+        if (!(exact && s >= S::col_row_lo)) res.cols_ok = false;
+      } else if (!exact) {
+        coef[q] = T(0);
+        res.cols_ok = false;
+      }
+      if (coef[q] == T(0)) std::fill(e, e + mp, T(0));  // may hold inf: keep 0 * e finite
+    }
+    if (accumulate && res.cols_ok) add_rows(acc, ebuf, coef, nq, mp);
+  }
+  return res;
+}
+
+// g_j <- g_j - eps (log acc_j - log b_j) when every column sum is in range,
+// else the online column soft-min of problem k from the current f.
+template <typename T>
+void finish_columns(const Batch<T>& b, int64_t k, const T* acc, bool ok) {
+  using S = Safe<T>;
+  const int64_t y0 = b.rp.yo[k], m = b.m(k);
+  for (int64_t j = 0; ok && j < m; ++j) ok = acc[j] >= S::acc_lo && acc[j] <= S::acc_hi;
+  if (ok) {
+    for (int64_t j = 0; j < m; ++j) b.g[y0 + j] -= b.eps * (std::log(acc[j]) - b.log_b[y0 + j]);
+    return;
+  }
+  for (int64_t i = b.rp.xo[k]; i < b.rp.xo[k + 1]; ++i) b.up[i] = b.log_a[i] + b.f[i] / b.eps;
+  std::vector<uint8_t> only(b.rp.B, 0);
+  only[k] = 1;
+  column_softmin<T>(b.cost, b.rp, only, b.up, b.eps, b.g);
+}
+
+// Whole loop of one cache-resident problem in the calling thread.
+template <typename T>
+void solve_one(const Batch<T>& b, int64_t k, int64_t max_iter, double tol, int64_t* n_iter,
+               double* error) {
+  const int64_t mp = padded<T>(b.m(k));
+  std::vector<T> acc(mp), ebuf(4 * mp);
+  const int64_t x0 = b.rp.xo[k], x1 = b.rp.xo[k + 1];
+  b.refresh_u(k);
+  PassResult r = sweep<T, false>(b, k, x0, x1, false, true, acc.data(), ebuf.data());
+  finish_columns(b, k, acc.data(), r.cols_ok);
+  for (int64_t t = 1; t <= max_iter; ++t) {
+    const bool last = t == max_iter;
+    b.refresh_u(k);
+    std::fill(acc.begin(), acc.end(), T(0));
+    r = sweep<T, false>(b, k, x0, x1, true, !last, acc.data(), ebuf.data());
+    n_iter[k] = t;
+    error[k] = r.err;
+    if (last || r.err < tol) break;
+    finish_columns(b, k, acc.data(), r.cols_ok);
+  }
+}
+
+// Problems too big for one task: every iteration sweeps row chunks of all
+// still-iterating problems on all threads, then merges their column sums.
+template <typename T>
+void solve_lockstep(const Batch<T>& b, std::vector<uint8_t> todo, int64_t max_iter, double tol,
+                    int64_t* n_iter, double* error) {
+  for (int64_t t = 0; t <= max_iter; ++t) {
+    const int64_t n_todo = std::count(todo.begin(), todo.end(), 1);
+    if (n_todo == 0) return;
+    const int64_t parts = (at::get_num_threads() + n_todo - 1) / n_todo;
+    const auto tasks = row_chunks(b.rp.xo, todo, parts, kDenseRowBlock);
+    const bool update_f = t > 0, accumulate = t < max_iter;
+    for (int64_t k = 0; k < b.rp.B; ++k)
+      if (todo[k]) b.refresh_u(k);
+    std::vector<std::vector<T>> acc(tasks.size());
+    std::vector<PassResult> res(tasks.size());
+    run_tasks(tasks, [&](const Task& task, int64_t ti) {
+      const int64_t mp = padded<T>(b.m(task.k));
+      acc[ti].assign(mp, T(0));
+      std::vector<T> ebuf(4 * mp);
+      res[ti] = sweep<T, true>(b, task.k, task.r0, task.r1, update_f, accumulate, acc[ti].data(),
+                               ebuf.data());
+    });
+    // Chunks of one problem are adjacent in `tasks`: fold them into the first.
+    for (size_t ti = 0; ti < tasks.size();) {
+      const int64_t k = tasks[ti].k;
+      size_t last = ti;
+      while (last + 1 < tasks.size() && tasks[last + 1].k == k) {
+        ++last;
+        for (size_t j = 0; j < acc[ti].size(); ++j) acc[ti][j] += acc[last][j];
+        res[ti].err += res[last].err;
+        res[ti].cols_ok = res[ti].cols_ok && res[last].cols_ok;
+      }
+      if (update_f) {
+        n_iter[k] = t;
+        error[k] = res[ti].err;
+        if (t == max_iter || res[ti].err < tol) todo[k] = 0;
+      }
+      if (todo[k]) finish_columns(b, k, acc[ti].data(), res[ti].cols_ok);
+      ti = last + 1;
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
+    const at::Tensor& cost, const at::Tensor& x_offsets, const at::Tensor& y_offsets,
+    const at::Tensor& log_a, const at::Tensor& log_b, const at::Tensor& f, const at::Tensor& g,
+    double eps, int64_t max_iter, double tol) {
+  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(max_iter >= 1, "max_iter must be >= 1, got ", max_iter);
+  TORCH_CHECK_VALUE(tol >= 0, "tol must be >= 0, got ", tol);
+  TORCH_CHECK_VALUE(cost.dim() == 1, "cost must be the flat concatenation of the "
+                    "problems' row-major costs (1-D), got shape ", cost.sizes());
+  TORCH_CHECK_VALUE(log_a.dim() == 1 && log_b.dim() == 1, "log_a and log_b must be 1-D");
+  const int64_t nx = log_a.size(0), ny = log_b.size(0);
+  const RaggedPair rp = ragged_pair(x_offsets, nx, y_offsets, ny);
+  TORCH_CHECK_VALUE(cost.numel() == rp.co[rp.B], "cost must hold sum_k n_k*m_k = ",
+                    rp.co[rp.B], " entries for these offsets, got ", cost.numel());
+  check_rows(f, nx, "f");
+  check_rows(g, ny, "g");
+  const auto ct = compute_dtype(cost.scalar_type());
+  auto cvt = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
+  at::Tensor c = cvt(cost), la = cvt(log_a), lb = cvt(log_b), a = la.exp();
+  at::Tensor f_out = f.to(ct).clone(), g_out = g.to(ct).clone();
+  at::Tensor u = at::empty({ny}, c.options()), up = at::empty({nx}, c.options());
+  at::Tensor n_iter = at::zeros({rp.B}, at::kLong);
+  at::Tensor error = at::zeros({rp.B}, at::kDouble);
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "tcfa_sinkhorn_dense", [&] {
+    using T = scalar_t;
+    const Batch<T> b{rp, c.data_ptr<T>(), la.data_ptr<T>(), a.data_ptr<T>(), lb.data_ptr<T>(),
+                     f_out.data_ptr<T>(), g_out.data_ptr<T>(), u.data_ptr<T>(),
+                     up.data_ptr<T>(), static_cast<T>(eps)};
+    int64_t* it = n_iter.data_ptr<int64_t>();
+    double* err = error.data_ptr<double>();
+    // Empty problems have nothing to iterate (the Python API rejects them).
+    std::vector<uint8_t> resident(rp.B, 0), big(rp.B, 0);
+    for (int64_t k = 0; k < rp.B; ++k) {
+      if (b.n(k) == 0 || b.m(k) == 0) continue;
+      (b.n(k) * b.m(k) * static_cast<int64_t>(sizeof(T)) <= kResidentBytes ? resident : big)[k] = 1;
+    }
+    if (std::count(resident.begin(), resident.end(), 1) < at::get_num_threads())
+      for (int64_t k = 0; k < rp.B; ++k) big[k] |= std::exchange(resident[k], 0);
+    run_tasks(row_chunks(rp.xo, resident, 1, 1), [&](const Task& t, int64_t) {
+      solve_one(b, t.k, max_iter, tol, it, err);
+    });
+    solve_lockstep(b, big, max_iter, tol, it, err);
+  });
+  return {f_out.to(f.scalar_type()), g_out.to(g.scalar_type()), n_iter,
+          error.to(f.scalar_type())};
+}
+
+TORCH_LIBRARY_IMPL(tcfa, CPU, m) { m.impl("sinkhorn_dense", &sinkhorn_dense_cpu); }
+
+}  // namespace tcfa

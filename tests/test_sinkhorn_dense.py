@@ -1,0 +1,118 @@
+"""torch.ops.tcfa.sinkhorn_dense (whole loops on stored costs) against the naive loop."""
+import pytest
+import torch
+
+import reference as ref
+from tcfa import ops
+
+# fp32: the one-exp path sums shifted terms in fp32; f and g drift from the
+# fp64 reference by rounding accumulated over the iterations.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (5e-4, 1e-4)}
+
+
+def offsets(sizes):
+    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
+
+
+def problem(nx, ny, dtype, d=4, scale=1.0, zero_weights=True, seed=0):
+    """Cost, offsets, log weights (normalised per problem, some zero) and zero potentials."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(nx), d, generator=gen, dtype=torch.float64) * scale
+    y = torch.randn(sum(ny), d, generator=gen, dtype=torch.float64) * scale + 0.5
+    xo, yo = offsets(nx), offsets(ny)
+    C = ref.cost_flat(x, y, xo, yo)
+
+    def log_weights(sizes, off):
+        w = torch.rand(sum(sizes), generator=gen, dtype=torch.float64) + 0.1
+        if zero_weights:
+            w[off[:-1][torch.tensor(sizes) > 2] + 1] = 0  # a zero-weight row in every problem with > 2 rows
+        mass = torch.zeros(len(sizes), dtype=torch.float64).index_add_(0, torch.repeat_interleave(torch.tensor(sizes)), w)
+        return (w / mass[torch.repeat_interleave(torch.tensor(sizes))]).log()
+
+    la, lb = log_weights(nx, xo), log_weights(ny, yo)
+    cast = lambda t: t.to(dtype)
+    return cast(C), xo, yo, cast(la), cast(lb), torch.zeros(sum(nx), dtype=dtype), torch.zeros(sum(ny), dtype=dtype)
+
+
+def check(args, eps, max_iter, tol, dtype):
+    C, xo, yo, la, lb, f, g = args
+    got = ops.sinkhorn_dense(C, xo, yo, la, lb, f, g, eps, max_iter, tol)
+    want = ref.sinkhorn_loop(*(t.double() if t.is_floating_point() else t for t in args), eps, max_iter, tol)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got[2], want[2])  # n_iter
+    for a, b in zip((got[0], got[1], got[3]), (want[0], want[1], want[3])):
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol)
+
+
+SHAPES = {  # which path of the kernel each batch takes
+    "resident": ([1, 19, 17, 7, 257], [17, 1, 35, 11, 131]),  # small problems: whole loops per task
+    "lockstep": ([600], [500]),  # one problem above the 512 KB resident size: row chunks on all threads
+    "mixed": ([300, 5, 2, 9], [301, 3, 8, 13]),  # fp64: one big problem in lockstep beside resident ones
+    "alone": ([30], [41]),  # fewer small problems than threads: lockstep too
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_matches_naive_loop(dtype, shape):
+    nx, ny = SHAPES[shape]
+    args = problem(nx, ny, dtype)
+    check(args, eps=0.5, max_iter=25, tol=0.0, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_each_problem_stops_at_its_tolerance(shape):
+    nx, ny = SHAPES[shape]
+    args = problem(nx, ny, torch.float64, seed=1)
+    _, _, n_iter, error = ops.sinkhorn_dense(*args, 0.5, 500, 1e-6)
+    assert (error < 1e-6).all() and n_iter.max() < 500
+    assert len(nx) == 1 or n_iter.min() < n_iter.max()  # problems stop at different iterations
+    check(args, eps=0.5, max_iter=500, tol=1e-6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tiny_eps_and_huge_costs_take_the_exact_fallback(dtype):
+    # costs up to ~1e4, eps 1e-4 of the mean cost, from zero potentials: the
+    # shifted exponents under- and overflow in the first iterations, so rows
+    # and columns must fall back to the online max and still agree.
+    args = problem([40, 33], [50, 29], dtype, scale=30.0, zero_weights=False, seed=2)
+    eps = 1e-4 * float(args[0].double().mean())
+    C, xo, yo, la, lb, f, g = args
+    got = ops.sinkhorn_dense(*args, eps, 30, 0.0)
+    assert all(torch.isfinite(t).all() for t in got)
+    want = ref.sinkhorn_loop(*(t.double() if t.is_floating_point() else t for t in args), eps, 30, 0.0)
+    # potentials are ~1e3-1e4 here: compare relative to that scale in fp32
+    atol = 1e-8 if dtype == torch.float64 else 1e-5 * float(C.double().max())
+    torch.testing.assert_close(got[0].double(), want[0], atol=atol, rtol=0)
+    torch.testing.assert_close(got[1].double(), want[1], atol=atol, rtol=0)
+
+
+def test_warm_start_g_only_shifts():
+    # g enters only as the shift of the first g-update: any g gives the same result
+    args = problem([30, 12], [25, 40], torch.float64, seed=3)
+    C, xo, yo, la, lb, f, g = args
+    base = ops.sinkhorn_dense(*args, 0.3, 10, 0.0)
+    shifted = ops.sinkhorn_dense(C, xo, yo, la, lb, f, torch.randn_like(g) * 50, 0.3, 10, 0.0)
+    for a, b in zip(base, shifted):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_opcheck():
+    args = problem([5, 9], [7, 4], torch.float64)
+    torch.library.opcheck(torch.ops.tcfa.sinkhorn_dense.default, (*args, 0.5, 5, 1e-3))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(max_iter=0), "max_iter must be >= 1"),
+    (dict(tol=-1.0), "tol must be >= 0"),
+    (dict(eps=0.0), "eps must be > 0"),
+    (dict(f=torch.zeros(3, dtype=torch.float64)), "f must have shape"),
+    (dict(g=torch.zeros(3, dtype=torch.float64)), "g must have shape"),
+    (dict(cost=torch.zeros(5, dtype=torch.float64)), "cost must hold"),
+])
+def test_direct_calls_are_bounds_checked(bad, match):
+    C, xo, yo, la, lb, f, g = problem([5, 9], [7, 4], torch.float64)
+    args = dict(cost=C, x_offsets=xo, y_offsets=yo, log_a=la, log_b=lb, f=f, g=g, eps=0.5, max_iter=5, tol=0.0)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        ops.sinkhorn_dense(**args)
