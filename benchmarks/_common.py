@@ -5,16 +5,23 @@ inputs, prints a table with ratios, and writes benchmarks/results/<op>.json.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# TCFA_BENCH_QUICK=1: every N-sweep runs at toy sizes, to check the plumbing
+# (fresh processes, JSON, plots, report) in seconds; its numbers mean nothing,
+# and the JSON says so ("quick": true).
+QUICK = os.environ.get("TCFA_BENCH_QUICK", "") not in ("", "0")
 
 
 def timeit(fn, *, repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
@@ -60,6 +67,27 @@ def roofs() -> dict:
     return _ROOFS
 
 
+def reset_peak_rss() -> int:
+    """Lowers VmHWM to what is live now and returns that resident size in bytes.
+
+    Without the reset, memory touched and freed earlier (building the inputs)
+    would hide a smaller peak of the work measured after it; without the trim,
+    heap that malloc keeps after a free would stay resident and the work would
+    reuse it unseen. Linux >= 4.0 and glibc; elsewhere the high-water mark
+    stays and a difference from it is a lower bound.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    return peak_rss()
+
+
 def peak_rss() -> int:
     """This process's resident-memory high-water mark in bytes (VmHWM).
 
@@ -102,9 +130,13 @@ def write(name: str, rows: list[dict], extra: dict | None = None, *, measure_roo
 
     The roofs (GEMM rate, bandwidth) are measured here, in the same run, unless
     the script passed its own in extra["roofs"]. An optional extra["sweep"]
-    holds N-sweeps for the plots: a list of {"impl", "N", "seconds"[, "peak_mib"]}.
+    holds N-sweeps for the plots: a list of {"impl", "N", "seconds"[, "peak_mib"]}
+    (run_sweep), and extra["sweep_axes"] what N and the time are
+    ({"N": "rows", "time": "ms per call"}; plots.py falls back to "N" and "ms").
     """
     doc = {"benchmark": name, "machine": machine(), "rows": rows, **(extra or {})}
+    if QUICK:
+        doc["quick"] = True
     if measure_roofs and "roofs" not in doc:
         doc["roofs"] = roofs()
     if "roofline" not in doc:
@@ -125,6 +157,77 @@ def sweep_point(impl: str, n: int, seconds: float, peak_mib: float | None = None
     if peak_mib is not None:
         point["peak_mib"] = peak_mib
     return point
+
+
+# ------------------------------------------------------------------ N sweeps
+# Every point of a sweep runs in a fresh process (`bench_x.py --sweep-point
+# IMPL N`), so that its memory high-water mark is that one implementation's at
+# that one size, with no allocator cache or lazy load of an earlier point in it.
+# A benchmark declares its sweep as {impl: make}: make(n) builds the inputs of
+# size n and returns the work, a callable that runs once when called without
+# arguments; a timer (default: median_time) turns the work into seconds.
+
+POINT_FLAG = "--sweep-point"
+
+
+def sweep_sizes(full, quick) -> list[int]:
+    """The N values of a sweep: the toy ones under TCFA_BENCH_QUICK=1."""
+    return list(quick if QUICK else full)
+
+
+def median_time(fn) -> float:
+    """A sweep point's seconds: the median of 3 runs after a warm-up (1 run under TCFA_BENCH_QUICK=1)."""
+    return timeit(fn, repeat=1 if QUICK else 3)
+
+
+def run_sweep(script: str, sizes: dict) -> list[dict]:
+    """Sweep points of every impl at each of its N ({impl: [N, ...]}), each measured by `script` in a fresh process.
+
+    The impls are interleaved at each N, so a drift in machine load hits tcfa
+    and its peers alike.
+    """
+    points = []
+    for n in sorted({n for ns in sizes.values() for n in ns}):
+        for impl in (i for i, ns in sizes.items() if n in ns):
+            seconds, peak = _run_point(script, impl, n)
+            points.append(sweep_point(impl, n, seconds, peak))
+            print(f"sweep {impl} N={n}: {seconds * 1e3:.4g} ms, peak extra {peak:.0f} MiB", flush=True)
+    return points
+
+
+def _run_point(script: str, impl: str, n: int) -> tuple[float, float]:
+    proc = subprocess.run([sys.executable, script, POINT_FLAG, impl, str(n)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"sweep point {impl} N={n} of {os.path.basename(script)} failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["seconds"], out["peak_mib"]
+
+
+def sweep_child(makers: dict, warm_n: int, timer=median_time) -> bool:
+    """In a process run_sweep started: measures its one point, prints it as JSON, returns True.
+
+    Any other invocation returns False (the script then runs its benchmark).
+    """
+    if len(sys.argv) != 4 or sys.argv[1] != POINT_FLAG:
+        return False
+    impl, n = sys.argv[2], int(sys.argv[3])
+    seconds, peak = measure_point(makers[impl], n, warm_n, timer)
+    print(json.dumps({"seconds": seconds, "peak_mib": peak}))
+    return True
+
+
+def measure_point(make, n: int, warm_n: int, timer=median_time) -> tuple[float, float]:
+    """(seconds, peak MiB beyond the inputs) of make(n)'s work.
+
+    One run at the small size warm_n first loads what loads lazily (kernels,
+    BLAS and thread pools), so that the memory counted is the work's own:
+    its workspace and outputs.
+    """
+    make(warm_n)()
+    work = make(n)
+    base = reset_peak_rss()
+    seconds = timer(work)
+    return seconds, max(peak_rss() - base, 0) / 2**20
 
 
 # ------------------------------------------------------------------ roofline

@@ -7,8 +7,12 @@ Peers, in the same run on the same rows:
   * the same recipe batched in torch float64 (bmm covariances, batched eigh, SVD);
   * sklearn's iterative CCA on one condition, scaled by the number of conditions.
 Also: moments throughput (rows/s) against a per-condition torch loop of x.T @ x.
+Sweep: time and peak extra memory of tcfa moments+CCA (fp32 rows) and of the NumPy
+loop (fp64 rows) vs the total number of rows N (32 conditions, N / 32 rows each),
+every point in a fresh process (_common.run_sweep).
 
 Run: .venv/bin/python benchmarks/bench_cca.py
+TCFA_BENCH_QUICK=1 runs the sweep at toy sizes (a check of the plumbing, not a measurement).
 """
 from __future__ import annotations
 
@@ -27,15 +31,18 @@ import tcfa  # noqa: E402
 C, N_PER, DX, DY, K, REG = 32, 1024, 256, 384, 32, 1e-4
 
 
-def make_data(seed=0):
+def make_data(n_per=N_PER, seed=0):
     """Correlated (x, y) per condition, rows shuffled so labels arrive unsorted."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(C).repeat_interleave(N_PER)
-    labels = labels[torch.randperm(C * N_PER, generator=g)]
-    x = torch.randn(C * N_PER, DX, generator=g)
+    labels = torch.arange(C).repeat_interleave(n_per)
+    labels = labels[torch.randperm(C * n_per, generator=g)]
+    x = torch.randn(C * n_per, DX, generator=g)
     mix = torch.randn(C, DX, DY, generator=g) / DX**0.5
-    y = torch.bmm(x.unsqueeze(1), mix[labels]).squeeze(1) + torch.randn(C * N_PER, DY, generator=g)
-    return x, y, labels
+    # y = x @ mix[label] one condition at a time (gathering mix per row would take N * DX * DY floats)
+    order = torch.argsort(labels, stable=True)
+    y = torch.empty(C * n_per, DY)
+    y[order] = torch.bmm(x[order].view(C, n_per, DX), mix).view(-1, DY)
+    return x, y + torch.randn(C * n_per, DY, generator=g), labels
 
 
 def tcfa_cca(x, y, labels):
@@ -65,10 +72,11 @@ def numpy_svcca(x, y, labels):
 def torch_eigh_batched(x, y, labels):
     """The same recipe batched over conditions in torch float64 (grouping by a sort)."""
     order = torch.argsort(labels, stable=True)
-    xs = x[order].double().reshape(C, N_PER, DX)
-    ys = y[order].double().reshape(C, N_PER, DY)
+    n_per = x.shape[0] // C
+    xs = x[order].double().reshape(C, n_per, DX)
+    ys = y[order].double().reshape(C, n_per, DY)
     xs, ys = xs - xs.mean(1, keepdim=True), ys - ys.mean(1, keepdim=True)
-    sxx, syy, sxy = (a.mT @ b / (N_PER - 1) for a, b in ((xs, xs), (ys, ys), (xs, ys)))
+    sxx, syy, sxy = (a.mT @ b / (n_per - 1) for a, b in ((xs, xs), (ys, ys), (xs, ys)))
 
     def inv_sqrt(a):
         d = a.shape[-1]
@@ -92,6 +100,21 @@ def moments_loop(x, y, index):
         xc, yc = x[idx], y[idx]
         xc, yc = xc - xc.mean(0), yc - yc.mean(0)
         xc.T @ xc, yc.T @ yc, xc.T @ yc
+
+
+def _sweep_tcfa(n):
+    x, y, labels = make_data(n // C)
+    return lambda: tcfa_cca(x, y, labels)
+
+
+def _sweep_numpy(n):
+    xn, yn, ln = (t.double().numpy() if t.is_floating_point() else t.numpy() for t in make_data(n // C))
+    return lambda: numpy_svcca(xn, yn, ln)
+
+
+SWEEP = {"tcfa moments+cca": _sweep_tcfa, "numpy svcca loop": _sweep_numpy}  # fp32 rows; fp64, its recipe
+# N = all rows, N / C of them per condition
+SWEEP_N = _common.sweep_sizes([C * k for k in (256, 512, 1024, 2048, 4096)], [C * 64, C * 128])
 
 
 def main():
@@ -134,10 +157,14 @@ def main():
     target = {"tcfa_seconds<=0.2": t_tcfa <= 0.2, "speedup>=5x": t_numpy / t_tcfa >= 5, "rho_err<=1e-4": err32 <= 1e-4}
     print("targets:", target)
     print("machine:", _common.machine())
+    sweep = _common.run_sweep(os.path.abspath(__file__), {impl: SWEEP_N for impl in SWEEP})
     path = _common.write("cca", rows + moments, {"shape": {"C": C, "n": N_PER, "dx": DX, "dy": DY, "k": K},
-                                                 "targets": target})
+                                                 "targets": target, "sweep": sweep,
+                                                 "sweep_axes": {"N": f"rows N ({C} conditions)",
+                                                                "time": "ms per call"}})
     print("wrote", path)
 
 
 if __name__ == "__main__":
-    main()
+    if not _common.sweep_child(SWEEP, warm_n=C * 2 * K):  # tcfa.cca needs more than K rows per condition
+        main()

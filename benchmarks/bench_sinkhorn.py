@@ -6,10 +6,11 @@ Cases (issue 2, fp32, all threads):
   C. 64 problems 256x256, d=256, 100 iterations in one call vs a POT loop and ot.batch
   D. online mode N=M=30,000, d=64: time per iteration vs the GEMM bound, peak extra memory
   sweep: time per iteration and peak extra memory vs N, dense and online (one subprocess each,
-         so every point's memory high-water mark starts clean)
+         so every point's memory high-water mark starts clean; _common.run_sweep)
 
 Peers that are not installed are reported as such (pip install POT geomloss ott-jax).
 Run:  .venv/bin/python benchmarks/bench_sinkhorn.py   (writes benchmarks/results/sinkhorn.json)
+TCFA_BENCH_QUICK=1 runs the sweep at toy sizes (a check of the plumbing, not a measurement).
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ def has(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
-def per_iteration(run, k1: int, k2: int) -> float:
+def per_iteration(run, k1: int, k2: int, repeat: int = 3) -> float:
     """Seconds per iteration, setup excluded: (T(k2) - T(k1)) / (k2 - k1)."""
-    t1 = bc.timeit(lambda: run(k1), repeat=3)
-    t2 = bc.timeit(lambda: run(k2), repeat=3)
+    t1 = bc.timeit(lambda: run(k1), repeat=repeat)
+    t2 = bc.timeit(lambda: run(k2), repeat=repeat)
     return max(t2 - t1, 0.0) / (k2 - k1)
 
 
@@ -170,33 +171,26 @@ def case_d():
     row["tcfa_speedup"] = 1.0
 
 
-SWEEP_PROBE = """
-import sys, time, torch, tcfa
-sys.path.insert(0, sys.argv[3])
-import _common as bc
-n, mode = int(sys.argv[1]), sys.argv[2]
-x, y = torch.randn(n, 64), torch.randn(n, 64)
-tcfa.sinkhorn(x[:64], y[:64], eps=64.0, tol=0, max_iter=1, mode=mode)  # load everything first
-base = bc.peak_rss()
-t1 = time.perf_counter(); tcfa.sinkhorn(x, y, eps=64.0, tol=0, max_iter=2, mode=mode)
-t2 = time.perf_counter(); tcfa.sinkhorn(x, y, eps=64.0, tol=0, max_iter=12, mode=mode)
-t3 = time.perf_counter()
-print((t3 - t2 - (t2 - t1)) / 10, (bc.peak_rss() - base) / 2**20)
-"""
+def _sweep_maker(mode):
+    def make(n):
+        x, y = torch.randn(n, 64), torch.randn(n, 64)
+        return lambda k=1: tcfa.sinkhorn(x, y, eps=64.0, tol=0, max_iter=k, mode=mode)
+    return make
+
+
+def _sweep_timer(run) -> float:
+    # one timed run per length: an online iteration at the largest N takes most of a second
+    return per_iteration(run, 2, 12, repeat=1)
+
+
+SWEEP = {"tcfa dense": _sweep_maker("dense"), "tcfa online": _sweep_maker("online")}
+SWEEP_SIZES = {"tcfa dense": bc.sweep_sizes((1024, 2048, 4096, 8192), (256, 512)),
+               "tcfa online": bc.sweep_sizes((1024, 2048, 4096, 8192, 16384), (256, 512))}
 
 
 def sweep() -> list[dict]:
     """Seconds per iteration and peak extra MiB vs N (d=64), each point in a fresh process."""
-    import subprocess
-
-    points = []
-    for mode, sizes in (("dense", (1024, 2048, 4096, 8192)), ("online", (1024, 2048, 4096, 8192, 16384))):
-        for n in sizes:
-            out = subprocess.run([sys.executable, "-c", SWEEP_PROBE, str(n), mode, os.path.dirname(__file__)],
-                                 capture_output=True, text=True, check=True).stdout.split()
-            points.append(bc.sweep_point(f"tcfa {mode}", n, max(float(out[0]), 0.0), float(out[1])))
-            print(f"sweep {mode} N={n}: {float(out[0]) * 1e3:.2f} ms/iter, peak extra {float(out[1]):.0f} MiB")
-    return points
+    return bc.run_sweep(os.path.abspath(__file__), SWEEP_SIZES)
 
 
 def main():
@@ -210,8 +204,10 @@ def main():
     case_c()
     print(bc.table(rows, ["case", "impl", "value", "unit", "tcfa_speedup", "note"]))
     print("tcfa_speedup = peer time / tcfa time in the same case (> 1: tcfa faster)")
-    print("wrote", bc.write("sinkhorn", rows, {"sweep": sweep()}))
+    print("wrote", bc.write("sinkhorn", rows, {"sweep": sweep(),
+                                               "sweep_axes": {"N": "N = M rows, d = 64", "time": "ms per iteration"}}))
 
 
 if __name__ == "__main__":
-    main()
+    if not bc.sweep_child(SWEEP, warm_n=64, timer=_sweep_timer):
+        main()

@@ -7,12 +7,17 @@ N = 8192 rows, 768 -> 768, C = 64 conditions, rank r = 32, fp32, in one run:
   tcfa dense / tcfa top-2   the fused CPU op (through the validating wrapper)
 forward and forward+backward (sum of outputs as the loss). Targets (issue 4): routed top-2 forward
 <= 20 ms, its forward+backward <= 3x its forward, tcfa dense forward no slower than torch dense.
+Sweep: forward time and peak extra memory of all four vs the number of rows N, every point in a
+fresh process (_common.run_sweep).
 
     .venv/bin/python benchmarks/bench_stitch.py [--rows 8192] [--repeat 5]
+
+TCFA_BENCH_QUICK=1 runs the sweep at toy sizes (a check of the plumbing, not a measurement).
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -45,12 +50,37 @@ def inputs(N, dx, dy, C, r):
             torch.randn(C, r, dy) / r**0.5, 0.1 * torch.randn(C, dx), torch.randn(C, dy))
 
 
+DX, DY, C, R = 768, 768, 64, 32
+CASES = {
+    "torch dense": lambda *t: torch_dense(*t),
+    "tcfa dense": lambda *t: ops.gated_stitch(*t),
+    "torch top-2 loop": lambda *t: torch_routed(*t, k=2),
+    "tcfa top-2": lambda *t: ops.gated_stitch(*t, top_k=2),
+}
+
+
+def _sweep_forward(fn):
+    def make(n):
+        torch.manual_seed(0)
+        args = inputs(n, DX, DY, C, R)
+
+        def run():
+            with torch.no_grad():
+                fn(*args)
+        return run
+    return make
+
+
+SWEEP = {name: _sweep_forward(fn) for name, fn in CASES.items()}
+SWEEP_N = _common.sweep_sizes((1024, 2048, 4096, 8192, 16384), (64, 128))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--repeat", type=int, default=5)
     a = ap.parse_args()
-    N, dx, dy, C, r = a.rows, 768, 768, 64, 32
+    N, dx, dy, r = a.rows, DX, DY, R
     torch.manual_seed(0)
     args = inputs(N, dx, dy, C, r)
     grad_args = [t.clone().requires_grad_() for t in args]
@@ -62,19 +92,13 @@ def main():
                 t.grad = None
         return run
 
-    cases = {
-        "torch dense": lambda *t: torch_dense(*t),
-        "tcfa dense": lambda *t: ops.gated_stitch(*t),
-        "torch top-2 loop": lambda *t: torch_routed(*t, k=2),
-        "tcfa top-2": lambda *t: ops.gated_stitch(*t, top_k=2),
-    }
     # The implementations agree before anything is timed.
     small = inputs(256, dx, dy, C, r)
     torch.testing.assert_close(ops.gated_stitch(*small), torch_dense(*small), atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(ops.gated_stitch(*small, top_k=2), torch_routed(*small), atol=1e-3, rtol=1e-3)
 
     rows = []
-    for name, fn in cases.items():
+    for name, fn in CASES.items():
         with torch.no_grad():
             t_f = _common.timeit(lambda: fn(*args), repeat=a.repeat)
         t_fb = _common.timeit(fwd_bwd(fn), repeat=a.repeat)
@@ -95,10 +119,14 @@ def main():
                "dense forward <= torch dense": by["tcfa dense"]["forward ms"] <= by["torch dense"]["forward ms"]}
     for k, ok in targets.items():
         print(f"  {'met ' if ok else 'MISSED'}  {k}")
+    sweep = _common.run_sweep(os.path.abspath(__file__), {impl: SWEEP_N for impl in SWEEP})
     path = _common.write("stitch", rows, {"shape": {"N": N, "dx": dx, "dy": dy, "C": C, "r": r, "dtype": "float32"},
-                                          "targets": targets})
+                                          "targets": targets, "sweep": sweep,
+                                          "sweep_axes": {"N": f"rows N ({dx} -> {dy}, {C} conditions, rank {r})",
+                                                         "time": "ms per forward"}})
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    if not _common.sweep_child(SWEEP, warm_n=64):
+        main()

@@ -6,8 +6,9 @@ matplotlib is not a dependency of this project (and not installed on the
 benchmark machine), so the PNGs are drawn here on a plain RGB canvas with a
 3x5 bitmap font and encoded with zlib: crude, but dependency-free and exact.
 
-* ``time vs N`` and ``memory vs N`` come from an optional ``sweep`` list in the
-  JSON (benchmarks/_common.py: sweep_point); a benchmark without one gets no
+* ``time vs N`` and ``memory vs N`` come from the ``sweep`` list in the JSON
+  (benchmarks/_common.py: run_sweep; every bench_*.py writes one), one line per
+  implementation, axes named by ``sweep_axes``; a JSON without a sweep gets no
   such plot, and this script says so.
 * ``ratio to peers`` is drawn for every row column whose name says it is a
   ratio (``speedup`` or ``/this``): one horizontal bar per row, a line at 1.
@@ -101,7 +102,8 @@ def text_width(s, scale=2):
 
 
 def _fmt(v):
-    return f"{v:.3g}"
+    # sizes such as N = 2048 read better whole than as 2.05e+03
+    return f"{v:.0f}" if 100 <= abs(v) < 1e7 else f"{v:.3g}"
 
 
 def line_plot(series: dict, title: str, xlabel: str, ylabel: str) -> Canvas:
@@ -119,7 +121,7 @@ def line_plot(series: dict, title: str, xlabel: str, ylabel: str) -> Canvas:
     L, R, T, B = 90, W - 200, 40, H - 60  # plot box; legend on the right
     px = lambda v: int(L + (tx(v) - x0) / (x1 - x0) * (R - L))  # noqa: E731
     py = lambda v: int(B - (ty(v) - y0) / (y1 - y0) * (B - T))  # noqa: E731
-    cv.text(L, 12, title)
+    cv.text(L, 4, title)  # above the y label, which may be as wide as the tick labels
     cv.line(L, B, R, B, BLACK)
     cv.line(L, T, L, B, BLACK)
     for frac in (0.0, 0.5, 1.0):  # three ticks per axis, labelled in data units
@@ -131,7 +133,7 @@ def line_plot(series: dict, title: str, xlabel: str, ylabel: str) -> Canvas:
         cv.line(L - 4, Y, L, Y, BLACK)
         cv.text(L - 8 - text_width(_fmt(yv)), Y - 5, _fmt(yv))
     cv.text((L + R) // 2 - text_width(xlabel) // 2, H - 24, xlabel + (" (LOG)" if logx else ""))
-    cv.text(4, T - 30 + 12, ylabel + (" (LOG)" if logy else ""))
+    cv.text(4, T - 22, ylabel + (" (LOG)" if logy else ""))
     for k, (label, ps) in enumerate(series.items()):
         c = PALETTE[k % len(PALETTE)]
         ps = sorted(p for p in ps if p[0] > 0 and p[1] > 0)
@@ -184,12 +186,13 @@ def plots_for(doc: dict) -> dict[str, Canvas]:
     for p in sweep:
         by_impl.setdefault(p["impl"], []).append(p)
     if by_impl:
+        axes = {"N": "N", "time": "ms", **doc.get("sweep_axes", {})}
         out[f"{name}_time_vs_N"] = line_plot({k: [(p["N"], p["seconds"] * 1e3) for p in v] for k, v in by_impl.items()},
-                                             f"{name}: time vs N", "N", "MS")
+                                             f"{name}: time vs N", axes["N"], axes["time"])
         mem = {k: [(p["N"], p["peak_mib"]) for p in v if "peak_mib" in p] for k, v in by_impl.items()}
         if any(mem.values()):
             out[f"{name}_memory_vs_N"] = line_plot({k: v for k, v in mem.items() if v}, f"{name}: peak memory vs N",
-                                                   "N", "MIB")
+                                                   axes["N"], "MiB beyond the inputs")
     ratio_keys = []
     for r in doc["rows"]:
         ratio_keys += [k for k in r if ("speedup" in k or "/this" in k) and k not in ratio_keys]

@@ -2,8 +2,9 @@
 
 Run after the benchmarks:  .venv/bin/python benchmarks/report.py
 The README's numbers are therefore always the last measured ones, never hand-copied.
-Each table is followed by its roofline line(s) (benchmarks/_common.py) and links to
-the plots benchmarks/plots.py wrote, when they exist.
+Each table is followed by its roofline line(s) (benchmarks/_common.py), its N sweep
+(time and peak memory per implementation and N) and links to the plots
+benchmarks/plots.py wrote (time vs N, memory vs N, ratio to peers), when they exist.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import _common  # noqa: E402
 
 README = os.path.join(os.path.dirname(HERE), "README.md")
 RESULTS = os.path.join(HERE, "results")
-PLOTS = os.path.join(RESULTS, "plots")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -36,15 +36,38 @@ def columns(rows: list[dict]) -> list[str]:
     return cols
 
 
+def markdown_table(cols: list[str], rows: list[dict]) -> list[str]:
+    return (["| " + " | ".join(fmt(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+            + ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows])
+
+
+def sweep_lines(doc: dict) -> list[str]:
+    """The N sweep as one row per N: each implementation's time and peak memory beyond the inputs."""
+    sweep = doc.get("sweep") or []
+    if not sweep:
+        return []
+    impls = list(dict.fromkeys(p["impl"] for p in sweep))
+    axes = {"N": "N", "time": "ms", **doc.get("sweep_axes", {})}
+    by_n: dict[int, dict] = {}
+    for p in sweep:
+        row = by_n.setdefault(p["N"], {"N": p["N"]})
+        row[f"{p['impl']} ms"] = p["seconds"] * 1e3
+        if "peak_mib" in p:
+            row[f"{p['impl']} MiB"] = p["peak_mib"]
+    cols = ["N"] + [f"{i} {u}" for i in impls for u in ("ms", "MiB") if any(f"{i} {u}" in r for r in by_n.values())]
+    return ["", f"N sweep (N: {axes['N']}; ms: {axes['time']}; MiB: peak memory beyond the inputs; "
+                "every point in a fresh process):", ""] + markdown_table(cols, [by_n[n] for n in sorted(by_n)])
+
+
 def render(path: str) -> str:
     with open(path) as fh:
         doc = json.load(fh)
     name, m = doc["benchmark"], doc["machine"]
-    cols = columns(doc["rows"])
-    lines = [f"### {name}", "",
-             f"Measured {m['time']} on {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}.", "",
-             "| " + " | ".join(fmt(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in doc["rows"]]
+    lines = [f"### {name}", "", f"Measured {m['time']} on {m['cores']} cores ({m['torch_threads']} torch threads), "
+                                f"torch {m['torch']}.", ""]
+    if doc.get("quick"):
+        lines += ["**Quick mode (TCFA_BENCH_QUICK=1): toy sweep sizes, the sweep's numbers mean nothing.**", ""]
+    lines += markdown_table(columns(doc["rows"]), doc["rows"])
     # Older JSONs have no roofline record: derive FLOPs/bytes from their shapes (fractions need the roofs).
     roof = doc.get("roofline") or _common.roofline_lines(doc)
     rf = doc.get("roofs")
@@ -53,7 +76,8 @@ def render(path: str) -> str:
                       f"bandwidth {rf['bandwidth'] / 1e9:.1f} GB/s."]
     if roof:
         lines += [""] + [f"- {_common.roofline_text(r)}" for r in roof]
-    pngs = sorted(glob.glob(os.path.join(PLOTS, f"{name}_*.png")))
+    lines += sweep_lines(doc)
+    pngs = sorted(glob.glob(os.path.join(os.path.dirname(path), "plots", f"{name}_*.png")))  # plots.py's output
     if pngs:
         rel = lambda p: os.path.relpath(p, os.path.dirname(README))  # noqa: E731
         lines += ["", " ".join(f"![{os.path.basename(p)[:-4]}]({rel(p)})" for p in pngs)]

@@ -14,7 +14,11 @@ of y. The solver then needs exactly these cross-rank steps:
 The f-update reduces over y, which every rank holds whole: it stays local.
 Since the errors are all_reduced, the active masks, stopping iteration and
 schedule are identical on every rank, so every rank issues the same
-collectives in the same order.
+collectives in the same order -- provided the ranks were called with the same
+options: eps, tol, max_iter and scaling set the schedule and the stopping
+iteration, cost whether the centring and diameter reductions run, and the
+dtype and y's shape the size of every message. ShardedComm.agree compares them
+across ranks before the first reduction and raises on every rank if they differ.
 
 The solver talks to a communicator: :data:`LOCAL` (one process, every
 reduction is the identity, so the single-process path is unchanged) or
@@ -23,13 +27,19 @@ kernels; they only combine what the kernels computed on each shard.
 """
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import torch
 import torch.distributed as dist
 
 from . import _validate
 
 
-SIGNATURE_LEN = 4  # ints per rank compared by ShardedComm.agree
+# Values per rank compared by ShardedComm.agree. Fixed, not taken from the
+# signature: a rank whose check raised has none, yet must send as much as the rest.
+SIGNATURE_LEN = 8
+_INT, _FLOAT, _NONE, _DIGEST = range(4)  # how a signature value travels as two int64s
 
 
 class LocalComm:
@@ -119,32 +129,45 @@ class ShardedComm:
         """Runs a rank-local check, then makes every rank agree before any further collective.
 
         A rank that raised would otherwise leave the others waiting in the
-        next collective forever. ``check`` returns its results plus, last, a
-        tuple of up to SIGNATURE_LEN ints every rank must share (e.g. the
-        number of problems and y's shape); they are compared across ranks.
+        next collective forever, and so would ranks whose options make them
+        issue different collectives. ``check`` returns its results plus, last,
+        a dict {argument name: value} of up to SIGNATURE_LEN values every rank
+        must share (the options that fix the number and order of collectives,
+        y's shape); a mismatch raises a ValueError on every rank naming the
+        argument(s) that differ.
         """
         try:
             *result, signature = check(*args)
+            if len(signature) > SIGNATURE_LEN:
+                raise RuntimeError(f"{check.__name__}'s signature has {len(signature)} values, "
+                                   f"more than SIGNATURE_LEN={SIGNATURE_LEN}")
             error = None
-        except (ValueError, TypeError) as exc:
-            result, signature, error = None, (), exc
-        padded = list(signature) + [0] * (SIGNATURE_LEN - len(signature))  # same size on every rank
-        # NCCL only moves CUDA tensors; gloo takes CPU ones
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
-            else torch.device("cpu")
-        mine = torch.tensor([error is not None, *padded], dtype=torch.int64, device=device)
-        every = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(every, mine, group=self.group)
-        failed = [r for r, s in enumerate(every) if bool(s[0])]
+        except Exception as exc:  # any local failure, or the other ranks would wait forever
+            result, signature, error = None, {}, exc
+        every = self._gather(error is not None, signature)
+        failed = [r for r, (f, _) in enumerate(every) if f]
         if error is not None:
             raise error
         if failed:
             raise ValueError(f"process_group: rank(s) {failed} rejected their input (see the error on those ranks)")
-        sigs = {tuple(s[1:].tolist()) for s in every}
-        if len(sigs) > 1:
-            raise ValueError(f"process_group: the ranks disagree on values they must share (checked by "
-                             f"{check.__name__}): got {sorted(sigs)} across ranks")
+        differ = _disagreements(signature, [codes for _, codes in every])
+        if differ:
+            raise ValueError(f"process_group: the ranks disagree on {'; '.join(differ)}; every rank must pass the "
+                             f"same value, or their collectives would not match")
         return result
+
+    def _gather(self, failed: bool, signature: dict) -> list[tuple[bool, list[tuple[int, int]]]]:
+        """Every rank's (failed, encoded signature), in one all_gather of a fixed-size tensor."""
+        codes = [c for v in signature.values() for c in _encode(v)]
+        padded = [int(failed), *codes] + [0] * (2 * SIGNATURE_LEN - len(codes))
+        # NCCL only moves CUDA tensors; gloo takes CPU ones
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+            else torch.device("cpu")
+        mine = torch.tensor(padded, dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine, group=self.group)
+        flat = [t.tolist() for t in every]
+        return [(bool(f[0]), list(zip(f[1::2], f[2::2]))) for f in flat]
 
     def ragged_x(self, name, t, off, off_name) -> _validate.Ragged:
         """Like _validate.ragged, but a shard may hold 0 rows of a problem."""
@@ -187,6 +210,46 @@ class ShardedComm:
             what = "has no rows on any rank" if (self.sum(r.sizes) == 0)[k] else f"{name} is all zero on every rank"
             raise ValueError(f"x {what} in problem {k}: every problem needs positive mass")
         return w / mass[index]
+
+
+def _encode(value) -> tuple[int, int]:
+    """(kind, payload) int64s that are equal on two ranks iff the values are.
+
+    Ints travel as themselves and floats bit for bit (so the error message can
+    show every rank's value); anything else (a str, a dtype) as a digest of its
+    repr, since Python's hash() is salted per process. Callers pass canonical
+    values (float(tol), not tol), so that 0 and 0.0 agree.
+    """
+    if value is None:
+        return _NONE, 0
+    if isinstance(value, int) and -2**63 <= value < 2**63:
+        return _INT, int(value)
+    if isinstance(value, float):
+        return _FLOAT, struct.unpack("<q", struct.pack("<d", value))[0]
+    digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
+    return _DIGEST, int.from_bytes(digest, "little", signed=True)
+
+
+def _shown(code: tuple[int, int], mine) -> str:
+    """Another rank's value, from its code, for an error message (a digest only says whether it is this rank's)."""
+    kind, payload = code
+    if kind == _INT:
+        return str(payload)
+    if kind == _FLOAT:
+        return repr(struct.unpack("<d", struct.pack("<q", payload))[0])
+    if kind == _NONE:
+        return "None"
+    return repr(mine) if code == _encode(mine) else "another value"
+
+
+def _disagreements(signature: dict, every: list[list[tuple[int, int]]]) -> list[str]:
+    """'name (rank 0: v0, rank 1: v1)' for every signature value on which the ranks differ."""
+    out = []
+    for i, (name, mine) in enumerate(signature.items()):
+        codes = [ranks_codes[i] for ranks_codes in every]
+        if len(set(codes)) > 1:
+            out.append(f"{name} (" + ", ".join(f"rank {r}: {_shown(c, mine)}" for r, c in enumerate(codes)) + ")")
+    return out
 
 
 class _SumOverRanks(torch.autograd.Function):

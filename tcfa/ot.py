@@ -82,7 +82,7 @@ class _Problem:
 
 
 def _check(x, y, a, b, eps, cost, x_offsets, y_offsets, comm):
-    """The rank-local checks of _prepare; the last item is the shape every rank must share."""
+    """The rank-local checks of _prepare; the last item is what every rank must share."""
     eps = _validate.positive("eps", eps)
     cost = _validate.choice("cost", cost, _validate.COSTS)
     _validate.same_device(x=_validate.tensor("x", x, finite=False), y=_validate.tensor("y", y, finite=False))
@@ -96,7 +96,12 @@ def _check(x, y, a, b, eps, cost, x_offsets, y_offsets, comm):
     a_n = comm.weights_x("a", a, rx)
     b_n = _validate.weights("b", b, ry)
     _validate.same_device(x=rx.rows, a=a_n, b=b_n)
-    return eps, cost, rx, ry, a_n, b_n, (rx.num_problems, ry.rows.shape[0], ry.rows.shape[1])
+    # eps sets the stopping iteration and the eps-scaling schedule's length, cost
+    # whether the centring and diameter reductions run, dtype and shapes the
+    # size of every message: ranks that differ would wait on each other forever
+    shared = {"eps": eps, "cost": cost, "dtype": rx.rows.dtype, "number of problems": rx.num_problems,
+              "rows of y": ry.rows.shape[0], "width of x and y": ry.rows.shape[1]}
+    return eps, cost, rx, ry, a_n, b_n, shared
 
 
 def _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets, comm=distributed.LOCAL):
@@ -395,8 +400,14 @@ def _check_options(mode, max_iter, tol, scaling, memory_budget):
     if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))
                                 or not 0 < scaling < 1):
         raise ValueError(f"scaling must be in (0, 1) or None, got {scaling!r}")
-    # different max_iter or schedules would make the ranks' collectives diverge
-    return mode, _budget(memory_budget), (max_iter, scaling is None)
+    # max_iter, tol and scaling set how many iterations (each a collective) run
+    # and when errors are reduced. The requested mode must match too, as a
+    # caller's slip; "auto" may still resolve to dense on one shard and online
+    # on another, which is safe: both half-steps issue the same collectives.
+    # memory_budget only feeds that per-shard choice, so it may differ.
+    shared = {"mode": mode, "max_iter": max_iter, "tol": float(tol),
+              "scaling": None if scaling is None else float(scaling)}
+    return mode, _budget(memory_budget), shared
 
 
 def barycentric_map(result: SinkhornResult, values: torch.Tensor) -> torch.Tensor:

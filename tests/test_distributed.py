@@ -4,6 +4,7 @@ Each world size is spawned once (module fixture): the workers run every case
 and save their results; the tests compare them, in this process, with the
 single-process solution of the whole batch (fp64, 1e-10).
 """
+import datetime
 import os
 
 import pytest
@@ -36,6 +37,15 @@ VALUE_WEIGHTS = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=F64)
 # moments: rows per rank (rank 2 of 3 holds none) and the labels' range
 MOMENT_ROWS = {2: [23, 8], 3: [13, 18, 0]}
 SEGMENTS, DX, DY = 3, 2, 3
+# options that fix the collectives: argument -> (rank 0's value, every other rank's value)
+MISMATCHES = {
+    "tol": (1e-6, 1e-5),
+    "eps": (0.3, 0.4),
+    "scaling": (0.5, 0.6),
+    "max_iter": (10, 11),
+    "cost": ("sqeuclidean", "cosine"),
+    "mode": ("dense", "online"),
+}
 
 
 # ------------------------------------------------------------------ data
@@ -86,7 +96,9 @@ def solve(x, y, a, b, values, x_offsets, y_offsets, **kw):
 # ------------------------------------------------------------------ workers
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a regression that hangs then fails the test (after the timeout) instead of blocking it forever
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         x, y, a, b, values, _, y_off = batch()
         rows, x_off = shard_rows(world, rank)
@@ -125,10 +137,12 @@ def _bad_inputs(rank, x, y, a, x_off, y_off, group):
         tcfa.sinkhorn(x, y_rows, a, x_offsets=x_off, y_offsets=y_sizes, eps=0.3, process_group=group)
     except ValueError as exc:
         errors["y_differs"] = str(exc)
-    try:
-        tcfa.sinkhorn(x, y, a, x_offsets=x_off, y_offsets=y_off, eps=0.3, max_iter=10 + rank, process_group=group)
-    except ValueError as exc:
-        errors["max_iter_differs"] = str(exc)
+    for name, (first, other) in MISMATCHES.items():
+        options = {"eps": 0.3, name: first if rank == 0 else other}
+        try:
+            tcfa.sinkhorn(x, y, a, x_offsets=x_off, y_offsets=y_off, process_group=group, **options)
+        except ValueError as exc:
+            errors[f"{name}_differs"] = str(exc)
     return errors
 
 
@@ -201,8 +215,21 @@ def test_bad_input_on_one_rank_raises_on_every_rank(world):
             assert "a must be non-negative" in errors["negative_a"]
         else:
             assert "rank(s) [1] rejected their input" in errors["negative_a"]
-        assert "disagree" in errors["y_differs"]
-        assert "disagree" in errors["max_iter_differs"]
+        assert "disagree on rows of y (rank 0: 20, rank 1: 19" in errors["y_differs"]
+
+
+@pytest.mark.parametrize("name", list(MISMATCHES))
+def test_mismatched_option_raises_on_every_rank(world, name):
+    """Options that set the number or order of collectives must match: an error on every rank, not a hang."""
+    n, ranks = world
+    first, other = MISMATCHES[name]
+    for r, out in enumerate(ranks):
+        msg = out["errors"].get(f"{name}_differs")
+        assert msg is not None, f"rank {r} ran on with a different {name} than the other ranks"
+        # every rank sees every rank's number; a string only as "this rank's" or "another value"
+        values = [first] + [other] * (n - 1)
+        shown = [repr(v) if isinstance(v, (int, float)) or v == values[r] else "another value" for v in values]
+        assert f"disagree on {name} (" + ", ".join(f"rank {k}: {v}" for k, v in enumerate(shown)) + ")" in msg
 
 
 def test_process_group_without_init_is_rejected():

@@ -366,3 +366,27 @@ def test_plots_of_a_fake_result(tmp_path):
     assert len(raw) == h * (1 + 3 * w)
     # The first series' colour is on the canvas: the line was drawn, not just the frame.
     assert bytes(plots.PALETTE[0]) in raw
+
+
+def test_report_of_a_fake_result_shows_sweep_and_plots(tmp_path):
+    plots, report = bench_module("plots"), bench_module("report")
+    fake_results(tmp_path)
+    assert plots.main(str(tmp_path)) == 0
+    md = report.section(str(tmp_path))
+    assert "| N | tcfa top-2 ms | tcfa top-2 MiB |" in md
+    assert "| 100 | 10 | 10 |" in md
+    for stem in ("stitch_time_vs_N", "stitch_memory_vs_N", "stitch_ratio_fwd_speedup_vs_torch"):
+        assert f"![{stem}](" in md
+
+
+def test_sweep_point_counts_only_the_works_memory():
+    """Memory the inputs' construction touched and freed must not hide the work's smaller peak."""
+    common = bench_module("_common")
+
+    def make(mib):
+        scratch = torch.ones(2 * mib * 2**18)  # twice the work's peak, then freed
+        del scratch
+        return lambda: torch.ones(mib * 2**18).sum()
+
+    _, peak = common.measure_point(make, 64, 1, timer=lambda work: common.timeit(work, repeat=1))
+    assert 60 <= peak < 100
