@@ -20,9 +20,8 @@
 namespace tcfa {
 namespace {
 
-// Limits of the one-exp path. vexp clamps exponents at 88 (float) / 709
-// (double), so a row sum below row_hi (< e^88 / e^709) proves no term was
-// clamped. row_lo: the smallest row sum s_i trusted for f (terms flushed to 0
+// Limits of the one-exp path. Terms over/underflow to inf/0, so a finite row
+// sum below row_hi proves no term overflowed. row_lo: the smallest row sum s_i trusted for f (terms flushed to 0
 // below ~1e-38 / 1e-307 then weigh < 1e-12 of it). col_row_lo: rows with s_i
 // below it would scale flushed terms by 1/s_i in the column sums, so the
 // columns take the fallback. acc_lo / acc_hi: the accepted column sums.
@@ -41,6 +40,10 @@ template <> struct Safe<double> {
 // loops in one task while their cost stays in the 1 MB L2.
 constexpr int64_t kResidentBytes = 512 * 1024;
 
+template <typename T> constexpr T kLog2e = T(1.4426950408889634);
+// Stands for -inf in exponents: finite (vexp2_finite needs it), far below underflow.
+template <typename T> constexpr T kNegHuge = std::numeric_limits<T>::lowest() / 4;
+
 template <typename T> inline int64_t padded(int64_t m) {
   constexpr int W = lanes<T>();
   return (m + W - 1) / W * W;
@@ -51,7 +54,8 @@ template <typename T> struct Batch {
   const RaggedPair& rp;
   const T *cost, *log_a, *a, *log_b;
   T *f, *g;
-  T* u;   // log b_j + g_j / eps, refreshed before every pass
+  T* u;   // log b_j + g_j / eps, refreshed before every pass (the fallback's terms)
+  T* u2;  // the same in base 2 (log2 e * u), finite: the one-exp path's terms
   T* up;  // scratch for the column fallback: log a_i + f_i / eps
   T eps;
 
@@ -60,31 +64,34 @@ template <typename T> struct Batch {
   const T* row(int64_t k, int64_t i) const { return cost + rp.co[k] + (i - rp.xo[k]) * m(k); }
 
   void refresh_u(int64_t k) const {
-    for (int64_t j = rp.yo[k]; j < rp.yo[k + 1]; ++j) u[j] = log_b[j] + g[j] / eps;
+    for (int64_t j = rp.yo[k]; j < rp.yo[k + 1]; ++j) {
+      u[j] = log_b[j] + g[j] / eps;
+      u2[j] = std::max(kLog2e<T> * u[j], kNegHuge<T>);  // zero weights: 2^-huge = 0
+    }
   }
 };
 
-// E_j = exp(u_j - C_j / eps + shift) for one row into e (padded with zeros);
-// returns sum_j E_j. kPrefetch: the cost streams from memory, so the row 4
-// rows ahead (the next block) is prefetched into L2 meanwhile; without it the
-// hardware prefetcher stalls while the block's column sums are added and the
-// sweep read the cost at half the speed of a plain row soft-min.
+// E_j = 2^(u2_j - C_j log2(e) / eps + shift2) for one row into e (padded
+// with zeros); returns sum_j E_j. kPrefetch: the cost streams from memory, so
+// the row 4 rows ahead (the next block) is prefetched into L2 meanwhile;
+// without it the hardware prefetcher stalls while the block's column sums are
+// added and the sweep read the cost at half the speed of a plain row soft-min.
 template <typename T, bool kPrefetch>
-inline T row_terms(const T* u, const T* c, T shift, T neg_inv_eps, int64_t m, T* e) {
+inline T row_terms(const T* u2, const T* c, T shift2, T neg_scale, int64_t m, T* e) {
   constexpr int W = lanes<T>();
-  const vec_t<T> nie = splat<T>(neg_inv_eps), sh = splat<T>(shift);
+  const vec_t<T> ns = splat<T>(neg_scale), sh = splat<T>(shift2);
   vec_t<T> s = splat<T>(T(0));
   int64_t j = 0;
   for (; j + W <= m; j += W) {
     if constexpr (kPrefetch) __builtin_prefetch(c + 4 * m + j, 0, 2);
-    const vec_t<T> v = vexp<T>(load(u + j) + nie * load(c + j) + sh);
+    const vec_t<T> v = vexp2_finite<T>(load(u2 + j) + ns * load(c + j) + sh);
     store(e + j, v);
     s += v;
   }
   if (j < m) {
     const int left = static_cast<int>(m - j);
-    const vec_t<T> v = vexp<T>(load_partial<T>(u + j, left, -INFINITY) +
-                               nie * load_partial<T>(c + j, left, T(0)) + sh);
+    const vec_t<T> v = vexp2_finite<T>(load_partial<T>(u2 + j, left, kNegHuge<T>) +
+                                       ns * load_partial<T>(c + j, left, T(0)) + sh);
     store(e + j, v);
     s += v;
   }
@@ -116,13 +123,15 @@ struct PassResult {
 
 // One sweep over rows [r0, r1) of problem k. update_f: replace f_i by its
 // soft-min update (and measure the error); accumulate: add this chunk's column
-// sums with the current f into acc (padded width). ebuf holds 4 padded rows.
+// sums with the current f into acc (padded width). ebuf holds 4 padded rows,
+// sbuf r1 - r0 row sums (their logs are taken in one vector pass at the end).
 template <typename T, bool kPrefetch>
 PassResult sweep(const Batch<T>& b, int64_t k, int64_t r0, int64_t r1, bool update_f,
-                 bool accumulate, T* acc, T* ebuf) {
+                 bool accumulate, T* acc, T* ebuf, T* sbuf) {
   using S = Safe<T>;
   const int64_t m = b.m(k), mp = padded<T>(m);
   const T* u = b.u + b.rp.yo[k];
+  const T* u2 = b.u2 + b.rp.yo[k];
   const T nie = T(-1) / b.eps;
   PassResult res;
   for (int64_t i0 = r0; i0 < r1; i0 += 4) {
@@ -131,31 +140,32 @@ PassResult sweep(const Batch<T>& b, int64_t k, int64_t r0, int64_t r1, bool upda
     for (int q = 0; q < nq; ++q) {
       const int64_t i = i0 + q;
       T* e = ebuf + q * mp;
-      const T s = row_terms<T, kPrefetch>(u, b.row(k, i), b.f[i] / b.eps, nie, m, e);
+      const T s = row_terms<T, kPrefetch>(u2, b.row(k, i), kLog2e<T> * b.f[i] / b.eps,
+                                          kLog2e<T> * nie, m, e);
       const bool exact = s >= S::row_lo && s <= S::row_hi;  // false for NaN too
-      coef[q] = b.a[i];
+      const bool col_exact = exact && (!update_f || s >= S::col_row_lo);
+      coef[q] = col_exact ? (update_f ? b.a[i] / s : b.a[i]) : T(0);
+      res.cols_ok = res.cols_ok && col_exact;
       if (update_f) {
-        T f_new;
-        if (exact) {
-          f_new = b.f[i] - b.eps * std::log(s);
-          res.err += static_cast<double>(b.a[i]) * std::abs(static_cast<double>(s) - 1.0);
-        } else {  // the online max: exact whatever the range
+        sbuf[i - r0] = s;
+        if (!exact) {  // the online max: exact whatever the range
           LseState<T> st;
           st.add_affine(u, b.row(k, i), nie, m);
-          f_new = -b.eps * st.result();
+          const T f_new = -b.eps * st.result();
           res.err += static_cast<double>(b.a[i]) *
                      std::abs(std::expm1(static_cast<double>((b.f[i] - f_new) / b.eps)));
+          b.f[i] = f_new;
+          sbuf[i - r0] = T(1);  // the vector pass below leaves f_i alone and adds no error
         }
-        b.f[i] = f_new;
-        coef[q] = exact && s >= S::col_row_lo ? b.a[i] / s : T(0);
-        if (!(exact && s >= S::col_row_lo)) res.cols_ok = false;
-      } else if (!exact) {
-        coef[q] = T(0);
-        res.cols_ok = false;
       }
       if (coef[q] == T(0)) std::fill(e, e + mp, T(0));  // may hold inf: keep 0 * e finite
     }
     if (accumulate && res.cols_ok) add_rows(acc, ebuf, coef, nq, mp);
+  }
+  if (update_f) {
+    for (int64_t i = r0; i < r1; ++i)
+      res.err += static_cast<double>(b.a[i]) * std::abs(static_cast<double>(sbuf[i - r0]) - 1.0);
+    sub_scaled_log<T>(b.f + r0, sbuf, nullptr, b.eps, r1 - r0);  // f_i -= eps log s_i
   }
   return res;
 }
@@ -168,7 +178,7 @@ void finish_columns(const Batch<T>& b, int64_t k, const T* acc, bool ok) {
   const int64_t y0 = b.rp.yo[k], m = b.m(k);
   for (int64_t j = 0; ok && j < m; ++j) ok = acc[j] >= S::acc_lo && acc[j] <= S::acc_hi;
   if (ok) {
-    for (int64_t j = 0; j < m; ++j) b.g[y0 + j] -= b.eps * (std::log(acc[j]) - b.log_b[y0 + j]);
+    sub_scaled_log<T>(b.g + y0, acc, b.log_b + y0, b.eps, m);
     return;
   }
   for (int64_t i = b.rp.xo[k]; i < b.rp.xo[k + 1]; ++i) b.up[i] = b.log_a[i] + b.f[i] / b.eps;
@@ -182,16 +192,16 @@ template <typename T>
 void solve_one(const Batch<T>& b, int64_t k, int64_t max_iter, double tol, int64_t* n_iter,
                double* error) {
   const int64_t mp = padded<T>(b.m(k));
-  std::vector<T> acc(mp), ebuf(4 * mp);
   const int64_t x0 = b.rp.xo[k], x1 = b.rp.xo[k + 1];
+  std::vector<T> acc(mp), ebuf(4 * mp), sbuf(x1 - x0);
   b.refresh_u(k);
-  PassResult r = sweep<T, false>(b, k, x0, x1, false, true, acc.data(), ebuf.data());
+  PassResult r = sweep<T, false>(b, k, x0, x1, false, true, acc.data(), ebuf.data(), sbuf.data());
   finish_columns(b, k, acc.data(), r.cols_ok);
   for (int64_t t = 1; t <= max_iter; ++t) {
     const bool last = t == max_iter;
     b.refresh_u(k);
     std::fill(acc.begin(), acc.end(), T(0));
-    r = sweep<T, false>(b, k, x0, x1, true, !last, acc.data(), ebuf.data());
+    r = sweep<T, false>(b, k, x0, x1, true, !last, acc.data(), ebuf.data(), sbuf.data());
     n_iter[k] = t;
     error[k] = r.err;
     if (last || r.err < tol) break;
@@ -217,9 +227,9 @@ void solve_lockstep(const Batch<T>& b, std::vector<uint8_t> todo, int64_t max_it
     run_tasks(tasks, [&](const Task& task, int64_t ti) {
       const int64_t mp = padded<T>(b.m(task.k));
       acc[ti].assign(mp, T(0));
-      std::vector<T> ebuf(4 * mp);
+      std::vector<T> ebuf(4 * mp), sbuf(task.r1 - task.r0);
       res[ti] = sweep<T, true>(b, task.k, task.r0, task.r1, update_f, accumulate, acc[ti].data(),
-                               ebuf.data());
+                               ebuf.data(), sbuf.data());
     });
     // Chunks of one problem are adjacent in `tasks`: fold them into the first.
     for (size_t ti = 0; ti < tasks.size();) {
@@ -264,7 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
   auto cvt = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
   at::Tensor c = cvt(cost), la = cvt(log_a), lb = cvt(log_b), a = la.exp();
   at::Tensor f_out = f.to(ct).clone(), g_out = g.to(ct).clone();
-  at::Tensor u = at::empty({ny}, c.options()), up = at::empty({nx}, c.options());
+  at::Tensor u = at::empty({ny}, c.options()), u2 = at::empty({ny}, c.options());
+  at::Tensor up = at::empty({nx}, c.options());
   at::Tensor n_iter = at::zeros({rp.B}, at::kLong);
   at::Tensor error = at::zeros({rp.B}, at::kDouble);
 
@@ -272,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
     using T = scalar_t;
     const Batch<T> b{rp, c.data_ptr<T>(), la.data_ptr<T>(), a.data_ptr<T>(), lb.data_ptr<T>(),
                      f_out.data_ptr<T>(), g_out.data_ptr<T>(), u.data_ptr<T>(),
-                     up.data_ptr<T>(), static_cast<T>(eps)};
+                     u2.data_ptr<T>(), up.data_ptr<T>(), static_cast<T>(eps)};
     int64_t* it = n_iter.data_ptr<int64_t>();
     double* err = error.data_ptr<double>();
     // Empty problems have nothing to iterate (the Python API rejects them).
