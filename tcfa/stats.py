@@ -9,7 +9,7 @@ Sigma = S / (n - 1) the covariance from the centered co-moment sum S.
 """
 from __future__ import annotations
 
-import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -214,10 +214,11 @@ def _regularised(cov: torch.Tensor, reg: float) -> torch.Tensor:
     return cov
 
 
-def _cholesky(name: str, a: torch.Tensor) -> torch.Tensor:
+def _cholesky(name: str, a: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Batched Cholesky; ``first`` is the index of a's first condition (for the error)."""
     L, info = torch.linalg.cholesky_ex(a)
     if bool((info != 0).any()):
-        c = int((info != 0).nonzero()[0])
+        c = int((info != 0).nonzero()[0]) + first
         raise ValueError(f"{name} of condition {c} is not positive definite; increase reg")
     return L
 
@@ -246,34 +247,47 @@ def _top_singular(M: torch.Tensor, k: int):
     return P, s * sign, Q * sign[:, None, :]
 
 
-def _whitened_cross(m: Moments, reg: float):
+def _whitened_cross(sxx, syy, sxy, count, reg: float, first: int = 0):
     """Cholesky factors of the regularised Sigma_xx, Sigma_yy and M = Lx^-1 Sigma_xy Ly^-T."""
-    Sxx = _regularised(_covariance(m.sxx, m.count), reg)
-    Syy = _regularised(_covariance(m.syy, m.count), reg)
-    Lx, Ly = _cholesky("Sigma_xx", Sxx), _cholesky("Sigma_yy", Syy)
+    Sxx = _regularised(_covariance(sxx, count), reg)
+    Syy = _regularised(_covariance(syy, count), reg)
+    Lx, Ly = _cholesky("Sigma_xx", Sxx, first), _cholesky("Sigma_yy", Syy, first)
     # Two right-side solves on contiguous operands: (Lx^-1 Sxy)^T = Syx Lx^-T, then M = (.)^T Ly^-T.
     # Left-side solves took twice as long here (63 vs 30 ms for 32 x 256 x 384, one thread).
-    Syx = _covariance(m.sxy, m.count).mT.contiguous()
+    Syx = _covariance(sxy, count).mT.contiguous()
     A = torch.linalg.solve_triangular(Lx.mT, Syx, upper=True, left=False)
     M = torch.linalg.solve_triangular(Ly.mT, A.mT.contiguous(), upper=True, left=False)
     return Lx, Ly, Syy, M
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Runs batched LAPACK calls on one thread, restoring the thread count after.
+def _split_conditions(fn, C: int):
+    """fn(lo, hi) on contiguous condition ranges, one per thread, outputs concatenated along dim 0.
 
-    torch's batched eigh/cholesky call LAPACK once per matrix, each call
-    threaded inside; for 256-384 wide matrices the threads mostly wait at
-    barriers. Measured here for 32 x 256 x 256 fp32 eigh: 0.12-0.17 s on one
-    thread against 0.5-0.9 s on two (a shared, busy 2-core machine).
+    torch's batched cholesky/eigh/triangular solves call LAPACK once per
+    matrix, each call threaded inside; for 256-384 wide matrices those threads
+    mostly wait at barriers (32 x 256 x 256 fp32 eigh: 0.12-0.17 s on one
+    thread, 0.5-0.9 s on two). Giving each thread its own conditions and one
+    LAPACK thread instead ran the same eigh in 72-78 ms against 129-157 ms
+    serially on this 2-core machine. An error raised for a condition range
+    propagates (the lowest range first).
     """
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    parts = max(1, min(n, C))
+    bounds = [C * i // parts for i in range(parts + 1)]
+
+    def run(i):
+        torch.set_num_threads(1)  # per thread: OpenMP's thread count is a per-thread setting
+        return fn(bounds[i], bounds[i + 1])
+
     try:
-        yield
+        if parts == 1:
+            outs = [run(0)]
+        else:
+            with ThreadPoolExecutor(parts) as pool:
+                outs = list(pool.map(run, range(parts)))
     finally:
         torch.set_num_threads(n)
+    return tuple(torch.cat(t) for t in zip(*outs))
 
 
 def cca(m: Moments, k: int, reg: float = 1e-4) -> CCA:
@@ -296,15 +310,18 @@ def cca(m: Moments, k: int, reg: float = 1e-4) -> CCA:
         c = int((k > limit).nonzero()[0])
         raise ValueError(f"k={k} must be <= min(dx, dy, count - 1) = min({m.dx}, {m.dy}, {int(m.count[c]) - 1}) "
                          f"for condition {c}")
-    with _one_thread():
-        Lx, Ly, _, M = _whitened_cross(m, reg)
+
+    def conditions(lo, hi):
+        Lx, Ly, _, M = _whitened_cross(m.sxx[lo:hi], m.syy[lo:hi], m.sxy[lo:hi], m.count[lo:hi], reg, lo)
         if m.dx <= m.dy:
             P, rho, Q = _top_singular(M, k)
         else:
             Q, rho, P = _top_singular(M.mT, k)
         wx = torch.linalg.solve_triangular(Lx.mT, P, upper=True)
         wy = torch.linalg.solve_triangular(Ly.mT, Q, upper=True)
-    return CCA(wx, wy, rho)
+        return wx, wy, rho
+
+    return CCA(*_split_conditions(conditions, m.count.shape[0]))
 
 
 def cca_maps(m: Moments, k: int, reg: float = 1e-4) -> LowRankMaps:

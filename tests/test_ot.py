@@ -81,6 +81,20 @@ def test_fp32_close_to_fp64():
     torch.testing.assert_close(r32.plan().double(), r64.plan(), atol=1e-3 * float(r64.plan().max()), rtol=0)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_fp32_far_from_the_origin(offset):
+    # |x|^2 + |y|^2 - 2 x.y at an offset of 1e3 would lose every digit of the
+    # O(1) costs in fp32; each problem is centred on its x mean when that
+    # shrinks the magnitudes (and left alone at offset 0, where it would not).
+    x, y, a, b = cloud(64, 80)
+    shift = torch.full((x.shape[1],), offset, dtype=x.dtype)
+    r64 = tcfa.sinkhorn(x, y, a, b, eps=0.3, tol=1e-10, max_iter=5000)
+    r32 = tcfa.sinkhorn((x + shift).float(), (y + shift).float(), a.float(), b.float(), eps=0.3, tol=1e-5,
+                        max_iter=5000)
+    torch.testing.assert_close(r32.value().double(), r64.value(), atol=0, rtol=1e-4)
+    torch.testing.assert_close(r32.plan().double(), r64.plan(), atol=1e-3 * float(r64.plan().max()), rtol=0)
+
+
 # ------------------------------------------------------------------ batches, modes, shapes
 def test_ragged_batch_equals_each_problem_alone():
     sizes = [(1, 4), (13, 7), (17, 29), (251, 263)]

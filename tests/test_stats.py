@@ -460,4 +460,10 @@ def test_bad_input_raises_named_errors():
     with pytest.raises(ValueError, match="Sigma_xx of condition 0 is not positive definite"):
         xd = torch.cat([x[:, :1], x[:, :1]], 1)  # rank-deficient, reg = 0
         tcfa.cca(tcfa.segment_moments(xd, y, torch.zeros_like(labels), 1), 1, reg=0.0)
+    # conditions are split over threads: the error still names the global index
+    with pytest.raises(ValueError, match="Sigma_xx of condition 3 is not positive definite"):
+        xd = torch.cat([x[:, :1], x[:, :1]], 1).repeat(4, 1)
+        xd[: 3 * x.shape[0]] = torch.randn(3 * x.shape[0], 2, dtype=x.dtype)
+        four = torch.arange(4).repeat_interleave(x.shape[0])
+        tcfa.cca(tcfa.segment_moments(xd, y.repeat(4, 1), four, 4), 1, reg=0.0)
     assert stats.BLOCKS == ("xx", "yy", "xy")

@@ -120,6 +120,8 @@ struct AffineRows {
   at::Tensor norm;  // (N,), the alpha (or beta) term
 };
 
+inline at::Tensor row_sq_norms(const at::Tensor& rows);  // below, with the vectors
+
 inline AffineRows affine_rows(const at::Tensor& x, Cost cost) {
   if (cost == Cost::Cosine) {
     auto n = x.norm(2, {1}, /*keepdim=*/true).clamp_min(1e-30);
@@ -128,7 +130,7 @@ inline AffineRows affine_rows(const at::Tensor& x, Cost cost) {
     return {rows, at::full({x.size(0)}, 0.5, x.options())};
   }
   auto rows = x.contiguous();
-  return {rows, (rows * rows).sum(1)};
+  return {rows, row_sq_norms(rows)};
 }
 
 inline double cost_gamma(Cost cost) { return cost == Cost::Cosine ? 1.0 : 2.0; }
@@ -334,6 +336,32 @@ inline void sub_scaled_log(T* dst, const T* arg, const T* sub, T scale, int64_t 
     store(dst + j, load(dst + j) - sc * l);
   }
   for (; j < n; ++j) dst[j] -= scale * (std::log(arg[j]) - (sub ? sub[j] : T(0)));
+}
+
+// |x_i|^2 per row of a contiguous (N, d) tensor, without the (N, d)
+// temporary of (x * x).sum(1) (that pair of passes took ~20 ms of CPU per
+// 16 M entries, a tenth of a 64-problem batch solve).
+inline at::Tensor row_sq_norms(const at::Tensor& rows) {
+  const int64_t n = rows.size(0), d = rows.size(1);
+  at::Tensor out = at::empty({n}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "tcfa_row_sq_norms", [&] {
+    using T = scalar_t;
+    constexpr int W = lanes<T>();
+    const T* r = rows.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* row = r + i * d;
+        vec_t<T> acc = splat<T>(T(0));
+        int64_t j = 0;
+        for (; j + W <= d; j += W) acc += load(row + j) * load(row + j);
+        T tail = 0;
+        for (; j < d; ++j) tail += row[j] * row[j];
+        o[i] = hsum<T>(acc) + tail;
+      }
+    });
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------- online LSE
