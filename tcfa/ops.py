@@ -67,8 +67,7 @@ def sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps: float, m
     g only shifts the exponents of the first g-update (the previous g is a good
     one); results do not depend on it beyond rounding.
     Returns (f, g, n_iter (B,) int64, error (B,)). Empty problems are skipped
-    (n_iter 0). Same cost layout as :func:`softmin_dense`. CPU only: the GPU
-    path alternates the two soft-min ops.
+    (n_iter 0). Same cost layout as :func:`softmin_dense`.
     """
     return torch.ops.tcfa.sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol)
 
@@ -240,6 +239,7 @@ def _register_triton():
         return
     torch.library.register_kernel("tcfa::softmin", "cuda", tk_softmin.softmin_forward)
     torch.library.register_kernel("tcfa::softmin_dense", "cuda", tk_softmin.softmin_dense_forward)
+    torch.library.register_kernel("tcfa::sinkhorn_dense", "cuda", tk_softmin.sinkhorn_dense_forward)
     torch.library.register_kernel("tcfa::cost", "cuda", tk_softmin.cost_forward)
     torch.library.register_kernel("tcfa::barycentric", "cuda", tk_bary.barycentric_forward)
     torch.library.register_kernel("tcfa::gated_stitch", "cuda", tk_stitch.gated_stitch_forward)

@@ -170,10 +170,10 @@ class _HalfSteps:
     def __init__(self, prob: _Problem, dense: bool):
         self.p = prob
         self.cost = ops.cost_matrix(prob.x.rows, prob.y.rows, prob.x.offsets, prob.y.offsets, prob.cost) if dense else None
-        # On the CPU a stored cost runs whole loops per call (ops.sinkhorn_dense:
-        # one exp per entry per iteration instead of two, small problems from
-        # cache). A sharded x needs a merge between half-steps, so it cannot.
-        self.fused = dense and prob.comm is distributed.LOCAL and prob.a.device.type == "cpu"
+        # A stored cost runs whole loops per call (ops.sinkhorn_dense; on the
+        # CPU one exp per entry per iteration instead of two, small problems
+        # from cache). A sharded x needs a merge between half-steps, so it cannot.
+        self.fused = dense and prob.comm is distributed.LOCAL
 
     def loop(self, f, g, eps, iters, tol):
         """Up to ``iters`` whole iterations at one eps (fused steps only): f, g, n_iter, error."""

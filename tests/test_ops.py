@@ -173,7 +173,7 @@ def test_direct_op_calls_are_bounds_checked(bad, match):
         ops.softmin(**args)
 
 
-@pytest.mark.parametrize("name", ["softmin", "softmin_dense", "cost", "barycentric", "segment_moments", "gated_stitch",
+@pytest.mark.parametrize("name", ["softmin", "softmin_dense", "sinkhorn_dense", "cost", "barycentric", "segment_moments", "gated_stitch",
                                   "gated_stitch_backward"])
 def test_triton_launchers_are_registered_for_cuda(name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tcfa::{name}", "CUDA")
