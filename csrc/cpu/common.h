@@ -13,7 +13,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
 
@@ -451,6 +451,25 @@ inline std::vector<Task> row_chunks(const std::vector<int64_t>& off,
   return tasks;
 }
 
+// Flushes denormal results and operands to zero while it lives (x86 MXCSR
+// FTZ + DAZ), restoring the caller's mode after. Why: Sinkhorn terms
+// exp((f + g - C)/eps) at small eps fall in the denormal band by the million,
+// and each costs a microcode assist on Intel cores: the fused 4096^2 loop at
+// eps = 1 ran at 44-60 ms per iteration with denormals, 6 ms without. A
+// denormal term weighs < 1e-38 (float) of a sum that the kernels keep O(1),
+// so flushing it changes no result beyond rounding.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFtz | kDaz); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFtz = 0x8000, kDaz = 0x0040;
+  unsigned saved_;
+#endif
+};
+
 // Runs fn(task, task_index) over all tasks with dynamic scheduling: ragged
 // problems make static chunking (what at::parallel_for does) unbalanced.
 template <typename Fn> inline void run_tasks(const std::vector<Task>& tasks, Fn fn) {
@@ -459,6 +478,7 @@ template <typename Fn> inline void run_tasks(const std::vector<Task>& tasks, Fn 
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), nt);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
+    const FlushDenormals ftz;
     for (int64_t w = b; w < e; ++w)
       for (int64_t t = next++; t < nt; t = next++) fn(tasks[t], t);
   });
