@@ -95,6 +95,20 @@ def test_backward_matches_autograd_of_reference(shape):
             torch.testing.assert_close(g1, g2, atol=1e-12, rtol=1e-12, msg=f"d{name}, top_k={k}")
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_of_broadcast_gradient(shape):
+    """out.sum() and out.mean() hand the backward a stride-0 gradient, which the routed kernel reads in place."""
+    args = sample_inputs(shape=shape)
+    for k in modes(shape[3]):
+        for loss in (torch.sum, torch.mean):
+            a = [t.clone().requires_grad_() for t in args]
+            b = [t.clone().requires_grad_() for t in args]
+            got = torch.autograd.grad(loss(ops.gated_stitch(*a, top_k=k)), a)
+            want = torch.autograd.grad(loss(reference(*b, top_k=k)), b)
+            for name, g1, g2 in zip(ARGS, got, want):
+                torch.testing.assert_close(g1, g2, atol=1e-12, rtol=1e-12, msg=f"d{name}, top_k={k}, {loss.__name__}")
+
+
 def test_backward_fp32_matches_fp64():
     args = sample_inputs(dtype=torch.float32, shape=(64, 16, 17, 6, 3))
     for k in (None, 2):
