@@ -64,9 +64,11 @@ def assert_moments(m, ref, dtype):
 
 
 # ------------------------------------------------------------------ moments
+# widths inside one 64-row Gram panel of the C++ kernel, and over several with a ragged last one
+@pytest.mark.parametrize("dims", [(4, 7), (131, 70)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_moments_match_numpy_cov_per_segment(dtype):
-    x, y, labels, C = sample_inputs(dtype=dtype)
+def test_moments_match_numpy_cov_per_segment(dtype, dims):
+    x, y, labels, C = sample_inputs(dtype=dtype, dx=dims[0], dy=dims[1])
     m = tcfa.segment_moments(x, y, labels, C)
     assert_moments(m, numpy_moments(x, y, labels, C), dtype)
     assert m.valid.tolist() == [True, True, False, False, True]
@@ -104,11 +106,12 @@ def test_unsorted_labels_equal_sorted():
         torch.testing.assert_close(getattr(a, k), getattr(b, k), atol=1e-10, rtol=1e-10)
 
 
-def test_one_large_segment_split_across_threads():
+@pytest.mark.parametrize("dims", [(3, 2), (67, 130)])
+def test_one_large_segment_split_across_threads(dims):
     # a single segment of many rows is split into row chunks whose partial sums are added
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2000, 3, generator=g, dtype=torch.float64) + 5
-    y = torch.randn(2000, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(2000, dims[0], generator=g, dtype=torch.float64) + 5
+    y = torch.randn(2000, dims[1], generator=g, dtype=torch.float64)
     labels = torch.zeros(2000, dtype=torch.int64)
     assert_moments(tcfa.segment_moments(x, y, labels, 1), numpy_moments(x, y, labels, 1), torch.float64)
 

@@ -64,6 +64,37 @@ void segment_means(const T* rows, int64_t d, const SegmentIndex& idx, double* me
   });
 }
 
+// Row panels of this width: a Gram block c^T c is computed as its upper
+// staircase (panel i times columns i.. d) and mirrored at the end: 37% / 42%
+// fewer FLOPs for the 256 / 384 wide blocks of the CCA benchmark. Moments
+// there took 112-126 ms with full GEMMs, 103 ms with 128-row panels and
+// 92-93 ms with 64-row panels (min of 15, alternating builds).
+constexpr int64_t kGramPanel = 64;
+
+// dst = beta * dst + c^T c on the panels on and above the diagonal only: the
+// entries below them are left as they are (mirror_lower fills them).
+void upper_gram(at::Tensor& dst, const at::Tensor& c, double beta) {
+  const int64_t d = c.size(1);
+  for (int64_t i0 = 0; i0 < d; i0 += kGramPanel) {
+    const int64_t w = std::min(kGramPanel, d - i0);
+    at::Tensor out = dst.narrow(0, i0, w).narrow(1, i0, d - i0);
+    at::addmm_out(out, out, c.narrow(1, i0, w).t(), c.narrow(1, i0, d - i0), beta, 1.0);
+  }
+}
+
+// s[c][j][i] = s[c][i][j] for i < j, every segment c.
+template <typename T> void mirror_lower(at::Tensor& s) {
+  const int64_t C = s.size(0), d = s.size(1);
+  T* base = s.data_ptr<T>();
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* m = base + c * d * d;
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = i + 1; j < d; ++j) m[j * d + i] = m[i * d + j];
+    }
+  });
+}
+
 // Rows perm[r0..r1) of `rows` minus `shift`, written to the (r1-r0, d) block `out`.
 template <typename T>
 void centered_block(const T* rows, int64_t d, const int64_t* perm, int64_t r0, int64_t r1,
@@ -155,7 +186,7 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
       at::Tensor* full[3] = {&sxx, &syy, &sxy};
       for (int b = 0; b < 3; ++b) {
         if (full[b]->size(1) == 0) continue;
-        dst[b] = first ? full[b]->select(0, t.k) : at::empty({full[b]->size(1), full[b]->size(2)}, opt);
+        dst[b] = first ? full[b]->select(0, t.k) : at::zeros({full[b]->size(1), full[b]->size(2)}, opt);
       }
       for (int64_t r0 = t.r0; r0 < t.r1; r0 += kRowBlock) {
         const int64_t r1 = std::min(t.r1, r0 + kRowBlock), n = r1 - r0;
@@ -164,8 +195,8 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
         at::Tensor yc = at::from_blob(yb.data(), {n, dy}, opt);
         if (xx || xy) centered_block(xp, dx, idx.perm.data(), r0, r1, sxp + t.k * dx, xb.data());
         if (yy || xy) centered_block(yp, dy, idx.perm.data(), r0, r1, syp + t.k * dy, yb.data());
-        if (xx) at::addmm_out(dst[0], dst[0], xc.t(), xc, beta, 1.0);
-        if (yy) at::addmm_out(dst[1], dst[1], yc.t(), yc, beta, 1.0);
+        if (xx) upper_gram(dst[0], xc, beta);
+        if (yy) upper_gram(dst[1], yc, beta);
         if (xy) at::addmm_out(dst[2], dst[2], xc.t(), yc, beta, 1.0);
       }
       if (!first) partial[ti] = dst;
@@ -173,6 +204,8 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
     for (size_t ti = 0; ti < tasks.size(); ++ti)
       for (int b = 0; b < 3; ++b)
         if (partial[ti][b].defined()) (b == 0 ? sxx : b == 1 ? syy : sxy).select(0, tasks[ti].k).add_(partial[ti][b]);
+    if (xx) mirror_lower<T>(sxx);
+    if (yy) mirror_lower<T>(syy);
   });
   // sum (x - shift)(y - shift)^T = S + n delta_x delta_y^T, delta = mean - shift: a
   // rank-one term of the rounding residue (zero for fp64), removed here.
