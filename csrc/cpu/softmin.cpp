@@ -139,14 +139,17 @@ at::Tensor cost_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
     run_tasks(row_tasks(xo, std::vector<uint8_t>(B, 1), kRowBlock), [&](const Task& t, int64_t) {
       const int64_t m = yo[t.k + 1] - yo[t.k];
       if (m == 0) return;
-      at::Tensor s = at::mm(ax.rows.narrow(0, t.r0, t.r1 - t.r0), ay.rows.narrow(0, yo[t.k], m).t());
-      const T* sp = s.data_ptr<T>();
+      // x.y straight into this task's rows of the output, then the affine
+      // terms in place: a temporary product cost a second pass over the
+      // n x m block and fresh pages for every task.
+      const int64_t first = co[t.k] + (t.r0 - xo[t.k]) * m;
+      at::Tensor block = out.narrow(0, first, (t.r1 - t.r0) * m).view({t.r1 - t.r0, m});
+      at::mm_out(block, ax.rows.narrow(0, t.r0, t.r1 - t.r0), ay.rows.narrow(0, yo[t.k], m).t());
       for (int64_t i = t.r0; i < t.r1; ++i) {
-        T* dst = op + co[t.k] + (i - xo[t.k]) * m;
-        const T* src = sp + (i - t.r0) * m;
+        T* dst = op + first + (i - t.r0) * m;
         for (int64_t j = 0; j < m; ++j) {
           // clamp: rounding of |x|^2 + |y|^2 - 2 x.y can dip below zero
-          const T c = alpha[i] + beta[yo[t.k] + j] - static_cast<T>(gamma) * src[j];
+          const T c = alpha[i] + beta[yo[t.k] + j] - static_cast<T>(gamma) * dst[j];
           dst[j] = c > T(0) ? c : T(0);
         }
       }
