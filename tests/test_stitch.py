@@ -82,17 +82,22 @@ def test_top1_is_the_selected_map():
 
 
 # ------------------------------------------------------------------ backward
+def assert_backward_matches_reference(args, loss, what, **kw):
+    """Gradients of loss(op(args)) equal autograd through the einsum reference (fp64, 1e-12)."""
+    a = [t.clone().requires_grad_() for t in args]
+    b = [t.clone().requires_grad_() for t in args]
+    got = torch.autograd.grad(loss(ops.gated_stitch(*a, **kw)), a)
+    want = torch.autograd.grad(loss(reference(*b, **kw)), b)
+    for name, g1, g2 in zip(ARGS, got, want):
+        torch.testing.assert_close(g1, g2, atol=1e-12, rtol=1e-12, msg=f"d{name}, {what}")
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backward_matches_autograd_of_reference(shape):
     args = sample_inputs(shape=shape)
     for k in modes(shape[3]):
-        a = [t.clone().requires_grad_() for t in args]
-        b = [t.clone().requires_grad_() for t in args]
         w = torch.randn(shape[0], shape[2], dtype=torch.float64)
-        got = torch.autograd.grad((ops.gated_stitch(*a, top_k=k, temperature=0.8) * w).sum(), a)
-        want = torch.autograd.grad((reference(*b, top_k=k, temperature=0.8) * w).sum(), b)
-        for name, g1, g2 in zip(ARGS, got, want):
-            torch.testing.assert_close(g1, g2, atol=1e-12, rtol=1e-12, msg=f"d{name}, top_k={k}")
+        assert_backward_matches_reference(args, lambda out: (out * w).sum(), f"top_k={k}", top_k=k, temperature=0.8)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -101,12 +106,7 @@ def test_backward_of_broadcast_gradient(shape):
     args = sample_inputs(shape=shape)
     for k in modes(shape[3]):
         for loss in (torch.sum, torch.mean):
-            a = [t.clone().requires_grad_() for t in args]
-            b = [t.clone().requires_grad_() for t in args]
-            got = torch.autograd.grad(loss(ops.gated_stitch(*a, top_k=k)), a)
-            want = torch.autograd.grad(loss(reference(*b, top_k=k)), b)
-            for name, g1, g2 in zip(ARGS, got, want):
-                torch.testing.assert_close(g1, g2, atol=1e-12, rtol=1e-12, msg=f"d{name}, top_k={k}, {loss.__name__}")
+            assert_backward_matches_reference(args, loss, f"top_k={k}, {loss.__name__}", top_k=k)
 
 
 def test_backward_fp32_matches_fp64():
