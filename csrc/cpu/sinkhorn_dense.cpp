@@ -71,31 +71,47 @@ template <typename T> struct Batch {
   }
 };
 
-// E_j = 2^(u2_j - C_j log2(e) / eps + shift2) for one row into e (padded
-// with zeros); returns sum_j E_j. kPrefetch: the cost streams from memory, so
-// the row 4 rows ahead (the next block) is prefetched into L2 meanwhile;
-// without it the hardware prefetcher stalls while the block's column sums are
-// added and the sweep read the cost at half the speed of a plain row soft-min.
-template <typename T, bool kPrefetch>
-inline T row_terms(const T* u2, const T* c, T shift2, T neg_scale, int64_t m, T* e) {
+// For R consecutive rows q of one problem (cost rows c + q m):
+// E_qj = 2^(u2_j - C_qj log2(e) / eps + shift2[q]) into e + q mp (padded with
+// zeros), and s[q] = sum_j E_qj. Four rows at once share each u2 load and give
+// the out-of-order core four independent exp chains and row-sum chains per
+// column step instead of one: the 100 fused iterations of case C (64 x 256^2)
+// took 70-88 ms before and 62-66 ms after (min of 30 calls, alternating
+// builds; with the one-uop vreduce in vexp2_finite, 55-73 ms). The unroll
+// pragmas keep the four row sums in registers: without them GCC stored the
+// accumulator array to the stack on every column step. kPrefetch: the cost streams from memory, so
+// the rows R ahead (the next block) are prefetched into L2 meanwhile; without
+// it the hardware prefetcher stalls while the block's column sums are added
+// and the sweep read the cost at half the speed of a plain row soft-min.
+template <typename T, bool kPrefetch, int R>
+inline void row_terms(const T* u2, const T* c, const T* shift2, T neg_scale, int64_t m,
+                      int64_t mp, T* e, T* s) {
   constexpr int W = lanes<T>();
-  const vec_t<T> ns = splat<T>(neg_scale), sh = splat<T>(shift2);
-  vec_t<T> s = splat<T>(T(0));
+  const vec_t<T> ns = splat<T>(neg_scale);
+  vec_t<T> sh[R], acc[R];
+#pragma GCC unroll 4
+  for (int q = 0; q < R; ++q) sh[q] = splat<T>(shift2[q]), acc[q] = splat<T>(T(0));
   int64_t j = 0;
   for (; j + W <= m; j += W) {
-    if constexpr (kPrefetch) __builtin_prefetch(c + 4 * m + j, 0, 2);
-    const vec_t<T> v = vexp2_finite<T>(load(u2 + j) + ns * load(c + j) + sh);
-    store(e + j, v);
-    s += v;
+    const vec_t<T> uj = load(u2 + j);
+#pragma GCC unroll 4
+    for (int q = 0; q < R; ++q) {
+      if constexpr (kPrefetch) __builtin_prefetch(c + (R + q) * m + j, 0, 2);
+      const vec_t<T> v = vexp2_finite<T>(uj + ns * load(c + q * m + j) + sh[q]);
+      store(e + q * mp + j, v);
+      acc[q] += v;
+    }
   }
   if (j < m) {
     const int left = static_cast<int>(m - j);
-    const vec_t<T> v = vexp2_finite<T>(load_partial<T>(u2 + j, left, kNegHuge<T>) +
-                                       ns * load_partial<T>(c + j, left, T(0)) + sh);
-    store(e + j, v);
-    s += v;
+    const vec_t<T> uj = load_partial<T>(u2 + j, left, kNegHuge<T>);
+    for (int q = 0; q < R; ++q) {
+      const vec_t<T> v = vexp2_finite<T>(uj + ns * load_partial<T>(c + q * m + j, left, T(0)) + sh[q]);
+      store(e + q * mp + j, v);
+      acc[q] += v;
+    }
   }
-  return hsum<T>(s);
+  for (int q = 0; q < R; ++q) s[q] = hsum<T>(acc[q]);
 }
 
 // acc_j += sum_q coef_q e_q[j] over nq <= 4 buffered rows of padded width mp.
@@ -136,12 +152,19 @@ PassResult sweep(const Batch<T>& b, int64_t k, int64_t r0, int64_t r1, bool upda
   PassResult res;
   for (int64_t i0 = r0; i0 < r1; i0 += 4) {
     const int nq = static_cast<int>(std::min<int64_t>(4, r1 - i0));
-    T coef[4];
+    T coef[4], sums[4], shift2[4];
+    for (int q = 0; q < nq; ++q) shift2[q] = kLog2e<T> * b.f[i0 + q] / b.eps;
+    const T ns = kLog2e<T> * nie;
+    if (nq == 4) {
+      row_terms<T, kPrefetch, 4>(u2, b.row(k, i0), shift2, ns, m, mp, ebuf, sums);
+    } else {
+      for (int q = 0; q < nq; ++q)
+        row_terms<T, kPrefetch, 1>(u2, b.row(k, i0 + q), shift2 + q, ns, m, mp, ebuf + q * mp, sums + q);
+    }
     for (int q = 0; q < nq; ++q) {
       const int64_t i = i0 + q;
       T* e = ebuf + q * mp;
-      const T s = row_terms<T, kPrefetch>(u2, b.row(k, i), kLog2e<T> * b.f[i] / b.eps,
-                                          kLog2e<T> * nie, m, e);
+      const T s = sums[q];
       const bool exact = s >= S::row_lo && s <= S::row_hi;  // false for NaN too
       const bool col_exact = exact && (!update_f || s >= S::col_row_lo);
       coef[q] = col_exact ? (update_f ? b.a[i] / s : b.a[i]) : T(0);
