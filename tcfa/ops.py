@@ -118,6 +118,7 @@ def gated_stitch(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k=None, temper
     """
     top_k, temperature = _validate.stitch_args(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k, temperature)
     out, gates, index, _ = torch.ops.tcfa.gated_stitch(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k, temperature)
+    _validate.finite_through("x", x, gates)
     return (out, gates, index) if return_routing else out
 
 

@@ -173,6 +173,15 @@ def test_bad_input_names_the_argument():
         call(temperature=0.0)
     with pytest.raises(ValueError, match="x must be finite, found nan"):
         call(x=x.clone().index_put_((torch.tensor(3), torch.tensor(2)), torch.tensor(float("nan"), dtype=x.dtype)))
+    # x is checked through the gates: an entry meeting only zero gate weights still counts
+    W0 = W.clone()
+    W0[2] = 0
+    for k in (None, 2):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            xb = x.clone()
+            xb[3, 2] = bad
+            with pytest.raises(ValueError, match=rf"x must be finite, found {bad} at index \(3, 2\)"):
+                call(x=xb, gate_weight=W0, top_k=k)
     with pytest.raises(ValueError, match="U must be finite"):
         call(U=U.clone().fill_(float("inf")))
     with pytest.raises(TypeError, match="U has dtype torch.float32"):
