@@ -10,7 +10,7 @@ forward and forward+backward (sum of outputs as the loss). Targets (issue 4): ro
 Sweep: forward time and peak extra memory of all four vs the number of rows N, every point in a
 fresh process (_common.run_sweep).
 
-    .venv/bin/python benchmarks/bench_stitch.py [--rows 8192] [--repeat 5]
+    .venv/bin/python benchmarks/bench_stitch.py [--rows 8192] [--repeat 10]
 
 TCFA_BENCH_QUICK=1 runs the sweep at toy sizes (a check of the plumbing, not a measurement).
 """
@@ -78,7 +78,7 @@ SWEEP_N = _common.sweep_sizes((1024, 2048, 4096, 8192, 16384), (64, 128))
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=8192)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=10)
     a = ap.parse_args()
     N, dx, dy, r = a.rows, DX, DY, R
     torch.manual_seed(0)
