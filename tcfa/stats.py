@@ -261,18 +261,20 @@ def _whitened_cross(sxx, syy, sxy, count, reg: float, first: int = 0):
 
 
 def _split_conditions(fn, C: int):
-    """fn(lo, hi) on contiguous condition ranges, one per thread, outputs concatenated along dim 0.
+    """fn(lo, hi) on contiguous condition ranges spread over the threads, outputs concatenated along dim 0.
 
     torch's batched cholesky/eigh/triangular solves call LAPACK once per
     matrix, each call threaded inside; for 256-384 wide matrices those threads
     mostly wait at barriers (32 x 256 x 256 fp32 eigh: 0.12-0.17 s on one
     thread, 0.5-0.9 s on two). Giving each thread its own conditions and one
     LAPACK thread instead ran the same eigh in 72-78 ms against 129-157 ms
-    serially on this 2-core machine. An error raised for a condition range
-    propagates (the lowest range first).
+    serially on this 2-core machine. The ranges are four per thread, taken
+    by whichever thread is free: with one per thread, a core slowed by
+    another tenant of the machine held the whole call back. An error raised
+    for a condition range propagates (the lowest range first).
     """
     n = torch.get_num_threads()
-    parts = max(1, min(n, C))
+    parts = max(1, min(4 * n, C)) if n > 1 else 1
     bounds = [C * i // parts for i in range(parts + 1)]
 
     def run(i):
@@ -283,7 +285,7 @@ def _split_conditions(fn, C: int):
         if parts == 1:
             outs = [run(0)]
         else:
-            with ThreadPoolExecutor(parts) as pool:
+            with ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(run, range(parts)))
     finally:
         torch.set_num_threads(n)

@@ -289,7 +289,10 @@ at::Tensor gate_logits(const Params& p) {
     const T* wp = Wp.data_ptr<T>();
     const T* bp = p.b.data_ptr<T>();
     T* lp = logits.data_ptr<T>();
-    at::parallel_for(0, p.N, 96, [&](int64_t n0, int64_t n1) {
+    // Row blocks taken dynamically, not one static half per thread: when
+    // another tenant slows one core, the other takes more blocks.
+    run_tasks(row_tasks({0, p.N}, {1}, 96), [&](const Task& t, int64_t) {
+      const int64_t n0 = t.r0, n1 = t.r1;
       std::vector<const T*> xrow(n1 - n0);
       for (int64_t n = n0; n < n1; ++n) xrow[n - n0] = xp + n * dx;
       rows_times<T, 6, 4>(xrow.data(), n1 - n0, dx, wp, cp, C,

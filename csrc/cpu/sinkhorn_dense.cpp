@@ -240,7 +240,10 @@ void solve_lockstep(const Batch<T>& b, std::vector<uint8_t> todo, int64_t max_it
   for (int64_t t = 0; t <= max_iter; ++t) {
     const int64_t n_todo = std::count(todo.begin(), todo.end(), 1);
     if (n_todo == 0) return;
-    const int64_t parts = (at::get_num_threads() + n_todo - 1) / n_todo;
+    // Four chunks per thread, taken dynamically: with one per thread, a core
+    // slowed by another tenant held the whole iteration back; the extra
+    // column-sum vectors to fold are a few KB.
+    const int64_t parts = (4 * at::get_num_threads() + n_todo - 1) / n_todo;
     const auto tasks = row_chunks(b.rp.xo, todo, parts, kDenseRowBlock);
     const bool update_f = t > 0, accumulate = t < max_iter;
     for (int64_t k = 0; k < b.rp.B; ++k)
