@@ -36,4 +36,7 @@ TORCH_LIBRARY(tcfa, m) {
   m.def("segment_moments(Tensor x, Tensor y, Tensor labels, int num_segments, bool xx=True, "
         "bool yy=True, bool xy=True) -> (Tensor count, Tensor mean_x, Tensor mean_y, "
         "Tensor sxx, Tensor syy, Tensor sxy)");
+  // Returns (values, vectors, ok): the k largest eigenpairs, ok[b] false where
+  // the kernel's own check failed (the Python wrapper recomputes those).
+  m.def("symmetric_top_eigh(Tensor A, int k) -> (Tensor values, Tensor vectors, Tensor ok)");
 }

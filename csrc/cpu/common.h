@@ -482,15 +482,24 @@ class FlushDenormals {
 
 // Runs fn(task, task_index) over all tasks with dynamic scheduling: ragged
 // problems make static chunking (what at::parallel_for does) unbalanced.
-template <typename Fn> inline void run_tasks(const std::vector<Task>& tasks, Fn fn) {
+// kFlush = false keeps denormals (a kernel that rescales its input first).
+template <bool kFlush = true, typename Fn>
+inline void run_tasks(const std::vector<Task>& tasks, Fn fn) {
   const int64_t nt = static_cast<int64_t>(tasks.size());
   if (nt == 0) return;
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), nt);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
-    const FlushDenormals ftz;
-    for (int64_t w = b; w < e; ++w)
-      for (int64_t t = next++; t < nt; t = next++) fn(tasks[t], t);
+    const auto loop = [&] {
+      for (int64_t w = b; w < e; ++w)
+        for (int64_t t = next++; t < nt; t = next++) fn(tasks[t], t);
+    };
+    if constexpr (kFlush) {
+      const FlushDenormals ftz;
+      loop();
+    } else {
+      loop();
+    }
   });
 }
 
