@@ -35,10 +35,11 @@ def tensor(name: str, t, *, dim=None, dtypes=FLOAT_DTYPES, finite: bool = True) 
 def finite_through(name: str, t: torch.Tensor, derived: torch.Tensor) -> None:
     """Raises tensor()'s error for a non-finite entry of t, reading t only when ``derived`` is not finite.
 
-    For a result every entry of t flows into, as the stitch gates do from x
-    (each gate of a row sums all of its products x_nk W_kc, and inf * 0 is
-    NaN), a finite derived sum proves t finite. Reading x itself took 0.8-1.3
-    ms of the ~20 ms routed stitch forward of the benchmark; its gates are 64 KB.
+    For a result every entry of t flows into, a finite derived sum proves t
+    finite: the stitch gates from x (each gate of a row sums all of its
+    products x_nk W_kc, and inf * 0 is NaN), the segment means from the rows.
+    Reading x itself took 0.8-1.3 ms of the ~20 ms routed stitch forward of
+    the benchmark; its gates are 64 KB.
     """
     if derived.numel() and derived.device.type != "meta" and not bool(torch.isfinite(derived.sum())):
         tensor(name, t)
@@ -232,10 +233,10 @@ def nonnegative(name: str, value) -> float:
     return float(value)
 
 
-def paired_rows(x, y, xname: str = "x", yname: str = "y"):
-    """Two 2-D float tensors of paired rows: same N, dtype and device, finite."""
-    x = tensor(xname, x, dim=2)
-    y = tensor(yname, y, dim=2)
+def paired_rows(x, y, xname: str = "x", yname: str = "y", finite: bool = True):
+    """Two 2-D float tensors of paired rows: same N, dtype and device, finite (unless finite=False)."""
+    x = tensor(xname, x, dim=2, finite=finite)
+    y = tensor(yname, y, dim=2, finite=finite)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{xname} and {yname} must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
     same_dtype(**{xname: x, yname: y})

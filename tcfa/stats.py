@@ -65,12 +65,17 @@ def segment_moments(x, y, labels, num_segments: int, blocks=BLOCKS) -> Moments:
     Labels may be in any order; see tcfa.ops.segment_moments for the formulas.
     ``blocks`` selects which co-moment sums to compute ("xx", "yy", "xy").
     """
-    x, y = _validate.paired_rows(x, y)
+    x, y = _validate.paired_rows(x, y, finite=False)
     num_segments = _validate.integer("num_segments", num_segments, lo=1)
     labels = _validate.labels("labels", labels, x.shape[0], num_segments)
     _validate.same_device(x=x, labels=labels)
     blocks = _validate.blocks("blocks", blocks)
-    return _moments(x, y, labels, num_segments, blocks)
+    m = _moments(x, y, labels, num_segments, blocks)
+    # every row enters its segment's mean (accumulated in fp64): reading x and
+    # y once more to check their values took 3 % of the moments here
+    _validate.finite_through("x", x, m.mean_x)
+    _validate.finite_through("y", y, m.mean_y)
+    return m
 
 
 def _moments(x, y, labels, num_segments, blocks) -> Moments:

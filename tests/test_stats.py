@@ -435,6 +435,13 @@ def test_bad_input_raises_named_errors():
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="x must be finite"):
         tcfa.segment_moments(bad, y, labels, C)
+    # checked through the segment means: every value, either dtype, names its index
+    for name, value in (("x", float("inf")), ("y", -float("inf")), ("y", float("nan"))):
+        for dt in (torch.float32, torch.float64):
+            xb, yb = x.to(dt, copy=True), y.to(dt, copy=True)
+            (xb if name == "x" else yb)[5, 2] = value
+            with pytest.raises(ValueError, match=rf"{name} must be finite, found {value} at index \(5, 2\)"):
+                tcfa.segment_moments(xb, yb, labels, C)
     with pytest.raises(ValueError, match="y must be finite"):
         tcfa.MomentAccumulator(C, 4, 7).update(x, y * float("inf"), labels)
     with pytest.raises(TypeError, match="labels must be int64"):

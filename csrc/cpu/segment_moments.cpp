@@ -45,12 +45,15 @@ SegmentIndex counting_sort(const at::Tensor& labels, int64_t C) {
   return s;
 }
 
-// mean[s] = (1/n_s) sum_{i in s} rows[i], accumulated in double whatever T is.
+// mean[s] = (1/n_s) sum_{i in s} rows[i], accumulated in double whatever T is,
+// for the segments with skip[s] == 0.
 template <typename T>
-void segment_means(const T* rows, int64_t d, const SegmentIndex& idx, double* mean) {
+void segment_means(const T* rows, int64_t d, const SegmentIndex& idx, const std::vector<uint8_t>& skip,
+                   double* mean) {
   const int64_t C = static_cast<int64_t>(idx.off.size()) - 1;
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
+      if (skip[c]) continue;
       double* m = mean + c * d;
       std::fill(m, m + d, 0.0);
       const int64_t n = idx.off[c + 1] - idx.off[c];
@@ -82,15 +85,20 @@ void upper_gram(at::Tensor& dst, const at::Tensor& c, double beta) {
   }
 }
 
-// s[c][j][i] = s[c][i][j] for i < j, every segment c.
+// s[c][j][i] = s[c][i][j] for i < j, every segment c, in 32 x 32 tiles: the
+// plain loop wrote a column (stride d) per row and took 4.3 % of the CCA
+// benchmark's moments in perf.
 template <typename T> void mirror_lower(at::Tensor& s) {
+  constexpr int64_t kTile = 32;
   const int64_t C = s.size(0), d = s.size(1);
   T* base = s.data_ptr<T>();
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       T* m = base + c * d * d;
-      for (int64_t i = 0; i < d; ++i)
-        for (int64_t j = i + 1; j < d; ++j) m[j * d + i] = m[i * d + j];
+      for (int64_t i0 = 0; i0 < d; i0 += kTile)
+        for (int64_t j0 = i0; j0 < d; j0 += kTile)
+          for (int64_t j = j0; j < std::min(d, j0 + kTile); ++j)
+            for (int64_t i = i0; i < std::min({d, i0 + kTile, j}); ++i) m[j * d + i] = m[i * d + j];
     }
   });
 }
@@ -103,6 +111,30 @@ void centered_block(const T* rows, int64_t d, const int64_t* perm, int64_t r0, i
     const T* __restrict__ row = rows + perm[r] * d;
     T* __restrict__ dst = out + (r - r0) * d;
     for (int64_t j = 0; j < d; ++j) dst[j] = row[j] - shift[j];
+  }
+}
+
+// The rows of a whole segment (perm[r0..r1)) copied to `out`, their fp64
+// mean into `mean` and its rounding to T into `shift`, then subtracted in
+// place: the segment is read from memory once, not once for the mean and
+// again for the centring (both passes took 17 % of the CCA benchmark's
+// moments in perf; the buffer stays in cache between the three loops here).
+template <typename T>
+void gather_centered(const T* rows, int64_t d, const int64_t* perm, int64_t r0, int64_t r1,
+                     double* mean, T* shift, T* out) {
+  for (int64_t r = r0; r < r1; ++r) std::copy(rows + perm[r] * d, rows + perm[r] * d + d, out + (r - r0) * d);
+  std::fill(mean, mean + d, 0.0);
+  for (int64_t r = 0; r < r1 - r0; ++r) {
+    const T* __restrict__ row = out + r * d;
+    for (int64_t j = 0; j < d; ++j) mean[j] += static_cast<double>(row[j]);
+  }
+  for (int64_t j = 0; j < d; ++j) {
+    mean[j] /= static_cast<double>(r1 - r0);
+    shift[j] = static_cast<T>(mean[j]);
+  }
+  for (int64_t r = 0; r < r1 - r0; ++r) {
+    T* __restrict__ row = out + r * d;
+    for (int64_t j = 0; j < d; ++j) row[j] -= shift[j];
   }
 }
 
@@ -131,8 +163,8 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
 
   at::Tensor count = at::empty({C}, x.options().dtype(at::kLong));
   for (int64_t c = 0; c < C; ++c) count.data_ptr<int64_t>()[c] = idx.off[c + 1] - idx.off[c];
-  at::Tensor mx = at::empty({C, dx}, x.options().dtype(at::kDouble));
-  at::Tensor my = at::empty({C, dy}, x.options().dtype(at::kDouble));
+  at::Tensor mx = at::zeros({C, dx}, x.options().dtype(at::kDouble));
+  at::Tensor my = at::zeros({C, dy}, x.options().dtype(at::kDouble));
   // An unselected block is returned empty, shape (C, 0, 0).
   auto block = [&](bool on, int64_t a, int64_t b) {
     return on ? at::empty({C, a, b}, opt) : at::empty({C, 0, 0}, opt);
@@ -144,17 +176,7 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
     using T = scalar_t;
     const T* xp = xs.data_ptr<T>();
     const T* yp = ys.data_ptr<T>();
-    segment_means(xp, dx, idx, mx.data_ptr<double>());
-    segment_means(yp, dy, idx, my.data_ptr<double>());
-    // Rows are shifted by the fp64 mean rounded to T, so centering is a plain
-    // vectorised subtraction in T; the rounding residue delta = mean - shift
-    // is removed exactly at the end.
-    shift_x = mx.to(ct);
-    shift_y = my.to(ct);
-    const T* sxp = shift_x.data_ptr<T>();
-    const T* syp = shift_y.data_ptr<T>();
-    if (!(xx || yy || xy)) return;
-
+    const bool need_x = xx || xy, need_y = yy || xy;
     int64_t nonempty = 0;
     for (int64_t c = 0; c < C; ++c) {
       const bool has_rows = idx.off[c + 1] > idx.off[c];
@@ -167,7 +189,26 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
     const int64_t threads = at::get_num_threads();
     const int64_t parts = std::max<int64_t>(1, (2 * threads + nonempty - 1) / std::max<int64_t>(nonempty, 1));
     const std::vector<uint8_t> all(C, 1);
-    const auto tasks = row_chunks(idx.off, all, parts, kMinChunkRows);
+    const auto tasks = (xx || yy || xy) ? row_chunks(idx.off, all, parts, kMinChunkRows) : std::vector<Task>{};
+    // A segment held whole by one task, in one row block, gets its mean in
+    // that task (gather_centered); the others first, here.
+    std::vector<uint8_t> whole_x(C, 0), whole_y(C, 0);
+    for (const Task& t : tasks)
+      if (t.r0 == idx.off[t.k] && t.r1 == idx.off[t.k + 1] && t.r1 - t.r0 <= kRowBlock)
+        whole_x[t.k] = need_x, whole_y[t.k] = need_y;
+    segment_means(xp, dx, idx, whole_x, mx.data_ptr<double>());
+    segment_means(yp, dy, idx, whole_y, my.data_ptr<double>());
+    // Rows are shifted by the fp64 mean rounded to T, so centering is a plain
+    // vectorised subtraction in T; the rounding residue delta = mean - shift
+    // is removed exactly at the end.
+    shift_x = mx.to(ct);  // the whole segments' entries are written by their tasks
+    shift_y = my.to(ct);
+    T* sxp = shift_x.data_ptr<T>();
+    T* syp = shift_y.data_ptr<T>();
+    double* mxp = mx.data_ptr<double>();
+    double* myp = my.data_ptr<double>();
+    if (!(xx || yy || xy)) return;
+
     // One centered-rows buffer per thread, reused across tasks: allocating it
     // per task page-faulted fresh memory every time.
     std::vector<std::vector<T>> xbuf(threads), ybuf(threads);
@@ -193,8 +234,15 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
         const double beta = r0 == t.r0 ? 0.0 : 1.0;
         at::Tensor xc = at::from_blob(xb.data(), {n, dx}, opt);
         at::Tensor yc = at::from_blob(yb.data(), {n, dy}, opt);
-        if (xx || xy) centered_block(xp, dx, idx.perm.data(), r0, r1, sxp + t.k * dx, xb.data());
-        if (yy || xy) centered_block(yp, dy, idx.perm.data(), r0, r1, syp + t.k * dy, yb.data());
+        const int64_t* perm = idx.perm.data();
+        if (whole_x[t.k])
+          gather_centered(xp, dx, perm, r0, r1, mxp + t.k * dx, sxp + t.k * dx, xb.data());
+        else if (need_x)
+          centered_block(xp, dx, perm, r0, r1, sxp + t.k * dx, xb.data());
+        if (whole_y[t.k])
+          gather_centered(yp, dy, perm, r0, r1, myp + t.k * dy, syp + t.k * dy, yb.data());
+        else if (need_y)
+          centered_block(yp, dy, perm, r0, r1, syp + t.k * dy, yb.data());
         if (xx) upper_gram(dst[0], xc, beta);
         if (yy) upper_gram(dst[1], yc, beta);
         if (xy) at::addmm_out(dst[2], dst[2], xc.t(), yc, beta, 1.0);
