@@ -22,16 +22,6 @@
 namespace tcfa {
 namespace {
 
-// y[0..m) += s * x[0..m) + t * w[0..m)
-template <typename T>
-inline void axpy2(T* __restrict__ y, T s, const T* __restrict__ x, T t, const T* __restrict__ w, int64_t m) {
-  constexpr int W = lanes<T>();
-  const vec_t<T> sv = splat<T>(s), tv = splat<T>(t);
-  int64_t j = 0;
-  for (; j + W <= m; j += W) store(y + j, load(y + j) + sv * load(x + j) + tv * load(w + j));
-  for (; j < m; ++j) y[j] += s * x[j] + t * w[j];
-}
-
 // y[0..m) += s * x[0..m)
 template <typename T> inline void axpy(T* __restrict__ y, T s, const T* __restrict__ x, int64_t m) {
   constexpr int W = lanes<T>();
