@@ -541,40 +541,70 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
       T* dvp = dV.data_ptr<T>();
       at::Tensor dz_all = at::empty({N, K, rp}, opt);  // dz of every (row, slot)
       T* dzap = dz_all.data_ptr<T>();
-      // Pass A: everything but dx, which also needs the logit gradient.
+      // Pass A1: dz = g dS (kept in dz_all) and dg of every (row, slot).
       for (int64_t s = 0; s < K; ++s) {
         run_tasks(condition_tasks(groups, s), [&](const Task& t, int64_t) {
           const int64_t c = t.k, n = t.r1 - t.r0;
           const int64_t* rows = groups.rows[s].data() + t.r0;
-          std::vector<const T*> drow(n), xrow(n), arow(r + 1), dzrow(r);
+          std::vector<const T*> drow(n);
           std::vector<T*> dsrow(n);
-          // dsrow: dS then dz, kept in dz_all for pass B; gzt: (r + 1, n)
-          // rows of (g z)^T then g; dzt: (r, n) dz^T.
-          std::vector<T> gzt((r + 1) * n), dzt(r * n);
           for (int64_t i = 0; i < n; ++i) {
             drow[i] = dop + rows[i] * ldo;
-            xrow[i] = xp + rows[i] * dx;
             dsrow[i] = dzap + (rows[i] * K + s) * rp;
           }
-          for (int64_t j = 0; j <= r; ++j) arow[j] = gzt.data() + j * n;
-          for (int64_t j = 0; j < r; ++j) dzrow[j] = dzt.data() + j * n;
           rows_times<T, 8, 2>(drow.data(), n, dy, vtp + c * dy * rp, rp, r,
                               [&](int64_t i, int64_t j, vec_t<T> v) { store(dsrow[i] + j, v); });
           const T* my = myp + c * dy;
-          T* dzs = dzsp + c * r;
           for (int64_t i = 0; i < n; ++i) {
             const T gi = gp[rows[i] * K + s];
             const T* zi = zp + (rows[i] * K + s) * r;
             T* dsi = dsrow[i];
             dlp[rows[i] * K + s] = dot_row<T>(drow[i], my, dy) + dot_row<T>(dsi, zi, r);
+            for (int64_t j = 0; j < r; ++j) dsi[j] *= gi;
+          }
+        });
+      }
+      // Softmax over the selected logits, row by row: dlogit = g (dg - sum g dg) / tau.
+      at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+          T* dl = dlp + n * K;
+          const T* gn = gp + n * K;
+          T mean = 0;
+          for (int64_t j = 0; j < K; ++j) mean += gn[j] * dl[j];
+          for (int64_t j = 0; j < K; ++j) dl[j] = gn[j] * (dl[j] - mean) * T(inv_tau);
+        }
+      });
+      // Pass A2: the parameter gradients. The logit gradient rides along as an
+      // extra row of dz^T, so dW_g[:, c] = x^T dlogit comes out of the same
+      // sweep over x rows as dU_c: the separate pass over x for the gate's
+      // gradient read x twice more (K slots).
+      T* dwp = dWt.data_ptr<T>();
+      T* dbp = db.data_ptr<T>();
+      for (int64_t s = 0; s < K; ++s) {
+        run_tasks(condition_tasks(groups, s), [&](const Task& t, int64_t) {
+          const int64_t c = t.k, n = t.r1 - t.r0;
+          const int64_t* rows = groups.rows[s].data() + t.r0;
+          std::vector<const T*> drow(n), xrow(n), arow(r + 1), dzrow(r + 1);
+          // gzt: (r + 1, n) rows of (g z)^T then g; dzt: (r + 1, n) dz^T then dlogit.
+          std::vector<T> gzt((r + 1) * n), dzt((r + 1) * n);
+          for (int64_t i = 0; i < n; ++i) {
+            drow[i] = dop + rows[i] * ldo;
+            xrow[i] = xp + rows[i] * dx;
+          }
+          for (int64_t j = 0; j <= r; ++j) arow[j] = gzt.data() + j * n, dzrow[j] = dzt.data() + j * n;
+          T* dzs = dzsp + c * r;
+          for (int64_t i = 0; i < n; ++i) {
+            const T gi = gp[rows[i] * K + s];
+            const T* zi = zp + (rows[i] * K + s) * r;
+            const T* dzi = dzap + (rows[i] * K + s) * rp;
             for (int64_t j = 0; j < r; ++j) {
-              const T dz = gi * dsi[j];
-              dsi[j] = dz;
-              dzt[j * n + i] = dz;
+              dzt[j * n + i] = dzi[j];
               gzt[j * n + i] = gi * zi[j];
-              dzs[j] += dz;
+              dzs[j] += dzi[j];
             }
             gzt[r * n + i] = gi;
+            dzt[r * n + i] = dlp[rows[i] * K + s];
+            dbp[c] += dlp[rows[i] * K + s];
           }
           // dV_c += (g z)^T dout, dmu_y[c] += g^T dout.
           T* dvc = dvp + c * r * dy;
@@ -585,12 +615,13 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
             T* o = (i < r ? dvc + i * dy : dmy) + j;
             store_valid<T>(o, v + (valid == W ? load(o) : load_partial<T>(o, valid, T(0))), valid);
           });
-          // dU_c^T += dz^T x.
+          // dU_c^T += dz^T x and dW_g^T[c] += dlogit^T x.
           T* duc = dutp + c * r * dx;
-          rows_times_rows<T, 8, 3>(dzrow.data(), r, n, xrow.data(), dx,
+          T* dwc = dwp + c * dx;
+          rows_times_rows<T, 8, 3>(dzrow.data(), r + 1, n, xrow.data(), dx,
                                    [&](int64_t i, int64_t j, vec_t<T> v) {
             const int64_t valid = std::min<int64_t>(W, dx - j);
-            T* o = duc + i * dx + j;
+            T* o = (i < r ? duc + i * dx : dwc) + j;
             store_valid<T>(o, v + (valid == W ? load(o) : load_partial<T>(o, valid, T(0))), valid);
           });
         });
@@ -598,16 +629,6 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
       dU.copy_(dUt.transpose(1, 2));
       dU.sub_(p.mu_x.unsqueeze(2) * dzsum.unsqueeze(1));
       dmu_x.sub_(at::bmm(p.U, dzsum.unsqueeze(2)).squeeze(2));
-      // Softmax over the selected logits, row by row.
-      at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) {
-          T* dl = dlp + n * K;
-          const T* gn = gp + n * K;
-          T mean = 0;
-          for (int64_t j = 0; j < K; ++j) mean += gn[j] * dl[j];
-          for (int64_t j = 0; j < K; ++j) dl[j] = gn[j] * (dl[j] - mean) * T(inv_tau);
-        }
-      });
       // Pass B: dx[row] = sum_s dz U_c^T + sum_s dlogit[row, s] W_g[:, c_s]^T.
       // The logit gradient has K nonzeros per row, so the gate GEMM shrinks to
       // K axpys per row, fused into slot 0's epilogue; slot 0 holds every row
@@ -637,20 +658,6 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
           });
         });
       }
-      T* dwp = dWt.data_ptr<T>();
-      T* dbp = db.data_ptr<T>();
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t s = 0; s < K; ++s)
-            for (int64_t q = groups.start[s][c]; q < groups.start[s][c + 1]; ++q) {
-              const int64_t n = groups.rows[s][q];
-              const T a = dlp[n * K + s];
-              const T* xr = xp + n * dx;
-              T* dst = dwp + c * dx;
-              fma_row<T>(dst, dst, a, xr, T(0), xr, dx);
-              dbp[c] += a;
-            }
-      });
     });
     dW = dWt.t().contiguous();
   }
