@@ -230,8 +230,8 @@ def symmetric_top_eigh(A, k: int):
 
         A[b] Z[b] = Z[b] diag(values[b]),   Z[b]^T Z[b] = I_k,
 
-    values (B, k) descending, vectors Z (B, n, k); A (B, n, n) fp32 or fp64,
-    symmetric (only its values are read, both triangles). For a repeated
+    values (B, k) descending, vectors Z (B, n, k); A (B, n, n) fp32 or fp64
+    and symmetric (the CPU kernel reads both triangles). For a repeated
     eigenvalue the vectors are an orthonormal basis of its eigenspace.
 
     The CPU kernel reduces A to tridiagonal form, finds the k eigenvalues by

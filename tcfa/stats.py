@@ -224,8 +224,8 @@ def _cholesky(name: str, a: torch.Tensor, first: int = 0, in_place: bool = False
 
     in_place: a (a scratch copy of the caller's) is overwritten by the factor.
     """
-    L, info = torch.linalg.cholesky_ex(a, out=(a, torch.empty(a.shape[0], dtype=torch.int32))) if in_place \
-        else torch.linalg.cholesky_ex(a)
+    info = torch.empty(a.shape[:-2], dtype=torch.int32, device=a.device)
+    L, info = torch.linalg.cholesky_ex(a, out=(a, info)) if in_place else torch.linalg.cholesky_ex(a)
     if bool((info != 0).any()):
         c = int((info != 0).nonzero()[0]) + first
         raise ValueError(f"{name} of condition {c} is not positive definite; increase reg")
