@@ -124,28 +124,6 @@ std::vector<Task> condition_tasks(const SlotGroups& g, int64_t s) {
   return tasks;
 }
 
-// d[j] = base[j] + a * v[j] + b * w[j] for j < n, explicitly vectorised: the
-// plain loops (possible aliasing, indirect row pointers) stayed scalar and
-// were the largest cost of the routed forward.
-template <typename T>
-inline void fma_row(T* d, const T* base, T a, const T* v, T b, const T* w, int64_t n) {
-  constexpr int W = lanes<T>();
-  const vec_t<T> va = splat<T>(a), vb = splat<T>(b);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) store(d + j, load(base + j) + va * load(v + j) + vb * load(w + j));
-  for (; j < n; ++j) d[j] = base[j] + a * v[j] + b * w[j];
-}
-
-template <typename T> inline T dot_row(const T* a, const T* b, int64_t n) {
-  constexpr int W = lanes<T>();
-  vec_t<T> acc = splat<T>(T(0));
-  int64_t j = 0;
-  for (; j + W <= n; j += W) acc += load(a + j) * load(b + j);
-  T sum = hsum<T>(acc);
-  for (; j < n; ++j) sum += a[j] * b[j];
-  return sum;
-}
-
 // ---------------------------------------------------------------- micro-kernel
 // acc[i][v] = sum_k a[i][k] * B[k, v*W .. v*W + W) for M rows given by
 // pointer (rows of x read in place by index: no gathered copy) and NV vectors

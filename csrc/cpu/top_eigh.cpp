@@ -31,20 +31,6 @@ template <typename T> inline void axpy(T* __restrict__ y, T s, const T* __restri
   for (; j < m; ++j) y[j] += s * x[j];
 }
 
-// sum_j a[j] b[j] in T, two vector accumulators (the loads stream from L2)
-template <typename T> inline T row_dot(const T* __restrict__ a, const T* __restrict__ b, int64_t m) {
-  constexpr int W = lanes<T>();
-  vec_t<T> s0 = splat<T>(T(0)), s1 = s0;
-  int64_t j = 0;
-  for (; j + 2 * W <= m; j += 2 * W) {
-    s0 += load(a + j) * load(b + j);
-    s1 += load(a + j + W) * load(b + j + W);
-  }
-  T s = hsum<T>(s0 + s1);
-  for (; j < m; ++j) s += a[j] * b[j];
-  return s;
-}
-
 template <typename T> inline double dot(const T* a, const T* b, int64_t m) {
   double s = 0;
   for (int64_t j = 0; j < m; ++j) s += static_cast<double>(a[j]) * b[j];
@@ -98,7 +84,7 @@ void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, T* tau, T* v, T* w,
     spread(0, v);
     std::fill(w, w + ld, T(0));
     if (t != 0)
-      for (int64_t i = 1; i < n; ++i) w[i] = t * row_dot(a + i * ld, v, ld);
+      for (int64_t i = 1; i < n; ++i) w[i] = t * dot_row<T>(a + i * ld, v, ld);
     for (int64_t j = 0; j + 2 < n; ++j) {
       const int64_t c0 = (j + 1) / W * W;
       if (t != 0) {
@@ -260,7 +246,7 @@ void tridiagonal_vectors(const T* d, const T* e, int64_t n, const T* lam, int64_
       lu.solve(x.data(), n);
       for (int64_t q = first; q < j; ++q) {
         const T* c = cols.data() + q * n;
-        axpy(x.data(), -row_dot(x.data(), c, n), c, n);
+        axpy(x.data(), -dot_row<T>(x.data(), c, n), c, n);
       }
       normalise(x.data(), n);
     }
