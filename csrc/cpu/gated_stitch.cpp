@@ -499,8 +499,9 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
       // Every per-condition product runs on the micro-kernels, reading dout
       // and x rows in place by index (no gathered copies, no MKL):
       //   dS = dout V_c^T and dx += dz U_c^T by rows_times (B = V_c^T, U_c^T
-      //   padded), dV_c (with dmu_y[c] as an extra row) and dU_c^T = dz^T x by
-      //   rows_times_rows, reducing over the condition's rows.
+      //   padded), dV_c (with dmu_y[c] as an extra row) and dU_c^T = dz^T x
+      //   (with dW_g[:, c]^T = dlogit^T x as an extra row) by rows_times_rows,
+      //   reducing over the condition's rows.
       // dU_c = x^T dz - mu_x[c] (sum dz) and dmu_x[c] = -U_c sum dz are
       // finished after the passes from the per-condition sums of dz.
       // With this (and pass B below) the backward op of the benchmark (N=8192,

@@ -334,6 +334,7 @@ bool top_eigh_one(const T* src, int64_t n, int64_t k, T* lam, T* z) {
   tridiagonal_vectors(d.data(), e.data(), n, lam, k, tnorm, z);
   std::vector<T> scratch(k);
   apply_reflectors(a.data, ld, tau.data(), n, k, z, scratch.data());
+  // checked against the scaled copy: squared residuals of the raw input overflow near 1e154 (fp64)
   const bool ok = check_and_refine(orig.data(), n, k, z, tnorm, lam);
   // Rayleigh quotients of a repeated eigenvalue differ by rounding in either
   // direction: sort the pairs so that values stay descending.
