@@ -1,13 +1,20 @@
 // The one place where tcfa's op schemas are declared. Each op's math is
-// stated in its docstring in tcfa/ops.py; CPU kernels live in csrc/cpu/,
-// Triton (CUDA) kernels in kernels/ and are registered from tcfa/ops.py.
+// stated in its docstring in tcfa/ops.py; CPU kernels live in csrc/cpu/ (one
+// library per instruction-set level), Triton (CUDA) kernels in tcfa/kernels/
+// and are registered from tcfa/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
+namespace tcfa {
+PyMethodDef* dispatch_methods();  // csrc/cpu_dispatch.cpp
+}
+
 extern "C" {
-// `import tcfa._C` loads this library, which runs the registrations below.
+// `import tcfa._C` loads this library, which runs the registrations below and
+// those of the CPU forwarders (csrc/cpu_dispatch.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          tcfa::dispatch_methods()};
   return PyModule_Create(&module_def);
 }
 }

@@ -24,7 +24,7 @@ from .stats import (
     segment_moments,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 __all__ = [
     "ops",

@@ -5,6 +5,9 @@ import torch
 import reference as ref
 from tcfa import ops
 
+# parity with the reference at every compiled CPU level (conftest.cpu_level)
+pytestmark = pytest.mark.usefixtures("cpu_level")
+
 # (dtype, atol, rtol): fp32 differs from the fp64 reference by the affine
 # cost form's rounding (|x|^2 + |y|^2 - 2 x.y) and the polynomial exp (~1 ulp);
 # fp16/bf16 are computed in fp32 and rounded once on output (half an ulp:

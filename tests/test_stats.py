@@ -65,6 +65,7 @@ def assert_moments(m, ref, dtype):
 
 # ------------------------------------------------------------------ moments
 # widths inside one 64-row Gram panel of the C++ kernel, and over several with a ragged last one
+@pytest.mark.usefixtures("cpu_level")
 @pytest.mark.parametrize("dims", [(4, 7), (131, 70)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_moments_match_numpy_cov_per_segment(dtype, dims):

@@ -44,6 +44,7 @@ def modes(C):
 
 
 # ------------------------------------------------------------------ forward
+@pytest.mark.usefixtures("cpu_level")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_matches_reference(shape, dtype):
@@ -57,6 +58,7 @@ def test_forward_matches_reference(shape, dtype):
             torch.testing.assert_close(out.double(), want, atol=atol, rtol=rtol, msg=f"top_k={k} tau={tau}")
 
 
+@pytest.mark.usefixtures("cpu_level")
 def test_routing_outputs_and_ties():
     x, W, b, U, V, mu_x, mu_y = sample_inputs(shape=(11, 5, 4, 6, 2))
     W = torch.zeros_like(W)
@@ -69,11 +71,13 @@ def test_routing_outputs_and_ties():
     torch.testing.assert_close(out, reference(x, W, b, U, V, mu_x, mu_y, 4), atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.usefixtures("cpu_level")
 def test_routed_with_all_conditions_equals_dense():
     args = sample_inputs()
     torch.testing.assert_close(ops.gated_stitch(*args, top_k=5), ops.gated_stitch(*args), atol=1e-13, rtol=1e-13)
 
 
+@pytest.mark.usefixtures("cpu_level")
 def test_top1_is_the_selected_map():
     x, W, b, U, V, mu_x, mu_y = args = sample_inputs()
     label = (x @ W + b).argmax(1)
@@ -92,6 +96,7 @@ def assert_backward_matches_reference(args, loss, what, **kw):
         torch.testing.assert_close(g1, g2, atol=1e-12, rtol=1e-12, msg=f"d{name}, {what}")
 
 
+@pytest.mark.usefixtures("cpu_level")
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backward_matches_autograd_of_reference(shape):
     args = sample_inputs(shape=shape)
@@ -100,6 +105,7 @@ def test_backward_matches_autograd_of_reference(shape):
         assert_backward_matches_reference(args, lambda out: (out * w).sum(), f"top_k={k}", top_k=k, temperature=0.8)
 
 
+@pytest.mark.usefixtures("cpu_level")
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backward_of_broadcast_gradient(shape):
     """out.sum() and out.mean() hand the backward a stride-0 gradient, which the routed kernel reads in place."""
@@ -109,6 +115,7 @@ def test_backward_of_broadcast_gradient(shape):
             assert_backward_matches_reference(args, loss, f"top_k={k}, {loss.__name__}", top_k=k)
 
 
+@pytest.mark.usefixtures("cpu_level")
 def test_backward_fp32_matches_fp64():
     args = sample_inputs(dtype=torch.float32, shape=(64, 16, 17, 6, 3))
     for k in (None, 2):
@@ -137,6 +144,7 @@ def test_opcheck(top_k):
     torch.library.opcheck(torch.ops.tcfa.gated_stitch_backward.default, (dout, *args, gates, index, z, top_k, 0.7))
 
 
+@pytest.mark.usefixtures("cpu_level")
 def test_half_precision_computes_in_fp32():
     args = sample_inputs(dtype=torch.float32, shape=(16, 8, 8, 4, 2))
     out = ops.gated_stitch(*(a.bfloat16() for a in args), top_k=2)

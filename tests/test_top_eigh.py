@@ -4,6 +4,9 @@ import torch
 
 from tcfa import ops
 
+# parity with the reference at every compiled CPU level (conftest.cpu_level)
+pytestmark = pytest.mark.usefixtures("cpu_level")
+
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}  # relative to the largest |eigenvalue|
 
 

@@ -2,6 +2,7 @@
 // FlashAttention-style: per tile of 128 x rows and 512 y rows, a GEMM for the
 // scores, an online row max, exp in place, and acc += W @ v_tile.
 #include "common.h"
+#include "kernels.h"
 
 namespace tcfa {
 namespace {
@@ -94,6 +95,5 @@ at::Tensor barycentric_cpu(const at::Tensor& x, const at::Tensor& y, const at::T
   return out.to(values.scalar_type());
 }
 
-TORCH_LIBRARY_IMPL(tcfa, CPU, m) { m.impl("barycentric", &barycentric_cpu); }
 
 }  // namespace tcfa

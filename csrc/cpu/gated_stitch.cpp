@@ -15,6 +15,7 @@
 // never touched. The shrink result z = (x - mu_x[c]) U_c of every selected
 // (row, slot) is an output, kept by autograd so the backward skips that GEMM.
 #include "common.h"
+#include "kernels.h"
 
 namespace tcfa {
 namespace {
@@ -647,9 +648,5 @@ gated_stitch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
           back(dV, V),       back(dmu_x, mu_x),     back(dmu_y, mu_y)};
 }
 
-TORCH_LIBRARY_IMPL(tcfa, CPU, m) {
-  m.impl("gated_stitch", &gated_stitch_cpu);
-  m.impl("gated_stitch_backward", &gated_stitch_backward_cpu);
-}
 
 }  // namespace tcfa

@@ -10,6 +10,7 @@
 #include <array>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace tcfa {
 namespace {
@@ -273,6 +274,5 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
   return {count, mx.to(ct), my.to(ct), sxx, syy, sxy};
 }
 
-TORCH_LIBRARY_IMPL(tcfa, CPU, m) { m.impl("segment_moments", &segment_moments_cpu); }
 
 }  // namespace tcfa

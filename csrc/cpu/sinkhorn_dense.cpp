@@ -16,6 +16,7 @@
 // Rows or columns whose sums leave the range where the shifted exps are exact
 // (early iterations, tiny eps) are recomputed with the one-pass online max.
 #include "dense_columns.h"
+#include "kernels.h"
 
 namespace tcfa {
 namespace {
@@ -329,6 +330,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
           error.to(f.scalar_type())};
 }
 
-TORCH_LIBRARY_IMPL(tcfa, CPU, m) { m.impl("sinkhorn_dense", &sinkhorn_dense_cpu); }
 
 }  // namespace tcfa

@@ -1,6 +1,7 @@
 // CPU kernels of tcfa::softmin (cost on the fly), tcfa::softmin_dense (stored
 // cost) and tcfa::cost. The math is stated once, in tcfa/ops.py.
 #include "dense_columns.h"
+#include "kernels.h"
 
 namespace tcfa {
 namespace {
@@ -158,10 +159,5 @@ at::Tensor cost_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
   return out;
 }
 
-TORCH_LIBRARY_IMPL(tcfa, CPU, m) {
-  m.impl("softmin", &softmin_cpu);
-  m.impl("softmin_dense", &softmin_dense_cpu);
-  m.impl("cost", &cost_cpu);
-}
 
 }  // namespace tcfa

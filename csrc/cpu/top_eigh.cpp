@@ -18,6 +18,7 @@
 #include <numeric>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace tcfa {
 namespace {
@@ -382,6 +383,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_top_eigh_cpu(const at::
   return {values, vectors, ok};
 }
 
-TORCH_LIBRARY_IMPL(tcfa, CPU, m) { m.impl("symmetric_top_eigh", &symmetric_top_eigh_cpu); }
 
 }  // namespace tcfa
