@@ -17,8 +17,7 @@ import torch
 
 import tcfa
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+from tcfa.bench import common as _common  # noqa: E402
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 BEGIN, END = "<!-- bad-input:begin -->", "<!-- bad-input:end -->"

@@ -2,20 +2,19 @@
 
 Run after the benchmarks:  .venv/bin/python benchmarks/report.py
 The README's numbers are therefore always the last measured ones, never hand-copied.
-Each table is followed by its roofline line(s) (benchmarks/_common.py), its N sweep
+Each table is followed by its roofline line(s) (tcfa/bench/common.py), its N sweep
 (time and peak memory per implementation and N) and links to the plots
-benchmarks/plots.py wrote (time vs N, memory vs N, ratio to peers), when they exist.
+tcfa.bench.plots wrote (time vs N, memory vs N, ratio to peers), when they exist.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
-import sys
+
+from tcfa.bench import common as _common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import _common  # noqa: E402
 
 README = os.path.join(os.path.dirname(HERE), "README.md")
 RESULTS = os.path.join(HERE, "results")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import subprocess
 import sys
 
-BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+# The benchmark modules (tcfa/bench), shipped with the package so that `tcfa bench`
+# runs from any install, not only from a checkout.
+BENCHMARKS = ("sinkhorn", "stitch", "cca", "levels")
 
 
 def _demo(args) -> int:
@@ -66,19 +67,22 @@ def _align(args) -> int:
 
 
 def _bench(args) -> int:
-    scripts = sorted(glob.glob(os.path.join(BENCH_DIR, "bench_*.py")))
-    if args.only:
-        scripts = [s for s in scripts if any(o in os.path.basename(s) for o in args.only)]
-    if not scripts:
-        print(f"no benchmark scripts found under {BENCH_DIR}", file=sys.stderr)
+    names = [b for b in BENCHMARKS if not args.only or any(o in b for o in args.only)]
+    if not names:
+        print(f"no benchmark matches {args.only}; the benchmarks are {list(BENCHMARKS)}", file=sys.stderr)
         return 1
+    env = dict(os.environ)
+    if args.quick:  # toy sizes: checks the plumbing, the numbers mean nothing (the JSON says so)
+        env["TCFA_BENCH_QUICK"] = "1"
+    if args.out:
+        env["TCFA_BENCH_RESULTS"] = os.path.abspath(args.out)
     status = 0
-    for script in scripts:
-        print(f"== {os.path.basename(script)}", flush=True)
-        status |= subprocess.call([sys.executable, script])
-    if not args.no_plots:  # PNGs from every results/*.json, including ones this run did not refresh
-        print("== plots.py", flush=True)
-        status |= subprocess.call([sys.executable, os.path.join(BENCH_DIR, "plots.py")])
+    for name in names:
+        print(f"== tcfa.bench.{name}", flush=True)
+        status |= subprocess.call([sys.executable, "-m", f"tcfa.bench.{name}"], env=env)
+    if not args.no_plots:  # PNGs from every results JSON, including ones this run did not refresh
+        print("== tcfa.bench.plots", flush=True)
+        status |= subprocess.call([sys.executable, "-m", "tcfa.bench.plots"], env=env)
     return status
 
 
@@ -107,9 +111,12 @@ def main(argv=None) -> int:
     a.add_argument("--image-size", type=int, default=32, help="digits upsampling when --inputs is not given")
     a.add_argument("--out", required=True, help="output .safetensors file")
     a.set_defaults(func=_align)
-    b = sub.add_parser("bench", help="run every benchmarks/bench_*.py (peers timed in the same run)")
-    b.add_argument("only", nargs="*", help="substrings of script names to run")
-    b.add_argument("--no-plots", action="store_true", help="skip benchmarks/plots.py (PNGs from results/*.json)")
+    b = sub.add_parser("bench", help=f"run the benchmarks {list(BENCHMARKS)} (peers timed in the same run)")
+    b.add_argument("only", nargs="*", help="substrings of benchmark names to run")
+    b.add_argument("--quick", action="store_true", help="toy sizes: checks that everything runs, measures nothing")
+    b.add_argument("--out", help="results directory (default: a checkout's benchmarks/results, "
+                   "else ./tcfa-bench-results)")
+    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots of the results")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,6 +1,6 @@
 """Entropic optimal transport on ragged batches: Sinkhorn, barycentric map, divergence, entropic GW.
 
-Conventions (DESIGN.md section 2). Problem k transports the weighted rows of x
+Conventions (docs/architecture.md). Problem k transports the weighted rows of x
 in it onto those of y. Weights are normalised to mass 1 per problem. The plan is
 
     P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps),

@@ -333,7 +333,9 @@ def fake_results(tmp_path, roofs=True):
 
 
 def test_roofline_of_a_fake_result(tmp_path):
-    common, report = bench_module("_common"), bench_module("report")
+    from tcfa.bench import common
+
+    report = bench_module("report")
     doc = fake_results(tmp_path)
     # By hand: gate 2*N*dx*C = 160 FLOP, two maps 2*N*2*r*(dx+dy) = 200; bytes: rows 4*N*(dx+dy) = 200
     # plus weights 4*(dx*C + C + C*r*(dx+dy) + C*(dx+dy)) = 4*52 = 208.

@@ -2,11 +2,12 @@
 // bounds, a vectorised polynomial exp, the one-pass online log-sum-exp, and a
 // dynamically scheduled task loop over the rows of ragged batches.
 //
-// Vectors use GCC/Clang vector extensions (64 bytes = one AVX-512 register);
-// built with -march=native they compile to AVX-512, elsewhere to whatever the
-// target has. Why not libm / torch.exp: on the 2-core AVX-512 machine the
-// polynomial below runs at ~6.9 G exp/s per core in cache against 0.9 G/s for
-// torch.exp and 0.3 G/s for scalar expf (DESIGN.md section 5).
+// Vectors use GCC/Clang vector extensions (64 bytes = one AVX-512 register).
+// This header is compiled once per instruction-set level (docs/architecture.md,
+// "CPU dispatch"): AVX-512 holds a vector in one register, AVX2 in two, SSE2 in
+// four. Why not libm / torch.exp: on a 2-core AVX-512 machine the polynomial
+// below ran at ~6.9 G exp/s per core in cache against 0.9 G/s for torch.exp
+// and 0.3 G/s for scalar expf.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -102,7 +103,7 @@ inline std::vector<uint8_t> active_flags(const c10::optional<at::Tensor>& active
   return flags;
 }
 
-// Costs are affine in x.y (DESIGN.md section 2): C_ij = alpha_i + beta_j - gamma x_i.y_j.
+// Costs are affine in x.y (docs/architecture.md, "Ragged batches"): C_ij = alpha_i + beta_j - gamma x_i.y_j.
 enum class Cost { SqEuclidean, Cosine };
 
 inline Cost parse_cost(c10::string_view s) {
@@ -135,7 +136,7 @@ inline AffineRows affine_rows(const at::Tensor& x, Cost cost) {
 
 inline double cost_gamma(Cost cost) { return cost == Cost::Cosine ? 1.0 : 2.0; }
 
-// fp16/bf16 inputs are computed in fp32 (DESIGN.md section 2).
+// fp16/bf16 inputs are computed in fp32 (the dtype rule of tcfa/ops.py).
 inline at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
@@ -398,7 +399,7 @@ template <typename T> struct LseState {
 
   // Folds four vectors of terms into (mm, ss) with one shared rescale: 1.25
   // exp per term instead of 2 (a two-pass max-then-sum reads the data twice
-  // and was slower; DESIGN.md section 5).
+  // and was slower).
   static inline void fold4(vec_t<T>& mm, vec_t<T>& ss, vec_t<T> v0, vec_t<T> v1,
                            vec_t<T> v2, vec_t<T> v3) {
     const vec_t<T> nm = vmax<T>(vmax<T>(mm, vmax<T>(v0, v1)), vmax<T>(v2, v3));

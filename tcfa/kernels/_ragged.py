@@ -1,7 +1,7 @@
 """Host-side pieces shared by the Triton launchers: bounds checks and block tables.
 
-A ragged batch is B problems stored as flat rows plus int64 offsets (DESIGN.md
-section 2). The launchers cover the whole batch with ONE launch: the host lists
+A ragged batch is B problems stored as flat rows plus int64 offsets (docs/architecture.md,
+"Ragged batches"). The launchers cover the whole batch with ONE launch: the host lists
 every row block of every problem in a *block table*, and program p of the grid
 works on the block in row p of the table.
 
@@ -22,7 +22,7 @@ LN2 = 0.6931471805599453
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp16/bf16 are computed in fp32 (DESIGN.md section 2)."""
+    """fp16/bf16 are computed in fp32 (the dtype rule of tcfa/ops.py)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 

@@ -1,13 +1,13 @@
-"""PNG plots of benchmarks/results/*.json: time vs N, memory vs N, ratio to peers.
+"""PNG plots of the benchmark results (<results>/*.json): time vs N, memory vs N, ratio to peers.
 
-    .venv/bin/python benchmarks/plots.py [results_dir]   -> results_dir/plots/<bench>_<kind>.png
+    python -m tcfa.bench.plots [results_dir]   -> results_dir/plots/<bench>_<kind>.png
 
 matplotlib is not a dependency of this project (and not installed on the
 benchmark machine), so the PNGs are drawn here on a plain RGB canvas with a
 3x5 bitmap font and encoded with zlib: crude, but dependency-free and exact.
 
 * ``time vs N`` and ``memory vs N`` come from the ``sweep`` list in the JSON
-  (benchmarks/_common.py: run_sweep; every bench_*.py writes one), one line per
+  (tcfa.bench.common.run_sweep; every bench_*.py writes one), one line per
   implementation, axes named by ``sweep_axes``; a JSON without a sweep gets no
   such plot, and this script says so.
 * ``ratio to peers`` is drawn for every row column whose name says it is a
@@ -23,7 +23,8 @@ import struct
 import sys
 import zlib
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tcfa.bench import common
+
 W, H = 720, 440
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (200, 200, 200)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -203,7 +204,8 @@ def plots_for(doc: dict) -> dict[str, Canvas]:
     return out
 
 
-def main(results: str = os.path.join(HERE, "results")) -> int:
+def main(results: str | None = None) -> int:
+    results = results or common.results_dir()
     out_dir = os.path.join(results, "plots")
     os.makedirs(out_dir, exist_ok=True)
     written = 0

@@ -1,7 +1,8 @@
 """Shared benchmark plumbing: timing, machine info, the printed table and the JSON record.
 
-Every bench_<op>.py times tcfa and its peers in the same run on the same
-inputs, prints a table with ratios, and writes benchmarks/results/<op>.json.
+Every benchmark module (tcfa.bench.<op>, run by `tcfa bench` or a checkout's
+benchmarks/bench_<op>.py) times tcfa and its peers in the same run on the same
+inputs, prints a table with ratios, and writes <results>/<op>.json.
 """
 from __future__ import annotations
 
@@ -16,7 +17,18 @@ import time
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_ENV = "TCFA_BENCH_RESULTS"
+
+
+def results_dir() -> str:
+    """Where results/<op>.json go: $TCFA_BENCH_RESULTS, else the checkout's
+    benchmarks/results when tcfa runs from a checkout, else ./tcfa-bench-results."""
+    if os.environ.get(RESULTS_ENV):
+        return os.environ[RESULTS_ENV]
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            "benchmarks", "results")
+    return checkout if os.path.isdir(checkout) else os.path.abspath("tcfa-bench-results")
+
 # TCFA_BENCH_QUICK=1: every N-sweep runs at toy sizes, to check the plumbing
 # (fresh processes, JSON, plots, report) in seconds; its numbers mean nothing,
 # and the JSON says so ("quick": true).
@@ -107,9 +119,25 @@ def peak_rss() -> int:
     raise RuntimeError("VmHWM not in /proc/self/status")
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (the machine varies between runs:
+    compare only figures measured on the same one)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
+    from tcfa import ops
+
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_level": ops.cpu_capability(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -149,8 +177,8 @@ def write(name: str, rows: list[dict], extra: dict | None = None, *, measure_roo
         doc["roofline"] = roofline_lines(doc)
     for r in doc["roofline"]:
         print(roofline_text(r))
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
+    os.makedirs(results_dir(), exist_ok=True)
+    path = os.path.join(results_dir(), f"{name}.json")
     with open(path + ".tmp", "w") as fh:
         json.dump(doc, fh, indent=2)
     os.replace(path + ".tmp", path)
@@ -181,13 +209,19 @@ def sweep_sizes(full, quick) -> list[int]:
     return list(quick if QUICK else full)
 
 
+def pick(full, quick):
+    """full, or quick under TCFA_BENCH_QUICK=1: a case's size or repeat count."""
+    return quick if QUICK else full
+
+
 def sweep_time(fn) -> float:
     """A sweep point's seconds: the fastest of 3 runs after a warm-up (1 run under TCFA_BENCH_QUICK=1)."""
     return timeit(fn, repeat=1 if QUICK else 3)
 
 
-def run_sweep(script: str, sizes: dict) -> list[dict]:
-    """Sweep points of every impl at each of its N ({impl: [N, ...]}), each measured by `script` in a fresh process.
+def run_sweep(module: str, sizes: dict) -> list[dict]:
+    """Sweep points of every impl at each of its N ({impl: [N, ...]}), each measured by
+    `python -m module` in a fresh process.
 
     The impls are interleaved at each N, so a drift in machine load hits tcfa
     and its peers alike.
@@ -195,16 +229,16 @@ def run_sweep(script: str, sizes: dict) -> list[dict]:
     points = []
     for n in sorted({n for ns in sizes.values() for n in ns}):
         for impl in (i for i, ns in sizes.items() if n in ns):
-            seconds, peak = _run_point(script, impl, n)
+            seconds, peak = _run_point(module, impl, n)
             points.append(sweep_point(impl, n, seconds, peak))
             print(f"sweep {impl} N={n}: {seconds * 1e3:.4g} ms, peak extra {peak:.0f} MiB", flush=True)
     return points
 
 
-def _run_point(script: str, impl: str, n: int) -> tuple[float, float]:
-    proc = subprocess.run([sys.executable, script, POINT_FLAG, impl, str(n)], capture_output=True, text=True)
+def _run_point(module: str, impl: str, n: int) -> tuple[float, float]:
+    proc = subprocess.run([sys.executable, "-m", module, POINT_FLAG, impl, str(n)], capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"sweep point {impl} N={n} of {os.path.basename(script)} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"sweep point {impl} N={n} of {module} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return out["seconds"], out["peak_mib"]
 
@@ -212,7 +246,7 @@ def _run_point(script: str, impl: str, n: int) -> tuple[float, float]:
 def sweep_child(makers: dict, warm_n: int, timer=sweep_time) -> bool:
     """In a process run_sweep started: measures its one point, prints it as JSON, returns True.
 
-    Any other invocation returns False (the script then runs its benchmark).
+    Any other invocation returns False (the module then runs its benchmark).
     """
     if len(sys.argv) != 4 or sys.argv[1] != POINT_FLAG:
         return False
