@@ -29,7 +29,7 @@ ROUNDS = common.pick(5, 2)
 
 def sinkhorn_workload():
     n = common.pick(4096, 256)
-    k1, k2 = common.pick((10, 60), (2, 6))
+    k1, k2 = common.pick((10, 60), (5, 105))
     x, y = torch.randn(n, 64), torch.randn(n, 64) + 0.5
 
     def per_iteration(solve):
