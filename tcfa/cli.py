@@ -14,26 +14,68 @@ BENCHMARKS = ("sinkhorn", "stitch", "cca", "levels")
 def _demo(args) -> int:
     from . import demo
 
-    demo.run(args.out, seed=args.seed, epochs=args.epochs, tune_steps=args.tune_steps, cache=not args.no_cache)
+    if args.quick:  # the whole pipeline on a few hundred images in seconds: a check, not a result
+        demo.run(args.out, seed=args.seed, epochs=1, tune_steps=2, n_train=300, cache=not args.no_cache)
+    else:
+        demo.run(args.out, seed=args.seed, epochs=args.epochs, tune_steps=args.tune_steps, cache=not args.no_cache)
     return 0
 
 
-def _load_model(spec: str):
-    """A model from a local torch.save'd nn.Module file, else a hub name (transformers
-    AutoModelForImageClassification; only works where the user has the hub or its cache)."""
+def _state_dict(path: str, flag: str) -> dict:
+    """The parameter dict in a checkpoint file: .safetensors, or a torch.save'd dict of tensors."""
     import torch
+
+    if not os.path.exists(path):
+        raise SystemExit(f"{flag}: no such file {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SystemExit(f"{flag}: {path} holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
+    return state
+
+
+def _is_timm_name(spec: str) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return timm.is_model(spec)
+
+
+def _load_model(spec: str, checkpoint: str | None, role: str, num_classes: int):
+    """A model from ``spec`` (a local torch.save'd nn.Module file; a timm model name, built
+    random-init without any download; else a transformers hub name, which only works where the
+    user has the hub or its cache), with ``checkpoint``'s state_dict loaded into it when given.
+    ``role`` ("a" or "b") names the command-line flags in errors."""
+    import torch
+
+    flag, ckpt_flag = f"--model-{role}", f"--checkpoint-{role}"
 
     if os.path.exists(spec):
         model = torch.load(spec, map_location="cpu", weights_only=False)
         if not isinstance(model, torch.nn.Module):
-            raise SystemExit(f"--model file {spec} holds a {type(model).__name__}, not a torch.save'd nn.Module")
-        return model.eval()
-    try:
-        from transformers import AutoModelForImageClassification
+            raise SystemExit(f"{flag} file {spec} holds a {type(model).__name__}, not a torch.save'd nn.Module")
+    elif _is_timm_name(spec):
+        import timm
 
-        return AutoModelForImageClassification.from_pretrained(spec).eval()
-    except Exception as exc:  # offline, unknown name: say what was tried
-        raise SystemExit(f"cannot load model {spec!r}: not a local file, and the hub load failed ({exc})")
+        model = timm.create_model(spec, pretrained=False, num_classes=num_classes)
+    else:
+        try:
+            from transformers import AutoModelForImageClassification
+
+            model = AutoModelForImageClassification.from_pretrained(spec)
+        except Exception as exc:  # offline, unknown name: say what was tried
+            raise SystemExit(f"cannot load {flag} {spec!r}: not a local file nor a timm model name, and the "
+                             f"transformers hub load failed ({exc})")
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(_state_dict(checkpoint, ckpt_flag))
+        except RuntimeError as exc:  # missing / unexpected keys, wrong shapes
+            raise SystemExit(f"{ckpt_flag} {checkpoint} does not fit {flag} {spec}: {exc}")
+    return model.eval()
 
 
 def _align(args) -> int:
@@ -41,9 +83,11 @@ def _align(args) -> int:
 
     from . import data
     from .align import TCFA
-    from .models import extract, paired_rows
+    from .models import extract, layout_of, paired_rows
 
-    model_a, model_b = _load_model(args.model_a), _load_model(args.model_b)
+    torch.manual_seed(args.seed)  # the random init of timm models built by name
+    model_a = _load_model(args.model_a, args.checkpoint_a, "a", args.num_classes)
+    model_b = _load_model(args.model_b, args.checkpoint_b, "b", args.num_classes)
     if args.inputs:
         blob = torch.load(args.inputs, map_location="cpu")
         x, labels = (blob if isinstance(blob, (tuple, list)) else (blob, None))
@@ -57,11 +101,14 @@ def _align(args) -> int:
         cond = data.no_conditions(x.shape[0])
     act_a = extract(model_a, args.layer_a, x, progress=True)
     act_b = extract(model_b, args.layer_b, x, progress=True)
-    rows_a, rows_b = paired_rows(act_a, act_b, args.mode)
+    # the models say how many prefix (CLS, register) tokens precede their patch grids
+    rows_a, rows_b = paired_rows(act_a, act_b, args.mode, layout_a=layout_of(act_a, model=model_a),
+                                 layout_b=layout_of(act_b, model=model_b))
     per = rows_a.shape[0] // x.shape[0]
     stitch = TCFA(args.method, rank=args.rank, conditions=cond.num, reg=args.reg, eps=args.eps).fit(
         rows_a, rows_b, cond.ids.repeat_interleave(per))
-    stitch.save(args.out)
+    stitch.save(args.out, method=args.method, layers={"a": args.layer_a, "b": args.layer_b},
+                conditions=list(cond.names))
     print(f"wrote {args.out}: {stitch.extra_repr()} ({stitch.num_trainable()} parameters)")
     return 0
 
@@ -89,18 +136,28 @@ def _bench(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tcfa", description="Task-Conditioned Functional Alignment")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="stitch a small CNN into a small ViT on sklearn digits with every TCFA method")
+    d = sub.add_parser("demo", help="stitch a small timm CNN into a small timm ViT on sklearn digits with every TCFA method")
     d.add_argument("--out", default="demo_output", help="directory for results.json and stitching.png")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--epochs", type=int, default=12, help="training epochs of each model (cached by config)")
     d.add_argument("--tune-steps", type=int, default=60, help="optimizer steps of each tuning mode")
     d.add_argument("--no-cache", action="store_true", help="retrain instead of loading ~/.cache/tcfa weights")
+    d.add_argument("--quick", action="store_true",
+                   help="1 epoch, 2 tuning steps, 300 training images: checks an install in seconds")
     d.set_defaults(func=_demo)
     a = sub.add_parser("align", help="fit a TCFA stitch between two models' layers; save it as safetensors")
-    a.add_argument("--model-a", required=True, help="torch.save'd nn.Module file, or a hub name")
-    a.add_argument("--layer-a", required=True, help="dotted module path in model A")
-    a.add_argument("--model-b", required=True)
-    a.add_argument("--layer-b", required=True)
+    a.add_argument("--model-a", required=True,
+                   help="a torch.save'd nn.Module file; or a timm model name (e.g. resnet18), built by "
+                        "timm.create_model(NAME, pretrained=False, num_classes=--num-classes): random init "
+                        "seeded by --seed, no download; or else a transformers hub name")
+    a.add_argument("--checkpoint-a", help="state_dict for model A (torch.save'd dict of tensors or .safetensors), "
+                                          "loaded into it: the trained weights of a timm model given by name")
+    a.add_argument("--layer-a", required=True, help="dotted module path in model A (timm resnet18: layer2)")
+    a.add_argument("--model-b", required=True, help="as --model-a")
+    a.add_argument("--checkpoint-b", help="as --checkpoint-a, for model B")
+    a.add_argument("--layer-b", required=True, help="dotted module path in model B (timm ViT: blocks.5)")
+    a.add_argument("--num-classes", type=int, default=10, help="classifier size of timm models built by name")
+    a.add_argument("--seed", type=int, default=0, help="seed of the random init of timm models built by name")
     a.add_argument("--method", default="cca", choices=["cca", "ot", "ridge", "procrustes"])
     a.add_argument("--rank", type=int, default=16)
     a.add_argument("--reg", type=float, default=1e-3)

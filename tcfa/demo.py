@@ -1,16 +1,19 @@
-"""`tcfa demo`: stitch a small CNN into a small ViT on sklearn digits with every TCFA method.
+"""`tcfa demo`: stitch a small timm CNN into a small timm ViT on sklearn digits with every TCFA method.
 
-1. Train a ResNet-style CNN (model A) and a ViT (model B) from transformers configs on the
-   digits upsampled to 32 px (timm cannot be installed beside this torch build, so the
-   transformers families stand in). Trained weights are cached under ~/.cache/tcfa (or
-   $TCFA_CACHE) keyed by a hash of the model config and training settings.
-2. Tap A after its middle stage (4x4 grid, 32 channels) and B after its second of four blocks
-   (CLS + 4x4 patch tokens, width 48); rows pair A's positions with B's tokens (tcfa.models).
+1. Train a timm ResNet (model A: BasicBlocks, one per stage, 16-64 channels) and a timm
+   VisionTransformer (model B: 4 blocks of width 48, 8 px patches), both random-init from
+   ``timm.create_model(..., pretrained=False)`` with small kwargs (MODELS), on the digits
+   upsampled to 32 px. Trained weights are cached under ~/.cache/tcfa (or $TCFA_CACHE) keyed by
+   a hash of the model spec, the timm version and the training settings.
+2. Tap A after its third stage (``layer3``: 64 channels on a 4x4 grid) and B after its second
+   of four blocks (``blocks.1``: CLS + 4x4 patch tokens, width 48); each of A's positions feeds
+   the matching patch token, B's CLS is fed from A's pooled features (tcfa.layouts).
 3. Fit a stitch with each method (cca, ot, ridge, procrustes) under class conditions and
    without conditions (`none`), evaluate zero-shot, then tune the class-conditioned CCA and
    the unconditioned ridge stitches with each tuning mode.
 4. Report accuracy, Δaccuracy vs the better of A and B, Δθ, CKA at B's tap (overall and per
-   class), accuracy under corruption; write results.json and stitching.png.
+   class), accuracy under corruption; write results.json (records, the machine, the settings,
+   the wall time) and stitching.png. ``python -m tcfa.report`` puts results.json into README.md.
 """
 from __future__ import annotations
 
@@ -26,46 +29,51 @@ from . import data, evaluate
 from .align import TCFA, tune
 from .baselines import merge_applicability
 from .data import class_conditions, no_conditions
-from .models import StitchedModel, extract, paired_rows
+from .models import StitchedModel, extract, layout_of, paired_rows
+from .report import machine, table
 
-PATH_A, PATH_B = "resnet.encoder.stages.1", "vit.layers.1"
-LATER_B = ("vit.layers.2", "vit.layers.3")  # B's depths after the tap, for "fula"
+PATH_A, PATH_B = "layer3", "blocks.1"
+LATER_B = ("blocks.2", "blocks.3")  # B's depths after the tap, for "fula"
 IMAGE = 32
+# timm's registered names with their architecture kwargs overridden (kwargs win over the
+# name's defaults): a 4-stage BasicBlock ResNet and a 4-block ViT for 32 px images. A's
+# output_stride=8 dilates layers 3-4 instead of striding them, so layer3 keeps the 4x4 grid of
+# B's patches. (Tried first: layer2 of the undilated net, 32 channels on that grid; its zero-shot
+# stitches reached 0.28-0.70 accuracy rather than 0.91-0.98, B's CLS being poorly predicted.)
+MODELS = {
+    "A": {"name": "resnet18", "kwargs": {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 64], "stem_width": 16,
+                                         "output_stride": 8, "num_classes": 10}},
+    "B": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": IMAGE, "patch_size": 8, "embed_dim": 48, "depth": 4,
+                                                     "num_heads": 4, "mlp_ratio": 2.0, "num_classes": 10}},
+}
 
 
-def model_configs():
-    from transformers import ResNetConfig, ViTConfig
+def build(spec: dict) -> nn.Module:
+    """A random-init timm model from a MODELS entry (never downloads: pretrained=False)."""
+    import timm
 
-    cnn = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
-                       layer_type="basic", num_labels=10)
-    vit = ViTConfig(image_size=IMAGE, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=4,
-                    num_attention_heads=4, intermediate_size=96, num_labels=10, hidden_dropout_prob=0.0,
-                    attention_probs_dropout_prob=0.0)
-    return cnn, vit
-
-
-def _build(config) -> nn.Module:
-    from transformers import ResNetForImageClassification, ViTForImageClassification
-
-    return (ResNetForImageClassification if config.model_type == "resnet" else ViTForImageClassification)(config)
+    return timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
 
 
 def cache_dir() -> str:
     return os.environ.get("TCFA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tcfa"))
 
 
-def trained_model(config, x, y, *, epochs: int, lr: float, seed: int, cache: bool = True, log=print) -> nn.Module:
-    """A model built from ``config`` and trained on (x, y), from the cache when it holds it."""
-    spec = json.dumps({"config": config.to_dict(), "epochs": epochs, "lr": lr, "seed": seed, "n": int(x.shape[0]),
-                       "image": IMAGE}, sort_keys=True, default=str)
-    key = hashlib.sha256(spec.encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"{config.model_type}-{key}.pt")
+def trained_model(spec: dict, x, y, *, epochs: int, lr: float, seed: int, cache: bool = True,
+                  log=print) -> tuple[nn.Module, bool]:
+    """(model built from ``spec`` and trained on (x, y), True when it came from the cache)."""
+    import timm
+
+    key_doc = {"model": spec, "timm": timm.__version__, "epochs": epochs, "lr": lr, "seed": seed,
+               "n": int(x.shape[0]), "image": IMAGE}
+    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"timm-{spec['name']}-{key}.pt")
     torch.manual_seed(seed)
-    model = _build(config)
+    model = build(spec)
     if cache and os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu"))
-        log(f"loaded {config.model_type} from {path}")
-        return model.eval()
+        log(f"loaded {spec['name']} from {path}")
+        return model.eval(), True
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((x.shape[0] + 63) // 64)
@@ -73,10 +81,10 @@ def trained_model(config, x, y, *, epochs: int, lr: float, seed: int, cache: boo
     from tqdm.auto import tqdm
 
     model.train()
-    bar = tqdm(total=steps, desc=f"train {config.model_type}", unit="step", disable=None)
+    bar = tqdm(total=steps, desc=f"train {spec['name']}", unit="step", disable=None)
     for _ in range(epochs):
         for idx in torch.randperm(x.shape[0], generator=gen).split(64):
-            loss = nn.functional.cross_entropy(model(x[idx]).logits, y[idx])
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -89,7 +97,7 @@ def trained_model(config, x, y, *, epochs: int, lr: float, seed: int, cache: boo
         os.makedirs(cache_dir(), exist_ok=True)
         torch.save(model.state_dict(), path + ".tmp")
         os.replace(path + ".tmp", path)
-    return model
+    return model, False
 
 
 def _record(name, conditioning, tuning, model, x_te, y_te, cond_te, best, stitched=None, extra=None):
@@ -105,8 +113,8 @@ def _record(name, conditioning, tuning, model, x_te, y_te, cond_te, best, stitch
 
 def run(out_dir: str | None = "demo_output", *, seed: int = 0, epochs: int = 12, tune_steps: int = 60,
         methods=("cca", "ot", "ridge", "procrustes"), tunings=("direct", "task", "fula", "partial"),
-        rank: int = 16, n_train: int | None = None, cache: bool = True, plot: bool = True, log=print) -> list:
-    """Runs the demo; returns the result records (also written to out_dir/results.json).
+        rank: int = 16, n_train: int | None = None, cache: bool = True, plot: bool = True, log=print) -> dict:
+    """Runs the demo; returns {"records", "machine", "settings", "timings"} (also out_dir/results.json).
 
     ``epochs``, ``tune_steps``, ``n_train`` (training images used; None: all) make it small for tests."""
     t0 = time.perf_counter()
@@ -115,36 +123,37 @@ def run(out_dir: str | None = "demo_output", *, seed: int = 0, epochs: int = 12,
     tr, te = data.split(x.shape[0], 0.25, seed)
     tr = tr if n_train is None else tr[:n_train]
     x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
-    cfg_a, cfg_b = model_configs()
-    model_a = trained_model(cfg_a, x_tr, y_tr, epochs=epochs, lr=3e-3, seed=seed, cache=cache, log=log)
-    model_b = trained_model(cfg_b, x_tr, y_tr, epochs=epochs, lr=3e-3, seed=seed, cache=cache, log=log)
+    t1 = time.perf_counter()
+    trained = {role: trained_model(spec, x_tr, y_tr, epochs=epochs, lr=3e-3, seed=seed, cache=cache, log=log)
+               for role, spec in MODELS.items()}
+    (model_a, cached_a), (model_b, cached_b) = trained["A"], trained["B"]
+    train_seconds = 0.0 if cached_a and cached_b else time.perf_counter() - t1
 
-    acc_a, acc_b = evaluate.accuracy(model_a, x_te, y_te), evaluate.accuracy(model_b, x_te, y_te)
-    best = max(acc_a, acc_b)
-    merge_ok, why = merge_applicability(model_a, model_b)
+    best = max(evaluate.accuracy(model_a, x_te, y_te), evaluate.accuracy(model_b, x_te, y_te))
     records = [_record("model A (CNN)", "-", "-", model_a, x_te, y_te, None, best),
                _record("model B (ViT)", "-", "-", model_b, x_te, y_te, None, best)]
+    merge_ok, why = merge_applicability(model_a, model_b)
     for merge in ("weight averaging", "TIES merging"):
         records.append(dict(name=merge, conditioning="-", tuning="-", accuracy=None, delta_accuracy=None, cka=None,
                             cka_per_condition=None, trainable_params=0, corrupted_accuracy=None,
                             not_applicable=why if not merge_ok else None))
 
-    fit_x, fit_y = x_tr, y_tr
-    rows_a, rows_b = paired_rows(extract(model_a, PATH_A, fit_x), extract(model_b, PATH_B, fit_x), "tokens")
-    per = rows_a.shape[0] // fit_x.shape[0]
-    conds = {"class": class_conditions(fit_y), "none": no_conditions(fit_x.shape[0])}
+    act_a, act_b = extract(model_a, PATH_A, x_tr), extract(model_b, PATH_B, x_tr)
+    layout_a, layout_b = layout_of(act_a, model=model_a), layout_of(act_b, model=model_b)
+    rows_a, rows_b = paired_rows(act_a, act_b, "tokens", layout_a=layout_a, layout_b=layout_b)
+    conds = {"class": class_conditions(y_tr), "none": no_conditions(x_tr.shape[0])}
 
-    # Rows come sample-major, B's CLS token first (tcfa.models.paired_rows): B's CLS is filled
-    # from A's pooled features, a different distribution from A's positions, and ViT classifies
-    # from CLS alone -- so CLS gets its own stitch (cls_stitch), fitted the same way on those rows.
-    is_cls = torch.zeros(rows_a.shape[0], dtype=torch.bool)
-    is_cls[::per] = True
+    # Rows come sample-major, B's special (CLS) tokens first in each sample (tcfa.layouts): they
+    # are filled from A's pooled features, a different distribution from A's positions, and ViT
+    # classifies from CLS alone -- so they get their own stitch (cls_stitch), fitted the same way.
+    per, special = layout_b.positions, layout_b.num_special
+    is_special = torch.arange(rows_a.shape[0]) % per < special
 
     def stitched_from(method, conditioning):
         c = conds[conditioning]
         make = lambda: TCFA(method, rank=rank, conditions=c.num, seed=seed, eps=0.01, ot_max_rows=1024)  # noqa: E731
-        stitch = make().fit(rows_a[~is_cls], rows_b[~is_cls], c.ids.repeat_interleave(per - 1))
-        cls_stitch = make().fit(rows_a[is_cls], rows_b[is_cls], c.ids)
+        stitch = make().fit(rows_a[~is_special], rows_b[~is_special], c.ids.repeat_interleave(per - special))
+        cls_stitch = make().fit(rows_a[is_special], rows_b[is_special], c.ids.repeat_interleave(special))
         return StitchedModel(model_a, PATH_A, model_b, PATH_B, stitch, cls_stitch=cls_stitch, example_input=x_te[:1])
 
     for method in methods:
@@ -168,37 +177,27 @@ def run(out_dir: str | None = "demo_output", *, seed: int = 0, epochs: int = 12,
                                     "fit_seconds": time.perf_counter() - t1}))
             log(f"  {method:<10} {conditioning:<6} {mode:<10} acc {records[-1]['accuracy']:.3f}")
 
+    models = {role: dict(MODELS[role], params=sum(p.numel() for p in m.parameters()), test_accuracy=r["accuracy"],
+                         tap=path, tap_shape=lay.describe())
+              for role, m, r, path, lay in (("A", model_a, records[0], PATH_A, layout_a),
+                                            ("B", model_b, records[1], PATH_B, layout_b))}
+    doc = {"records": records, "machine": machine(),
+           "settings": {"seed": seed, "epochs": epochs, "tune_steps": tune_steps, "rank": rank, "image": IMAGE,
+                        "n_train": int(x_tr.shape[0]), "n_test": int(x_te.shape[0]), "models": models},
+           "timings": {"wall_seconds": time.perf_counter() - t0, "train_seconds": train_seconds}}
     log(table(records))
-    log(f"demo wall time {time.perf_counter() - t0:.1f} s")
+    log(f"demo wall time {doc['timings']['wall_seconds']:.1f} s")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "results.json")
         with open(path + ".tmp", "w") as fh:
-            json.dump(records, fh, indent=2)
+            json.dump(doc, fh, indent=2)
         os.replace(path + ".tmp", path)
         log(f"wrote {path}")
         if plot:
             plot_results(records, os.path.join(out_dir, "stitching.png"))
             log(f"wrote {os.path.join(out_dir, 'stitching.png')}")
-    return records
-
-
-def _fmt(v, spec=".3f"):
-    return "-" if v is None else format(v, spec)
-
-
-def table(records) -> str:
-    head = f"{'method':<16} {'cond':<6} {'tuning':<10} {'acc':>6} {'Δacc':>7} {'Δθ':>7} {'CKA':>6} {'noise':>6} {'rot':>6}"
-    lines = [head, "-" * len(head)]
-    for r in records:
-        if r.get("not_applicable"):
-            lines.append(f"{r['name']:<16} {r['not_applicable']}")
-            continue
-        ca = r["corrupted_accuracy"] or {}
-        lines.append(f"{r['name']:<16} {r['conditioning']:<6} {r['tuning']:<10} {_fmt(r['accuracy']):>6} "
-                     f"{_fmt(r['delta_accuracy'], '+.3f'):>7} {r['trainable_params']:>7} {_fmt(r['cka']):>6} "
-                     f"{_fmt(ca.get('noise')):>6} {_fmt(ca.get('rotation')):>6}")
-    return "\n".join(lines)
+    return doc
 
 
 def plot_results(records, path: str) -> None:

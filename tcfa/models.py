@@ -7,47 +7,27 @@ Public API (the align code depends on these names and signatures):
     capture(model, paths, inputs) -> dict[str, Tensor]      # several taps, one forward, stops after the last
     stream_moments(model_a, path_a, model_b, path_b, data, labels, accumulator, *, mode="pooled",
                    batch_size=256, progress=False) -> accumulator
-    layout_of(act, *, model=None, num_special=None, grid=None) -> Layout
+    layout_of(act, *, model=None, num_special=None, grid=None) -> Layout      # from tcfa.layouts
     to_rows(act, mode="pooled", grid=None) -> Tensor             # (N, D) or (N * P, D)
     rows_per_sample(act, mode="pooled", grid=None) -> int
     paired_rows(act_a, act_b, mode="tokens", ...) -> (rows_a, rows_b)   # the rows StitchedModel maps
     StitchedModel(model_a, path_a, model_b, path_b, stitch, *, mode="tokens", cls_stitch=None,
                   example_input=None, layout_a=None, layout_b=None)
-        .forward(inputs) -> B's logits (or B's raw output when it has no .logits)
+        .forward(inputs) -> B's logits (or B's raw output when it has no .logits, as timm's)
         .forward_taps(inputs, paths_b) -> (logits, {path: activation of the stitched model in B})
         .num_trainable() -> int
 
 Inputs everywhere are what the model takes: a Tensor (images) is passed positionally, a dict
-(BERT: input_ids, attention_mask) as keyword arguments.
+(BERT: input_ids, attention_mask) as keyword arguments. Paths are dotted module names: timm
+ResNet "layer2", timm ConvNeXt "stages.1", timm VisionTransformer "blocks.1", transformers ViT
+"vit.layers.1", BERT "bert.encoder.layer.1".
 
-Activation layouts. A tap gives either a "map" (N, C, H, W) (CNNs) or "tokens" (N, T, D)
-(ViT, BERT); tokens hold ``num_special`` leading special tokens (CLS, distillation) and, for
-vision models, an h x w grid of patch tokens after them. Rows pair positions of A with positions of
-B in B's order:
+How a tap's activation is laid out -- a CNN grid (N, C, H, W) or tokens (N, T, D) with leading
+CLS / prefix tokens -- and how A's positions are paired with B's: tcfa.layouts. How B runs from
+its tap without its earlier layers: tcfa._skip.
 
-  * "pooled": one row per sample, the mean over every spatial position / every token (special
-    tokens included: BERT and ViT expose no padding-free patch mean that holds for both, and the
-    mean over all tokens needs no knowledge of the layout).
-  * "tokens": one row per position of B. Same layout on both sides (ViT->ViT, BERT->BERT, equal
-    CNN maps): position i of A feeds position i of B, CLS feeds CLS. Different layouts
-    (CNN->ViT, ViT->CNN, different grids): A's grid is resampled bilinearly to B's grid, and each
-    of B's special tokens is filled from A's pooled features (mapped by ``cls_stitch`` if given).
-
-Running B from its tap onward, without its earlier layers. B's own forward is called (so its glue
-code -- attention masks, pooling, heads -- is exactly the model's), with its modules temporarily
-swapped: along the dotted path of the tap, every sibling registered *before* the path (the
-embeddings, the earlier blocks) is replaced by a placeholder that returns the injected activation
-without computing anything, and the tap module itself by one that returns the stitched activation.
-This relies on registration order being execution order, which holds for transformers and timm
-backbones; a placeholder that is called after the tap raises instead of giving a silent wrong
-result. Glue code between skipped modules must not depend on their output's shape; where a known
-family has such glue, ``_FAMILY_BYPASS`` lists the methods to bypass (timm VisionTransformer's
-``_pos_embed``, which prepends CLS and adds position embeddings between patch_embed and blocks).
-
-Families tested here (tests/test_models.py, random-weight configs): transformers ResNet,
-ConvNeXt, ViT and BERT. timm ResNet (``layer2``), ConvNeXt (``stages.1``) and VisionTransformer
-(``blocks.5``) follow the same mechanism but are untested here (timm cannot be installed beside
-this torch build).
+Families tested (tests/test_models.py, random-weight configs): timm ResNet, ConvNeXt and
+VisionTransformer (CLS and register tokens), transformers ResNet, ConvNeXt, ViT and BERT.
 
 The shape of B's tap (and of A's) is learned once from one example by running each model up to its
 tap (``example_input``, or the first sample of the first batch); afterwards B's earlier layers
@@ -56,12 +36,13 @@ never run.
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+
+from ._skip import run_from
+from .layouts import Layout, _check_mode, _from_rows, _source, layout_of, paired_rows, rows_per_sample, to_rows
 
 __all__ = [
     "get_module",
@@ -75,13 +56,6 @@ __all__ = [
     "paired_rows",
     "StitchedModel",
 ]
-
-# Methods of known model classes that sit between skipped modules and transform their output in a
-# shape-dependent way; they are bypassed (identity) while B runs from its tap.
-_FAMILY_BYPASS = {
-    "VisionTransformer": ("_pos_embed",),  # timm: cat(CLS, patches) + pos_embed, before blocks
-}
-
 
 # ------------------------------------------------------------------ module paths
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -276,184 +250,6 @@ def extract(model: nn.Module, path: str, data, *, batch_size: int = 256, device=
     return torch.cat(chunks)
 
 
-# ------------------------------------------------------------------ layouts and rows
-@dataclass(frozen=True)
-class Layout:
-    """How one sample's activation is laid out: a "map" (C, H, W) or "tokens" (T, D).
-
-    ``grid`` is (H, W) for a map, the (h, w) patch grid for vision tokens and None for text tokens;
-    ``num_special`` counts the leading special tokens (CLS...) of a token layout.
-    """
-
-    kind: str
-    width: int
-    positions: int
-    grid: tuple | None = None
-    num_special: int = 0
-
-
-def _infer_special(model, tokens: int) -> tuple[int, tuple | None]:
-    """(num_special, grid) of a token sequence: from the model when it says, else a square grid."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "vocab_size") and not hasattr(config, "patch_size"):
-        return 0, None  # a text model (BERT): a sequence, whatever its length
-    if model is not None:
-        prefix = getattr(model, "num_prefix_tokens", None)  # timm VisionTransformer
-        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-        if isinstance(prefix, int) and grid is not None and prefix + grid[0] * grid[1] == tokens:
-            return prefix, tuple(grid)
-    for special in (1, 0, 2):  # CLS (ViT), none, CLS + distillation (DeiT)
-        side = math.isqrt(max(tokens - special, 0))
-        if side > 1 and side * side == tokens - special:
-            return special, (side, side)
-    return 0, None  # text: a sequence without a spatial grid
-
-
-def layout_of(act: torch.Tensor, *, model=None, num_special=None, grid=None) -> Layout:
-    """The Layout of a tap's activation (N, C, H, W) or (N, T, D).
-
-    For tokens, ``num_special`` and ``grid`` default to the model's own description (timm's
-    ``num_prefix_tokens`` and ``patch_embed.grid_size``), else to a square grid after 1, 0 or 2
-    special tokens, else a text sequence (no grid). Pass them for non-square grids.
-    """
-    if not isinstance(act, torch.Tensor):
-        raise TypeError(f"act must be a Tensor, got {type(act).__name__}")
-    if act.dim() == 4:
-        return Layout("map", act.shape[1], act.shape[2] * act.shape[3], (act.shape[2], act.shape[3]))
-    if act.dim() != 3:
-        raise ValueError(f"act must be (N, C, H, W) or (N, T, D), got shape {tuple(act.shape)}")
-    tokens = act.shape[1]
-    if num_special is None and grid is None:
-        num_special, grid = _infer_special(model, tokens)
-    num_special = num_special or 0
-    if grid is not None:
-        grid = tuple(grid)
-        if num_special + grid[0] * grid[1] != tokens:
-            raise ValueError(f"grid {grid} with num_special={num_special} does not cover the {tokens} tokens")
-    return Layout("tokens", act.shape[2], tokens, grid, num_special)
-
-
-def _check_mode(mode):
-    if mode not in ("pooled", "tokens"):
-        raise ValueError(f"mode must be 'pooled' or 'tokens', got {mode!r}")
-
-
-def _pooled(act: torch.Tensor) -> torch.Tensor:
-    """(N, D): the mean over spatial positions (maps) or over all tokens (special ones included)."""
-    return act.mean(dim=(2, 3)) if act.dim() == 4 else act.mean(dim=1)
-
-
-def _as_grid(act: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """(N, D, H, W): a map, or the patch tokens of a vision token layout."""
-    if layout.kind == "map":
-        return act
-    if layout.grid is None:
-        raise ValueError(f"a text token sequence ({layout.positions} tokens) has no spatial grid to resample; "
-                         "pass grid= (and num_special=) when the tokens are patches")
-    patches = act[:, layout.num_special:]
-    return patches.transpose(1, 2).reshape(act.shape[0], layout.width, *layout.grid)
-
-
-def _resample(grid_act: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resampling of (N, D, H, W) to ``size``; a no-op when it already has that size."""
-    if tuple(grid_act.shape[-2:]) == tuple(size):
-        return grid_act
-    return nn.functional.interpolate(grid_act, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def to_rows(act: torch.Tensor, mode: str = "pooled", grid=None) -> torch.Tensor:
-    """Rows for alignment from one tap's activation.
-
-    pooled: (N, D), the mean over positions (all tokens incl. CLS for token activations).
-    tokens: (N * P, D), one row per position in row-major order; a map (N, C, H, W) is first
-    resampled bilinearly to ``grid`` = (h, w) when given (B's patch grid for CNN -> ViT). Token
-    activations (N, T, D) give their T tokens as they are (``grid`` must be None).
-    """
-    _check_mode(mode)
-    layout = layout_of(act, num_special=0)
-    if mode == "pooled":
-        return _pooled(act)
-    if act.dim() == 3:
-        if grid is not None:
-            raise ValueError("grid resamples CNN maps only; token activations (N, T, D) are used as they are")
-        return act.reshape(-1, act.shape[-1])
-    grid_act = _resample(act, grid if grid is not None else layout.grid)
-    return grid_act.flatten(2).transpose(1, 2).reshape(-1, act.shape[1])
-
-
-def rows_per_sample(act: torch.Tensor, mode: str = "pooled", grid=None) -> int:
-    """How many rows ``to_rows(act, mode, grid)`` gives per sample (to expand per-sample labels)."""
-    _check_mode(mode)
-    if mode == "pooled":
-        return 1
-    if act.dim() == 4 and grid is not None:
-        return int(grid[0]) * int(grid[1])
-    return act.shape[1] if act.dim() == 3 else act.shape[2] * act.shape[3]
-
-
-def _same_positions(la: Layout, lb: Layout) -> bool:
-    """Position i of A corresponds to position i of B without resampling."""
-    return la.positions == lb.positions and la.num_special == lb.num_special and (
-        la.kind == lb.kind or la.grid == lb.grid)
-
-
-def _source(act_a: torch.Tensor, la: Layout, lb: Layout, mode: str):
-    """A's features per position of B: (N, P_b, dx), plus a mask of B's positions fed from A's pool.
-
-    The mask is None when no position is pooled-fed (so one stitch maps every row).
-    """
-    n = act_a.shape[0]
-    if mode == "pooled":
-        return _pooled(act_a)[:, None, :], None
-    if _same_positions(la, lb):
-        seq = act_a.flatten(2).transpose(1, 2) if la.kind == "map" else act_a
-        return seq, None
-    if lb.grid is None:
-        raise ValueError(f"tokens mode cannot pair A's {la.kind} layout ({la.positions} positions) with B's text "
-                         f"sequence of {lb.positions} tokens; use mode='pooled'")
-    patches = _resample(_as_grid(act_a, la), lb.grid).flatten(2).transpose(1, 2)
-    if lb.num_special == 0:
-        return patches, None
-    special = _pooled(act_a)[:, None, :].expand(n, lb.num_special, -1)
-    mask = torch.zeros(lb.positions, dtype=torch.bool, device=act_a.device)
-    mask[:lb.num_special] = True
-    return torch.cat([special, patches], dim=1), mask
-
-
-def _target(act_b: torch.Tensor, lb: Layout, mode: str) -> torch.Tensor:
-    """B's features per position in B's order: (N, P_b, dy) (P_b = 1 when pooled)."""
-    if mode == "pooled":
-        return _pooled(act_b)[:, None, :]
-    return act_b.flatten(2).transpose(1, 2) if lb.kind == "map" else act_b
-
-
-def _from_rows(rows: torch.Tensor, lb: Layout, mode: str) -> torch.Tensor:
-    """(N, P_b, dy) rows back to B's activation shape; pooled rows are broadcast to every position."""
-    n = rows.shape[0]
-    if mode == "pooled":
-        rows = rows.expand(n, lb.positions, rows.shape[-1])
-    if lb.kind == "map":
-        return rows.transpose(1, 2).reshape(n, lb.width, *lb.grid)
-    return rows
-
-
-def paired_rows(act_a: torch.Tensor, act_b: torch.Tensor, mode: str = "tokens", *, layout_a=None,
-                layout_b=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (A, B) row pairs that StitchedModel maps: rows_a (N * P, dx), rows_b (N * P, dy).
-
-    Uses the same correspondence as StitchedModel (see the module docstring), so a map fitted to
-    these rows is the one the stitched model applies. Rows come sample-major: P per sample.
-    """
-    _check_mode(mode)
-    if act_a.shape[0] != act_b.shape[0]:
-        raise ValueError(f"act_a and act_b must hold the same samples, got {act_a.shape[0]} and {act_b.shape[0]}")
-    la = layout_a or layout_of(act_a)
-    lb = layout_b or layout_of(act_b)
-    src, _ = _source(act_a, la, lb, mode)
-    tgt = _target(act_b, lb, mode)
-    return src.reshape(-1, src.shape[-1]), tgt.reshape(-1, tgt.shape[-1])
-
-
 def stream_moments(model_a, path_a, model_b, path_b, data, labels, accumulator, *, mode: str = "pooled",
                    batch_size: int = 256, progress: bool = False):
     """Feeds paired rows of A's and B's taps into ``accumulator`` batch by batch (memory independent of N).
@@ -500,89 +296,6 @@ def _labelled_batches(data, labels, batch_size):
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
             raise ValueError("labels=None needs data batches of the form (inputs, labels)")
         yield _batch_input(batch), torch.as_tensor(batch[1]).reshape(-1)
-
-
-# ------------------------------------------------------------------ running B from its tap
-class _Inject(nn.Module):
-    """Stands in for B's tap module: returns the stitched activation instead of computing."""
-
-    def __init__(self, value):
-        super().__init__()
-        self.value = value
-        self.fired = False
-
-    def forward(self, *args, **kwargs):
-        self.fired = True
-        return self.value
-
-
-class _Skipped(nn.Module):
-    """Stands in for a module of B before the tap: computes nothing, returns a placeholder.
-
-    The placeholder is the injected activation itself, which has the right shape for the common
-    chain of same-shape blocks; it never reaches the output because the tap replaces it.
-    """
-
-    def __init__(self, path, original: nn.Module, inject: _Inject):
-        super().__init__()
-        self.path = path
-        self.inject = inject
-        # Kept out of _modules (not a child: it must not run or be hooked), but reachable, because
-        # glue code may read its attributes (transformers ViT reads patch_embeddings' weight dtype).
-        self.__dict__["original"] = original
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["original"], name)
-
-    def forward(self, *args, **kwargs):
-        if self.inject.fired:
-            raise RuntimeError(f"module {self.path!r} is registered before the tap but ran after it; "
-                               "its model does not execute its children in registration order, so "
-                               "StitchedModel cannot skip B's early layers by path")
-        return self.inject.value
-
-
-def _earlier_siblings(model: nn.Module, path: str):
-    """(parent, name, dotted path) of every module registered before the tap along its path."""
-    parent = model
-    prefix = []
-    for part in path.split("."):
-        for name, child in parent._modules.items():
-            if name == part:
-                break
-            if child is not None:
-                yield parent, name, ".".join(prefix + [name])
-        prefix.append(part)
-        parent = parent._modules[part]
-
-
-@contextlib.contextmanager
-def _run_from(model: nn.Module, path: str, activation: torch.Tensor):
-    """While active, calling ``model`` skips everything before ``path`` and injects ``activation`` there."""
-    inject = _Inject(activation)
-    swaps = [(parent, name, _Skipped(p, parent._modules[name], inject)) for parent, name, p in _earlier_siblings(model, path)]
-    *parent_path, tap_name = path.split(".")
-    swaps.append((get_module(model, ".".join(parent_path)), tap_name, inject))
-    originals = [(parent, name, parent._modules[name]) for parent, name, _ in swaps]
-    bypassed = [(m, name) for m in model.modules() for name in _FAMILY_BYPASS.get(type(m).__name__, ())]
-    try:
-        for parent, name, stub in swaps:
-            parent._modules[name] = stub
-        for m, name in bypassed:
-            setattr(m, name, _identity)
-        yield inject
-    finally:
-        for parent, name, original in originals:
-            parent._modules[name] = original
-        for m, name in bypassed:
-            m.__dict__.pop(name, None)
-
-
-def _identity(x, *args, **kwargs):
-    return x
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -703,7 +416,7 @@ class StitchedModel(nn.Module):
         paths_b = [paths_b] if isinstance(paths_b, str) else list(paths_b)
         activation = self.stitched_activation(inputs)
         later = [p for p in paths_b if p != self.path_b]
-        with _run_from(self.model_b, self.path_b, activation), _taps(self.model_b, later, False) as found:
+        with run_from(self.model_b, self.path_b, activation), _taps(self.model_b, later, False) as found:
             out = _call(self.model_b, inputs)
         missing = [p for p in later if p not in found]
         if missing:

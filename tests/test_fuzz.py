@@ -355,7 +355,7 @@ def test_plots_of_a_fake_result(tmp_path):
     import struct
     import zlib
 
-    plots = bench_module("plots")
+    from tcfa.bench import plots
     fake_results(tmp_path)
     assert plots.main(str(tmp_path)) == 0
     names = sorted(p.name for p in (tmp_path / "plots").iterdir())
@@ -371,7 +371,9 @@ def test_plots_of_a_fake_result(tmp_path):
 
 
 def test_report_of_a_fake_result_shows_sweep_and_plots(tmp_path):
-    plots, report = bench_module("plots"), bench_module("report")
+    from tcfa.bench import plots
+
+    report = bench_module("report")
     fake_results(tmp_path)
     assert plots.main(str(tmp_path)) == 0
     md = report.section(str(tmp_path))
@@ -383,7 +385,7 @@ def test_report_of_a_fake_result_shows_sweep_and_plots(tmp_path):
 
 def test_sweep_point_counts_only_the_works_memory():
     """Memory the inputs' construction touched and freed must not hide the work's smaller peak."""
-    common = bench_module("_common")
+    from tcfa.bench import common
 
     def make(mib):
         scratch = torch.ones(2 * mib * 2**18)  # twice the work's peak, then freed

@@ -1,4 +1,5 @@
-"""tcfa.models: taps, rows, streaming moments and StitchedModel on small random-weight transformers models.
+"""tcfa.models: taps, rows, streaming moments and StitchedModel on small random-weight timm and
+transformers models.
 
 References are independent of the code under test: the models' own full forward passes, and B's
 full forward with its tap output replaced by a forward hook (which does run B's early layers).
@@ -6,6 +7,10 @@ full forward with its tap output replaced by a forward hook (which does run B's 
 import pytest
 import torch
 import transformers as T
+from timm.models.convnext import ConvNeXt
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.resnet import BasicBlock, ResNet
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import tcfa
@@ -38,8 +43,28 @@ def bert(width=16):
     return T.BertForSequenceClassification(cfg).eval()
 
 
+# timm: zero_init_last / ls_init_value would make every residual branch start at ~0, so that a
+# skipped or doubled branch could go unnoticed; these configs give every block a real effect.
+def timm_resnet():
+    return ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=(8, 16, 16, 16), stem_width=8, num_classes=5,
+                  zero_init_last=False).eval()
+
+
+def timm_convnext():  # needs 32 px inputs: its last stage halves a 2 x 2 grid
+    return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), num_classes=5, ls_init_value=1.0).eval()
+
+
+def timm_vit(reg_tokens=0, cls=VisionTransformer, image=16):  # a 4 x 4 patch grid
+    return cls(img_size=image, patch_size=image // 4, embed_dim=16, depth=3, num_heads=2, mlp_ratio=2.0, num_classes=5,
+               reg_tokens=reg_tokens).eval()
+
+
 def images(n=4, size=16):
     return torch.randn(n, 3, size, size)
+
+
+def images32(n=4):
+    return images(n, 32)
 
 
 def tokens(n=4, length=7):
@@ -52,12 +77,18 @@ def call(model, inputs):
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
+def logits(model, inputs):
+    """transformers models return an output with .logits, timm models the logits tensor."""
+    out = call(model, inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
 def forward_with_tap_replaced(model, path, activation, inputs):
     """Reference: B's full forward with the tap's output replaced by ``activation`` via a hook."""
     handle = get_module(model, path).register_forward_hook(lambda m, a, out: activation)
     try:
         with torch.no_grad():
-            return call(model, inputs).logits
+            return logits(model, inputs)
     finally:
         handle.remove()
 
@@ -97,12 +128,15 @@ def test_get_module_unknown_path_names_it_and_the_valid_children():
 
 
 # ------------------------------------------------------------------ extract / capture
-@pytest.mark.parametrize("make, path, next_path, inputs", [
-    (vit, "vit.layers.1", "vit.layers.2", images),
-    (resnet, "resnet.encoder.stages.1", "resnet.encoder.stages.2", images),
-    (bert, "bert.encoder.layer.0", "bert.encoder.layer.1", tokens),
+@pytest.mark.parametrize("make, path, next_path, head, inputs", [
+    (vit, "vit.layers.1", "vit.layers.2", "classifier", images),
+    (resnet, "resnet.encoder.stages.1", "resnet.encoder.stages.2", "classifier", images),
+    (bert, "bert.encoder.layer.0", "bert.encoder.layer.1", "classifier", tokens),
+    (timm_resnet, "layer2", "layer3", "fc", images),
+    (timm_convnext, "stages.1", "stages.2", "head", images32),
+    (timm_vit, "blocks.1", "blocks.2", "head", images),
 ])
-def test_extract_equals_full_forward_activation_and_stops_after_the_tap(make, path, next_path, inputs):
+def test_extract_equals_full_forward_activation_and_stops_after_the_tap(make, path, next_path, head, inputs):
     model, x = make(), inputs(5)
     seen = []
     handle = get_module(model, path).register_forward_hook(lambda m, a, out: seen.append(out))
@@ -114,7 +148,8 @@ def test_extract_equals_full_forward_activation_and_stops_after_the_tap(make, pa
     counter.remove()
     torch.testing.assert_close(got, seen[0], atol=ATOL, rtol=0)
     assert counter.count(path) == 3
-    assert counter.count(next_path) == 0 and counter.count("classifier") == 0
+    assert counter.count(next_path) == 0 and counter.count(head) == 0
+    assert head in dict(model.named_modules())  # the count above is of a module that exists
 
 
 def test_extract_accepts_batches_of_tuples_and_dicts():
@@ -157,39 +192,76 @@ def test_layout_of_vit_and_bert_tokens():
     assert (b.num_special, b.grid) == (0, None)
 
 
+
+def test_layout_of_timm_models_takes_prefix_tokens_and_grid_from_the_model():
+    model = timm_vit(reg_tokens=2)
+    act = extract(model, "blocks.0", images(1))
+    got = layout_of(act, model=model)
+    assert act.shape[1] == 19 and (got.kind, got.num_special, got.grid, got.width) == ("tokens", 3, (4, 4), 16)
+    # without the model, 19 tokens fit no square grid after 0-2 special tokens: a plain sequence
+    assert (layout_of(act).num_special, layout_of(act).grid) == (0, None)
+    cnn = timm_resnet()
+    r = layout_of(extract(cnn, "layer2", images(1)), model=cnn)
+    assert (r.kind, r.width, r.grid, r.positions) == ("map", 16, (2, 2), 4)
+    assert got.describe() == "3 special + 4x4 patch tokens of width 16"
+    assert r.describe() == "16 channels on a 2x2 grid"
+
 # ------------------------------------------------------------------ StitchedModel: identity reproduces the model
 @pytest.mark.parametrize("make, path, inputs", [
     (vit, "vit.layers.1", images),
     (bert, "bert.encoder.layer.1", tokens),
     (resnet, "resnet.encoder.stages.1", images),
     (convnext, "convnext.encoder.stages.1", images),
+    (timm_resnet, "layer2", images),
+    (timm_convnext, "stages.1", images32),
+    (timm_vit, "blocks.1", images),
+    (lambda: timm_vit(reg_tokens=2), "blocks.0", images),
+    (timm_vit, "norm_pre", images),  # after _pos_embed: it is bypassed
+    (timm_vit, "patch_embed", images),  # before _pos_embed: it must run on the injected patches
+    (lambda: timm_vit(cls=VisionTransformerDistilled), "blocks.1", images),  # a subclass's own _pos_embed
 ])
 def test_identity_stitch_between_a_model_and_itself_reproduces_it(make, path, inputs):
     model, x = make(), inputs(3)
     with torch.no_grad():
-        ref = call(model, x).logits
+        ref = logits(model, x)
+        assert ref.std(0).max() > 1e-3  # the model's output depends on its input
         got = StitchedModel(model, path, model, path, nn.Identity())(x)
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------ what runs
-def test_b_early_layers_and_a_late_layers_do_not_run():
-    a, b, x = resnet(), vit(), images(2)
-    stitched = StitchedModel(a, "resnet.encoder.stages.1", b, "vit.layers.1", tcfa.GatedMultiStitch(16, 16, 2, 4),
-                             example_input=x)
+def under(name, paths):
+    """``name`` is one of ``paths`` or inside one of them ("norm" does not cover "norm_pre")."""
+    return any(name == p or name.startswith(p + ".") for p in paths)
+
+
+@pytest.mark.parametrize("make_a, path_a, make_b, path_b, inputs, before_b, after_b, after_a", [
+    (resnet, "resnet.encoder.stages.1", vit, "vit.layers.1", images,
+     ("vit.embeddings", "vit.layers.0", "vit.layers.1"), ("vit.layers.2", "classifier"),
+     ("resnet.encoder.stages.2", "resnet.pooler", "classifier")),
+    (timm_resnet, "layer2", lambda: timm_vit(reg_tokens=2), "blocks.1", images,
+     ("patch_embed", "blocks.0", "blocks.1"), ("blocks.2", "norm", "head"), ("layer3", "layer4", "global_pool", "fc")),
+    (lambda: timm_vit(image=32), "blocks.0", timm_convnext, "stages.1", images32,
+     ("stem", "stages.0", "stages.1"), ("stages.2", "stages.3", "head"), ("blocks.1", "blocks.2", "norm", "head")),
+])
+def test_b_early_layers_and_a_late_layers_do_not_run(make_a, path_a, make_b, path_b, inputs, before_b, after_b,
+                                                      after_a):
+    a, b, x = make_a(), make_b(), inputs(2)
+    stitched = StitchedModel(a, path_a, b, path_b, tcfa.GatedMultiStitch(16, 16, 2, 4), example_input=x)
+    modules_b = dict(b.named_modules())
     ca, cb = CallCounter(a), CallCounter(b)
     stitched(x)
     ca.remove()
     cb.remove()
-    before_b = [n for n, _ in b.named_modules() if n.startswith(("vit.embeddings", "vit.layers.0", "vit.layers.1"))]
-    assert before_b and all(cb.count(n) == 0 for n in before_b)
-    assert cb.count("vit.layers.2") == 1 and cb.count("classifier") == 1
-    after_a = [n for n, _ in a.named_modules() if n.startswith(("resnet.encoder.stages.2", "resnet.pooler",
-                                                                  "classifier"))]
-    assert after_a and all(ca.count(n) == 0 for n in after_a)
-    assert ca.count("resnet.encoder.stages.1") == 1
-    # the swapped modules are back in place
-    assert isinstance(get_module(b, "vit.layers.0"), T.models.vit.modeling_vit.ViTLayer)
+    skipped = [n for n in modules_b if under(n, before_b)]
+    assert skipped and all(cb.count(n) == 0 for n in skipped)
+    assert all(cb.count(n) == 1 for n in after_b)
+    late_a = [n for n, _ in a.named_modules() if under(n, after_a)]
+    assert late_a and all(ca.count(n) == 0 for n in late_a)
+    assert ca.count(path_a) == 1
+    # the swapped modules and bypassed methods are back in place
+    assert all(m is modules_b[n] for n, m in b.named_modules()) and len(dict(b.named_modules())) == len(modules_b)
+    assert "_pos_embed" not in vars(b)
 
 
 def test_module_registered_before_the_tap_but_run_after_it_is_an_error():
@@ -224,15 +296,35 @@ def test_cnn_to_vit_resamples_bilinearly_and_fills_cls_from_the_pool():
                                    atol=ATOL, rtol=0)
 
 
-def test_vit_to_cnn_drops_cls_and_resamples_patches():
-    a, b, x = vit(image=16, patch=4), resnet(), images(2)
-    stitched = StitchedModel(a, "vit.layers.0", b, "resnet.encoder.stages.1", nn.Identity())
+@pytest.mark.parametrize("make_a, path_a, make_b, path_b, special", [
+    (vit, "vit.layers.0", resnet, "resnet.encoder.stages.1", 1),
+    (lambda: timm_vit(reg_tokens=2), "blocks.0", timm_resnet, "layer2", 3),  # CLS + 2 register tokens
+])
+def test_vit_to_cnn_drops_the_prefix_tokens_and_resamples_the_patches(make_a, path_a, make_b, path_b, special):
+    a, b, x = make_a(), make_b(), images(2)
+    stitched = StitchedModel(a, path_a, b, path_b, nn.Identity())
     with torch.no_grad():
         act = stitched.stitched_activation(x)
-        tok = extract(a, "vit.layers.0", x)
-        grid = tok[:, 1:].transpose(1, 2).reshape(2, 16, 4, 4)
+        tok = extract(a, path_a, x)
+        grid = tok[:, special:].transpose(1, 2).reshape(2, 16, 4, 4)
         ref = nn.functional.interpolate(grid, size=(2, 2), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(act, ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(act, ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(stitched(x), forward_with_tap_replaced(b, path_b, act, x), atol=ATOL, rtol=0)
+
+
+def test_cnn_to_timm_vit_fills_every_prefix_token_from_the_pool_and_resamples_the_grid():
+    a, b, x = timm_resnet(), timm_vit(reg_tokens=2), images(3)
+    cls_map = nn.Linear(16, 16)
+    stitched = StitchedModel(a, "layer2", b, "blocks.1", nn.Identity(), cls_stitch=cls_map)
+    with torch.no_grad():
+        act = stitched.stitched_activation(x)
+        fmap = extract(a, "layer2", x)  # (3, 16, 2, 2); B: CLS + 2 registers + 4 x 4 patches
+        up = nn.functional.interpolate(fmap, size=(4, 4), mode="bilinear", align_corners=False)
+        assert act.shape == (3, 19, 16)
+        torch.testing.assert_close(act[:, 3:], up.flatten(2).transpose(1, 2), atol=ATOL, rtol=0)
+        pooled = cls_map(fmap.mean(dim=(2, 3)))
+        torch.testing.assert_close(act[:, :3], pooled[:, None].expand(3, 3, 16), atol=ATOL, rtol=0)
+        torch.testing.assert_close(stitched(x), forward_with_tap_replaced(b, "blocks.1", act, x), atol=ATOL, rtol=0)
 
 
 def test_bert_to_bert_of_different_widths_matches_hooked_reference_and_trains_only_the_stitch():

@@ -17,6 +17,9 @@ import time
 
 import torch
 
+# Every README block (benchmark tables, bad inputs, the demo) is spliced by this one function.
+from tcfa.report import splice  # noqa: F401
+
 RESULTS_ENV = "TCFA_BENCH_RESULTS"
 
 
@@ -367,11 +370,3 @@ def roofline_text(r: dict) -> str:
     return head + (f"; {r['frac_gemm']:.0%} of measured GEMM, {r['frac_bandwidth']:.0%} of measured "
                    f"bandwidth ({r['bound']}-bound)")
 
-
-def splice(text: str, body: str, begin: str, end: str) -> str:
-    """README text with what stands between the markers begin ... end replaced by body."""
-    if begin not in text or end not in text:
-        raise SystemExit(f"README.md lacks the markers {begin} ... {end}")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{begin}\n{body}\n{end}{tail}"

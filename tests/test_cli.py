@@ -1,0 +1,69 @@
+"""`tcfa align` on timm models: a name (random init, seeded), a name with a checkpoint, a module file."""
+import pytest
+import timm
+import torch
+
+import tcfa
+from tcfa import cli, data
+from tcfa.models import extract, layout_of, paired_rows
+
+
+@pytest.fixture
+def digits(tmp_path):
+    x, y = data.digits_images(32)
+    path = tmp_path / "inputs.pt"
+    torch.save((x[:40], y[:40]), path)
+    return x[:40], y[:40], str(path)
+
+
+def test_align_with_timm_names_checkpoint_and_module_file_saves_the_stitch_fitted_on_those_models(tmp_path, digits):
+    x, y, inputs = digits
+    torch.manual_seed(1)
+    trained_a = timm.create_model("resnet18", pretrained=False, num_classes=10)  # stands in for trained weights
+    torch.save(trained_a.state_dict(), tmp_path / "a.pt")
+    torch.manual_seed(2)
+    torch.save(timm.create_model("convnext_atto", pretrained=False, num_classes=10), tmp_path / "b_module.pt")
+    out = tmp_path / "stitch.safetensors"
+    assert cli.main(["align", "--model-a", "resnet18", "--checkpoint-a", str(tmp_path / "a.pt"), "--layer-a", "layer2",
+                     "--model-b", str(tmp_path / "b_module.pt"), "--layer-b", "stages.1", "--inputs", inputs,
+                     "--method", "ridge", "--rank", "4", "--out", str(out)]) == 0
+    loaded = tcfa.GatedMultiStitch.load(str(out))
+    assert (loaded.dx, loaded.dy, loaded.num_conditions) == (128, 80, 10)  # resnet18 layer2, convnext_atto stages.1
+
+    # reference: the same models built by hand, the same fit in-process
+    model_a = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    model_a.load_state_dict(torch.load(tmp_path / "a.pt"))
+    model_b = torch.load(tmp_path / "b_module.pt", weights_only=False)
+    act_a, act_b = extract(model_a.eval(), "layer2", x), extract(model_b.eval(), "stages.1", x)
+    rows_a, rows_b = paired_rows(act_a, act_b, "tokens", layout_a=layout_of(act_a), layout_b=layout_of(act_b))
+    ref = tcfa.TCFA("ridge", rank=4, conditions=10).fit(rows_a, rows_b, y.repeat_interleave(16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(rows_a), ref(rows_a), atol=1e-4, rtol=1e-4)
+
+
+def test_align_builds_a_timm_name_from_the_seed_without_a_checkpoint(tmp_path, digits):
+    x, y, inputs = digits
+    out = tmp_path / "stitch.safetensors"
+    args = ["align", "--model-a", "resnet18", "--layer-a", "layer2", "--model-b", "resnet18", "--layer-b", "layer2",
+            "--inputs", inputs, "--method", "ridge", "--rank", "4", "--conditions", "none", "--seed", "3"]
+    assert cli.main(args + ["--out", str(out)]) == 0
+    torch.manual_seed(3)
+    model_a = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    model_b = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    rows_a, rows_b = paired_rows(extract(model_a, "layer2", x), extract(model_b, "layer2", x), "tokens")
+    ref = tcfa.TCFA("ridge", rank=4, conditions=1).fit(rows_a, rows_b, None)
+    with torch.no_grad():
+        torch.testing.assert_close(tcfa.GatedMultiStitch.load(str(out))(rows_a), ref(rows_a), atol=1e-4, rtol=1e-4)
+
+
+def test_align_rejects_a_checkpoint_that_does_not_fit_naming_the_flag(tmp_path, digits):
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match="--checkpoint-b .*bad.pt does not fit --model-b convnext_atto"):
+        cli.main(["align", "--model-a", "resnet18", "--layer-a", "layer2", "--model-b", "convnext_atto",
+                  "--checkpoint-b", str(tmp_path / "bad.pt"), "--layer-b", "stages.1", "--inputs", digits[2],
+                  "--out", str(tmp_path / "s.safetensors")])
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(SystemExit, match="--checkpoint-a: .*holds a list, not a state_dict"):
+        cli.main(["align", "--model-a", "resnet18", "--checkpoint-a", str(tmp_path / "list.pt"), "--layer-a", "layer2",
+                  "--model-b", "resnet18", "--layer-b", "layer2", "--inputs", digits[2],
+                  "--out", str(tmp_path / "s.safetensors")])
