@@ -62,6 +62,9 @@ class BuildPerExtension(BuildExtension):
 
 setup(
     packages=find_packages(include=["tcfa", "tcfa.*"]),
+    # no data files: without this an in-place build's libraries (a native level
+    # among them) would be swept into the wheel as package data
+    include_package_data=False,
     ext_modules=[
         CppExtension("tcfa._C", ["csrc/ops.cpp", "csrc/cpu_dispatch.cpp"], depends=HEADERS,
                      extra_compile_args=COMMON),

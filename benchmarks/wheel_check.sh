@@ -9,11 +9,21 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/tcfa-wheel-check.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 
-# In-tree build (pip's default): ninja reuses the objects under build/ that an
-# earlier `make build` left, so an unchanged checkout does not recompile.
+# In-tree build (pip's default): ninja reuses the objects under build/temp.* that
+# an earlier `make build` left, so an unchanged checkout does not recompile.
+# build/lib.* is what the wheel is packed from: cleared, so that a library of
+# an earlier build (a TCFA_BUILD_NATIVE=1 one) cannot ride along.
+rm -rf "$REPO"/build/lib.*
 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/dist" "$REPO"
 WHEEL=$(ls "$WORK"/dist/tcfa-*.whl)
 echo "built $(basename "$WHEEL")"
+# exactly the portable libraries: never a -march=native one left by an in-place build
+"$PY" - "$WHEEL" <<'PY'
+import sys, zipfile
+libs = sorted(n.split("/")[-1].split(".")[0] for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.endswith(".so"))
+print("compiled libraries:", libs)
+assert libs == ["_C", "_cpu_avx2", "_cpu_avx512", "_cpu_default"], libs
+PY
 
 python3 -m venv "$WORK/venv"
 SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
