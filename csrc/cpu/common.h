@@ -2,10 +2,9 @@
 // bounds, a vectorised polynomial exp, the one-pass online log-sum-exp, and a
 // dynamically scheduled task loop over the rows of ragged batches.
 //
-// Vectors use GCC/Clang vector extensions (64 bytes = one AVX-512 register).
-// This header is compiled once per instruction-set level (docs/architecture.md,
-// "CPU dispatch"): AVX-512 holds a vector in one register, AVX2 in two, SSE2 in
-// four. Why not libm / torch.exp: on a 2-core AVX-512 machine the polynomial
+// Vectors use GCC/Clang vector extensions, one register wide: 64 bytes with
+// AVX-512, 32 with AVX2, 16 with SSE2. This header is compiled once per
+// instruction-set level (docs/architecture.md, "CPU dispatch"). Why not libm / torch.exp: on a 2-core AVX-512 machine the polynomial
 // below ran at ~6.9 G exp/s per core in cache against 0.9 G/s for torch.exp
 // and 0.3 G/s for scalar expf.
 #pragma once
@@ -142,18 +141,30 @@ inline at::ScalarType compute_dtype(at::ScalarType t) {
 }
 
 // ---------------------------------------------------------------- vectors
+// One vector is one register of the level being compiled. Why not 64 bytes
+// everywhere: GCC lowers a vector wider than the target's registers piecewise
+// and passes it through memory between calls, so the AVX2 build of the 64-byte
+// code ran the routed stitch of `tcfa bench levels` 22x slower than AVX-512
+// and the 4096^2 dense Sinkhorn 8.7x slower.
+#if defined(__AVX512F__)
+#define TCFA_VEC_BYTES 64
+#elif defined(__AVX__)
+#define TCFA_VEC_BYTES 32
+#else
+#define TCFA_VEC_BYTES 16
+#endif
 template <typename T> struct VecOf;
 template <> struct VecOf<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
+  typedef float V __attribute__((vector_size(TCFA_VEC_BYTES)));
+  typedef int32_t I __attribute__((vector_size(TCFA_VEC_BYTES)));
 };
 template <> struct VecOf<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
+  typedef double V __attribute__((vector_size(TCFA_VEC_BYTES)));
+  typedef int64_t I __attribute__((vector_size(TCFA_VEC_BYTES)));
 };
 
 template <typename T> using vec_t = typename VecOf<T>::V;
-template <typename T> constexpr int lanes() { return 64 / sizeof(T); }
+template <typename T> constexpr int lanes() { return TCFA_VEC_BYTES / sizeof(T); }
 
 // Scalar minus vector broadcasts the scalar (one vbroadcastss), and v - 0 is
 // v exactly, -0 and NaN included. The lane loop this replaces was built on

@@ -18,7 +18,7 @@ import time
 import torch
 
 # Every README block (benchmark tables, bad inputs, the demo) is spliced by this one function.
-from tcfa.report import splice  # noqa: F401
+from tcfa.report import cpu_model, splice  # noqa: F401
 
 RESULTS_ENV = "TCFA_BENCH_RESULTS"
 
@@ -120,19 +120,6 @@ def peak_rss() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("VmHWM not in /proc/self/status")
-
-
-def cpu_model() -> str:
-    """The CPU's model name as the kernel reports it (the machine varies between runs:
-    compare only figures measured on the same one)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:
