@@ -1,6 +1,7 @@
 """What a user installing tcfa into their own environment relies on: dependency ranges
 (no torch pin), one version, and the benchmarks running from the package itself."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,7 +47,9 @@ def test_bench_runs_from_the_package_outside_the_checkout(tmp_path):
     impls = {(row["workload"].split()[0], row["impl"]) for row in doc["rows"]}
     for level in ops.cpu_capabilities():
         assert {("sinkhorn", f"tcfa {level}"), ("routed", f"tcfa {level}"), ("moments+CCA", f"tcfa {level}")} <= impls
-    assert all(row["ms"] > 0 for row in doc["rows"] if row["impl"].startswith("tcfa"))
+    # a measurement was made for every level (its value at toy sizes on a loaded machine is
+    # noise, and a per-iteration difference may even come out negative: not checked)
+    assert all(math.isfinite(row["ms"]) for row in doc["rows"] if row["impl"].startswith("tcfa"))
 
 
 def test_bench_names_what_exists_when_nothing_matches(capsys):
