@@ -22,14 +22,15 @@ std::atomic<const CpuKernels*> active_kernels{nullptr};
 
 const CpuKernels& active() {
   const CpuKernels* k = active_kernels.load(std::memory_order_acquire);
-  TORCH_CHECK(k != nullptr, "tcfa's CPU kernels are not loaded: import tcfa (it loads the level "
+  TORCH_CHECK(k != nullptr,
+              "tcfa's CPU kernels are not loaded: import tcfa (it loads the level "
               "chosen by tcfa.ops.cpu_capability()) before calling torch.ops.tcfa on CPU tensors");
   return *k;
 }
 
 // Forwarder<&CpuKernels::op>::call has the op's own signature, so that
 // m.impl infers the same schema as the kernel it forwards to.
-template <typename Fn, Fn CpuKernels::*Member>
+template <typename Fn, Fn CpuKernels::* Member>
 struct Forwarder;
 template <typename R, typename... Args, R (*CpuKernels::*Member)(Args...)>
 struct Forwarder<R (*)(Args...), Member> {
@@ -88,8 +89,8 @@ PyObject* py_use_cpu_kernels(PyObject*, PyObject* arg) {
     if (get == nullptr || get()->version != kKernelTableVersion) {
       PyErr_Format(PyExc_ImportError,
                    "%s is not a tcfa CPU kernel library of this build (table version %lld "
-                   "expected): rebuild the extension", path,
-                   static_cast<long long>(kKernelTableVersion));
+                   "expected): rebuild the extension",
+                   path, static_cast<long long>(kKernelTableVersion));
       return nullptr;
     }
     table = get();

@@ -20,29 +20,36 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(tcfa, m) {
-  m.def("softmin(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, Tensor h, "
-        "Tensor log_b, float eps, str cost, Tensor? active=None) -> Tensor");
-  m.def("softmin_dense(Tensor cost, Tensor x_offsets, Tensor y_offsets, Tensor log_a, "
-        "Tensor log_b, Tensor h, float eps, int dim, Tensor? active=None) -> Tensor");
+  m.def(
+      "softmin(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, Tensor h, "
+      "Tensor log_b, float eps, str cost, Tensor? active=None) -> Tensor");
+  m.def(
+      "softmin_dense(Tensor cost, Tensor x_offsets, Tensor y_offsets, Tensor log_a, "
+      "Tensor log_b, Tensor h, float eps, int dim, Tensor? active=None) -> Tensor");
   // Returns (f, g, n_iter, error) after up to max_iter iterations at one eps.
-  m.def("sinkhorn_dense(Tensor cost, Tensor x_offsets, Tensor y_offsets, Tensor log_a, "
-        "Tensor log_b, Tensor f, Tensor g, float eps, int max_iter, float tol) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sinkhorn_dense(Tensor cost, Tensor x_offsets, Tensor y_offsets, Tensor log_a, "
+      "Tensor log_b, Tensor f, Tensor g, float eps, int max_iter, float tol) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cost(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, str cost) -> Tensor");
-  m.def("barycentric(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, Tensor g, "
-        "Tensor log_b, Tensor values, float eps, str cost) -> Tensor");
+  m.def(
+      "barycentric(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, Tensor g, "
+      "Tensor log_b, Tensor values, float eps, str cost) -> Tensor");
   // Returns (out, gates, index, z); index and z are empty in dense mode (top_k=None).
-  m.def("gated_stitch(Tensor x, Tensor gate_weight, Tensor gate_bias, Tensor U, Tensor V, "
-        "Tensor mu_x, Tensor mu_y, int? top_k=None, float temperature=1.0) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gated_stitch(Tensor x, Tensor gate_weight, Tensor gate_bias, Tensor U, Tensor V, "
+      "Tensor mu_x, Tensor mu_y, int? top_k=None, float temperature=1.0) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Returns the gradients of (x, gate_weight, gate_bias, U, V, mu_x, mu_y).
-  m.def("gated_stitch_backward(Tensor grad_out, Tensor x, Tensor gate_weight, "
-        "Tensor gate_bias, Tensor U, Tensor V, Tensor mu_x, Tensor mu_y, Tensor gates, "
-        "Tensor index, Tensor z, int? top_k=None, float temperature=1.0) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("segment_moments(Tensor x, Tensor y, Tensor labels, int num_segments, bool xx=True, "
-        "bool yy=True, bool xy=True) -> (Tensor count, Tensor mean_x, Tensor mean_y, "
-        "Tensor sxx, Tensor syy, Tensor sxy)");
+  m.def(
+      "gated_stitch_backward(Tensor grad_out, Tensor x, Tensor gate_weight, "
+      "Tensor gate_bias, Tensor U, Tensor V, Tensor mu_x, Tensor mu_y, Tensor gates, "
+      "Tensor index, Tensor z, int? top_k=None, float temperature=1.0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "segment_moments(Tensor x, Tensor y, Tensor labels, int num_segments, bool xx=True, "
+      "bool yy=True, bool xy=True) -> (Tensor count, Tensor mean_x, Tensor mean_y, "
+      "Tensor sxx, Tensor syy, Tensor sxy)");
   // Returns (values, vectors, ok): the k largest eigenpairs, ok[b] false where
   // the kernel's own check failed (the Python wrapper recomputes those).
   m.def("symmetric_top_eigh(Tensor A, int k) -> (Tensor values, Tensor vectors, Tensor ok)");

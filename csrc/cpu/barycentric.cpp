@@ -1,8 +1,12 @@
 // CPU kernel of tcfa::barycentric; the math is stated once, in tcfa/ops.py.
 // FlashAttention-style: per tile of 128 x rows and 512 y rows, a GEMM for the
 // scores, an online row max, exp in place, and acc += W @ v_tile.
-#include "common.h"
+#include "checks.h"
+#include "cost.h"
+#include "exp.h"
 #include "kernels.h"
+#include "tasks.h"
+#include "vec.h"
 
 namespace tcfa {
 namespace {
@@ -15,16 +19,13 @@ at::Tensor barycentric_cpu(const at::Tensor& x, const at::Tensor& y, const at::T
                            const at::Tensor& log_b, const at::Tensor& values, double eps,
                            c10::string_view cost) {
   const Cost kind = parse_cost(cost);
-  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
-  TORCH_CHECK_VALUE(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1),
-                    "x and y must be 2-D with the same width, got shapes ", x.sizes(),
-                    " and ", y.sizes());
-  check_same_dtype(y, x.scalar_type(), "y");
+  check_eps(eps);
+  check_point_pair(x, y);
   check_rows(g, y.size(0), "g");
   check_rows(log_b, y.size(0), "log_b");
   TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == y.size(0),
-                    "values must be 2-D with one row per row of y (", y.size(0),
-                    "), got shape ", values.sizes());
+                    "values must be 2-D with one row per row of y (", y.size(0), "), got shape ",
+                    values.sizes());
   const RaggedPair rp = ragged_pair(x_offsets, x.size(0), y_offsets, y.size(0));
   const auto& yo = rp.yo;
   // sum_j pi_ij = 0 when a problem has x rows but no y row of positive weight:
@@ -36,7 +37,8 @@ at::Tensor barycentric_cpu(const at::Tensor& x, const at::Tensor& y, const at::T
       if (rp.xo[k + 1] == rp.xo[k]) continue;
       bool mass = false;
       for (int64_t j = yo[k]; j < yo[k + 1] && !mass; ++j) mass = p[j] > -INFINITY;
-      TORCH_CHECK_VALUE(mass, "log_b: problem ", k, " has x rows but no y row of positive weight "
+      TORCH_CHECK_VALUE(mass, "log_b: problem ", k,
+                        " has x rows but no y row of positive weight "
                         "(log_b = -inf everywhere or no y rows), so its barycentric map is 0/0");
     }
   }
@@ -53,8 +55,8 @@ at::Tensor barycentric_cpu(const at::Tensor& x, const at::Tensor& y, const at::T
     constexpr int W = lanes<T>();
     const T* up = u.data_ptr<T>();
     const T scale = static_cast<T>(cost_gamma(kind) / eps);
-    run_tasks(row_tasks(rp.xo, std::vector<uint8_t>(rp.B, 1), kRowBlock),
-              [&](const Task& t, int64_t) {
+    run_tasks(row_tasks(rp.xo, std::vector<uint8_t>(rp.B, 1), kRowBlock), [&](const Task& t,
+                                                                              int64_t) {
       const int64_t nr = t.r1 - t.r0;
       std::vector<T> mx(nr, lowest<T>()), sum(nr, T(0)), resc(nr);
       at::Tensor acc = at::zeros({nr, dv}, ax.rows.options());
@@ -68,9 +70,14 @@ at::Tensor barycentric_cpu(const at::Tensor& x, const at::Tensor& y, const at::T
           vec_t<T> vm = splat<T>(lowest<T>());
           for (int64_t j = 0; j < nj; j += W) {  // scores, then the tile's row max
             const int left = static_cast<int>(std::min<int64_t>(W, nj - j));
-            vec_t<T> val = (left == W ? load(up + j0 + j) : load_partial<T>(up + j0 + j, left, -INFINITY)) +
-                           splat<T>(scale) * (left == W ? load(row + j) : load_partial<T>(row + j, left, T(0)));
-            if (left == W) store(row + j, val); else for (int l = 0; l < left; ++l) row[j + l] = val[l];
+            vec_t<T> val =
+                (left == W ? load(up + j0 + j) : load_partial<T>(up + j0 + j, left, -INFINITY)) +
+                splat<T>(scale) *
+                    (left == W ? load(row + j) : load_partial<T>(row + j, left, T(0)));
+            if (left == W)
+              store(row + j, val);
+            else
+              for (int l = 0; l < left; ++l) row[j + l] = val[l];
             vm = vmax<T>(vm, val);
           }
           const T nm = std::max(mx[i], hmax<T>(vm));
@@ -79,8 +86,12 @@ at::Tensor barycentric_cpu(const at::Tensor& x, const at::Tensor& y, const at::T
           vec_t<T> vs = splat<T>(T(0));
           for (int64_t j = 0; j < nj; j += W) {  // weights exp(score - max), in place
             const int left = static_cast<int>(std::min<int64_t>(W, nj - j));
-            vec_t<T> w = vexp<T, true>((left == W ? load(row + j) : load_partial<T>(row + j, left, -INFINITY)) - nm);
-            if (left == W) store(row + j, w); else for (int l = 0; l < left; ++l) row[j + l] = w[l];
+            vec_t<T> w = vexp<T, true>(
+                (left == W ? load(row + j) : load_partial<T>(row + j, left, -INFINITY)) - nm);
+            if (left == W)
+              store(row + j, w);
+            else
+              for (int l = 0; l < left; ++l) row[j + l] = w[l];
             vs += w;
           }
           sum[i] = sum[i] * resc[i] + hsum<T>(vs);
@@ -94,6 +105,5 @@ at::Tensor barycentric_cpu(const at::Tensor& x, const at::Tensor& y, const at::T
   });
   return out.to(values.scalar_type());
 }
-
 
 }  // namespace tcfa

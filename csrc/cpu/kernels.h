@@ -19,32 +19,32 @@ using Tensor = at::Tensor;
 using OptTensor = c10::optional<at::Tensor>;
 
 // Signatures follow the schemas in csrc/ops.cpp; each op's math is in tcfa/ops.py.
-at::Tensor softmin_cpu(const Tensor& x, const Tensor& y, const Tensor& x_offsets, const Tensor& y_offsets,
-                       const Tensor& h, const Tensor& log_b, double eps, c10::string_view cost,
-                       const OptTensor& active);
+at::Tensor softmin_cpu(const Tensor& x, const Tensor& y, const Tensor& x_offsets,
+                       const Tensor& y_offsets, const Tensor& h, const Tensor& log_b, double eps,
+                       c10::string_view cost, const OptTensor& active);
 at::Tensor softmin_dense_cpu(const Tensor& cost, const Tensor& x_offsets, const Tensor& y_offsets,
                              const Tensor& log_a, const Tensor& log_b, const Tensor& h, double eps,
                              int64_t dim, const OptTensor& active);
-std::tuple<Tensor, Tensor, Tensor, Tensor> sinkhorn_dense_cpu(const Tensor& cost, const Tensor& x_offsets,
-                                              const Tensor& y_offsets, const Tensor& log_a,
-                                              const Tensor& log_b, const Tensor& f, const Tensor& g,
-                                              double eps, int64_t max_iter, double tol);
-at::Tensor cost_cpu(const Tensor& x, const Tensor& y, const Tensor& x_offsets, const Tensor& y_offsets,
-                    c10::string_view cost);
-at::Tensor barycentric_cpu(const Tensor& x, const Tensor& y, const Tensor& x_offsets, const Tensor& y_offsets,
-                           const Tensor& g, const Tensor& log_b, const Tensor& values, double eps,
-                           c10::string_view cost);
-std::tuple<Tensor, Tensor, Tensor, Tensor> gated_stitch_cpu(const Tensor& x, const Tensor& gate_weight,
-                                            const Tensor& gate_bias, const Tensor& U, const Tensor& V,
-                                            const Tensor& mu_x, const Tensor& mu_y,
-                                            c10::optional<int64_t> top_k, double temperature);
+std::tuple<Tensor, Tensor, Tensor, Tensor> sinkhorn_dense_cpu(
+    const Tensor& cost, const Tensor& x_offsets, const Tensor& y_offsets, const Tensor& log_a,
+    const Tensor& log_b, const Tensor& f, const Tensor& g, double eps, int64_t max_iter,
+    double tol);
+at::Tensor cost_cpu(const Tensor& x, const Tensor& y, const Tensor& x_offsets,
+                    const Tensor& y_offsets, c10::string_view cost);
+at::Tensor barycentric_cpu(const Tensor& x, const Tensor& y, const Tensor& x_offsets,
+                           const Tensor& y_offsets, const Tensor& g, const Tensor& log_b,
+                           const Tensor& values, double eps, c10::string_view cost);
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_stitch_cpu(
+    const Tensor& x, const Tensor& gate_weight, const Tensor& gate_bias, const Tensor& U,
+    const Tensor& V, const Tensor& mu_x, const Tensor& mu_y, c10::optional<int64_t> top_k,
+    double temperature);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_stitch_backward_cpu(
-    const Tensor& grad_out, const Tensor& x, const Tensor& gate_weight, const Tensor& gate_bias, const Tensor& U,
-    const Tensor& V, const Tensor& mu_x, const Tensor& mu_y, const Tensor& gates, const Tensor& index, const Tensor& z,
-    c10::optional<int64_t> top_k, double temperature);
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> segment_moments_cpu(const Tensor& x, const Tensor& y,
-                                                       const Tensor& labels, int64_t num_segments,
-                                                       bool xx, bool yy, bool xy);
+    const Tensor& grad_out, const Tensor& x, const Tensor& gate_weight, const Tensor& gate_bias,
+    const Tensor& U, const Tensor& V, const Tensor& mu_x, const Tensor& mu_y, const Tensor& gates,
+    const Tensor& index, const Tensor& z, c10::optional<int64_t> top_k, double temperature);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> segment_moments_cpu(
+    const Tensor& x, const Tensor& y, const Tensor& labels, int64_t num_segments, bool xx, bool yy,
+    bool xy);
 std::tuple<Tensor, Tensor, Tensor> symmetric_top_eigh_cpu(const Tensor& A, int64_t k);
 
 // Changed whenever the table or a signature above changes, so that tcfa._C

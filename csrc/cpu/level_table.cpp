@@ -8,11 +8,16 @@
 
 extern "C" __attribute__((visibility("default"))) const tcfa::CpuKernels* tcfa_cpu_kernels() {
   static const tcfa::CpuKernels table{
-      tcfa::kKernelTableVersion,        TCFA_CPU_LEVEL,
-      &tcfa::softmin_cpu,               &tcfa::softmin_dense_cpu,
-      &tcfa::sinkhorn_dense_cpu,        &tcfa::cost_cpu,
-      &tcfa::barycentric_cpu,           &tcfa::gated_stitch_cpu,
-      &tcfa::gated_stitch_backward_cpu, &tcfa::segment_moments_cpu,
+      tcfa::kKernelTableVersion,
+      TCFA_CPU_LEVEL,
+      &tcfa::softmin_cpu,
+      &tcfa::softmin_dense_cpu,
+      &tcfa::sinkhorn_dense_cpu,
+      &tcfa::cost_cpu,
+      &tcfa::barycentric_cpu,
+      &tcfa::gated_stitch_cpu,
+      &tcfa::gated_stitch_backward_cpu,
+      &tcfa::segment_moments_cpu,
       &tcfa::symmetric_top_eigh_cpu,
   };
   return &table;

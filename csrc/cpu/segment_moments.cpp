@@ -9,8 +9,9 @@
 // cancellation anywhere.
 #include <array>
 
-#include "common.h"
+#include "checks.h"
 #include "kernels.h"
+#include "tasks.h"
 
 namespace tcfa {
 namespace {
@@ -49,8 +50,8 @@ SegmentIndex counting_sort(const at::Tensor& labels, int64_t C) {
 // mean[s] = (1/n_s) sum_{i in s} rows[i], accumulated in double whatever T is,
 // for the segments with skip[s] == 0.
 template <typename T>
-void segment_means(const T* rows, int64_t d, const SegmentIndex& idx, const std::vector<uint8_t>& skip,
-                   double* mean) {
+void segment_means(const T* rows, int64_t d, const SegmentIndex& idx,
+                   const std::vector<uint8_t>& skip, double* mean) {
   const int64_t C = static_cast<int64_t>(idx.off.size()) - 1;
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -70,9 +71,9 @@ void segment_means(const T* rows, int64_t d, const SegmentIndex& idx, const std:
 
 // Row panels of this width: a Gram block c^T c is computed as its upper
 // staircase (panel i times columns i.. d) and mirrored at the end: 37% / 42%
-// fewer FLOPs for the 256 / 384 wide blocks of the CCA benchmark. Moments
-// there took 112-126 ms with full GEMMs, 103 ms with 128-row panels and
-// 92-93 ms with 64-row panels (min of 15, alternating builds).
+// fewer FLOPs for the 256 / 384 wide blocks of `tcfa bench cca`, whose
+// moments ran ~1.3x faster with 64-row panels than with full GEMMs (and
+// faster than with 128-row panels).
 constexpr int64_t kGramPanel = 64;
 
 // dst = beta * dst + c^T c on the panels on and above the diagonal only: the
@@ -87,8 +88,8 @@ void upper_gram(at::Tensor& dst, const at::Tensor& c, double beta) {
 }
 
 // s[c][j][i] = s[c][i][j] for i < j, every segment c, in 32 x 32 tiles: the
-// plain loop wrote a column (stride d) per row and took 4.3 % of the CCA
-// benchmark's moments in perf.
+// plain loop wrote a column (stride d) per row and took 4% of the moments of
+// `tcfa bench cca` (perf).
 template <typename T> void mirror_lower(at::Tensor& s) {
   constexpr int64_t kTile = 32;
   const int64_t C = s.size(0), d = s.size(1);
@@ -118,12 +119,13 @@ void centered_block(const T* rows, int64_t d, const int64_t* perm, int64_t r0, i
 // The rows of a whole segment (perm[r0..r1)) copied to `out`, their fp64
 // mean into `mean` and its rounding to T into `shift`, then subtracted in
 // place: the segment is read from memory once, not once for the mean and
-// again for the centring (both passes took 17 % of the CCA benchmark's
-// moments in perf; the buffer stays in cache between the three loops here).
+// again for the centring (two passes that took 17% of the moments of `tcfa
+// bench cca`, perf; the buffer stays in cache between the three loops here).
 template <typename T>
 void gather_centered(const T* rows, int64_t d, const int64_t* perm, int64_t r0, int64_t r1,
                      double* mean, T* shift, T* out) {
-  for (int64_t r = r0; r < r1; ++r) std::copy(rows + perm[r] * d, rows + perm[r] * d + d, out + (r - r0) * d);
+  for (int64_t r = r0; r < r1; ++r)
+    std::copy(rows + perm[r] * d, rows + perm[r] * d + d, out + (r - r0) * d);
   std::fill(mean, mean + d, 0.0);
   for (int64_t r = 0; r < r1 - r0; ++r) {
     const T* __restrict__ row = out + r * d;
@@ -188,9 +190,11 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
       }
     }
     const int64_t threads = at::get_num_threads();
-    const int64_t parts = std::max<int64_t>(1, (2 * threads + nonempty - 1) / std::max<int64_t>(nonempty, 1));
+    const int64_t parts =
+        std::max<int64_t>(1, (2 * threads + nonempty - 1) / std::max<int64_t>(nonempty, 1));
     const std::vector<uint8_t> all(C, 1);
-    const auto tasks = (xx || yy || xy) ? row_chunks(idx.off, all, parts, kMinChunkRows) : std::vector<Task>{};
+    const auto tasks =
+        (xx || yy || xy) ? row_chunks(idx.off, all, parts, kMinChunkRows) : std::vector<Task>{};
     // A segment held whole by one task, in one row block, gets its mean in
     // that task (gather_centered); the others first, here.
     std::vector<uint8_t> whole_x(C, 0), whole_y(C, 0);
@@ -228,7 +232,8 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
       at::Tensor* full[3] = {&sxx, &syy, &sxy};
       for (int b = 0; b < 3; ++b) {
         if (full[b]->size(1) == 0) continue;
-        dst[b] = first ? full[b]->select(0, t.k) : at::zeros({full[b]->size(1), full[b]->size(2)}, opt);
+        dst[b] =
+            first ? full[b]->select(0, t.k) : at::zeros({full[b]->size(1), full[b]->size(2)}, opt);
       }
       for (int64_t r0 = t.r0; r0 < t.r1; r0 += kRowBlock) {
         const int64_t r1 = std::min(t.r1, r0 + kRowBlock), n = r1 - r0;
@@ -252,7 +257,8 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
     });
     for (size_t ti = 0; ti < tasks.size(); ++ti)
       for (int b = 0; b < 3; ++b)
-        if (partial[ti][b].defined()) (b == 0 ? sxx : b == 1 ? syy : sxy).select(0, tasks[ti].k).add_(partial[ti][b]);
+        if (partial[ti][b].defined())
+          (b == 0 ? sxx : b == 1 ? syy : sxy).select(0, tasks[ti].k).add_(partial[ti][b]);
     if (xx) mirror_lower<T>(sxx);
     if (yy) mirror_lower<T>(syy);
   });
@@ -273,6 +279,5 @@ segment_moments_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
   }
   return {count, mx.to(ct), my.to(ct), sxx, syy, sxy};
 }
-
 
 }  // namespace tcfa

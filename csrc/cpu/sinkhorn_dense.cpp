@@ -15,17 +15,21 @@
 //   cost read from cache instead of memory.
 // Rows or columns whose sums leave the range where the shifted exps are exact
 // (early iterations, tiny eps) are recomputed with the one-pass online max.
+#include "checks.h"
 #include "dense_columns.h"
+#include "exp.h"
 #include "kernels.h"
+#include "tasks.h"
+#include "vec.h"
 
 namespace tcfa {
 namespace {
 
 // Limits of the one-exp path. Terms over/underflow to inf/0, so a finite row
-// sum below row_hi proves no term overflowed. row_lo: the smallest row sum s_i trusted for f (terms flushed to 0
-// below ~1e-38 / 1e-307 then weigh < 1e-12 of it). col_row_lo: rows with s_i
-// below it would scale flushed terms by 1/s_i in the column sums, so the
-// columns take the fallback. acc_lo / acc_hi: the accepted column sums.
+// sum below row_hi proves no term overflowed. row_lo: the smallest row sum s_i trusted for f (terms
+// flushed to 0 below ~1e-38 / 1e-307 then weigh < 1e-12 of it). col_row_lo: rows with s_i below it
+// would scale flushed terms by 1/s_i in the column sums, so the columns take the fallback. acc_lo /
+// acc_hi: the accepted column sums.
 template <typename T> struct Safe;
 template <> struct Safe<float> {
   static constexpr float row_hi = 1e37f, row_lo = 1e-20f, col_row_lo = 1e-4f, acc_lo = 1e-25f,
@@ -76,17 +80,16 @@ template <typename T> struct Batch {
 // E_qj = 2^(u2_j - C_qj log2(e) / eps + shift2[q]) into e + q mp (padded with
 // zeros), and s[q] = sum_j E_qj. Four rows at once share each u2 load and give
 // the out-of-order core four independent exp chains and row-sum chains per
-// column step instead of one: the 100 fused iterations of case C (64 x 256^2)
-// took 70-88 ms before and 62-66 ms after (min of 30 calls, alternating
-// builds; with the one-uop vreduce in vexp2_finite, 55-73 ms). The unroll
-// pragmas keep the four row sums in registers: without them GCC stored the
-// accumulator array to the stack on every column step. kPrefetch: the cost streams from memory, so
-// the rows R ahead (the next block) are prefetched into L2 meanwhile; without
-// it the hardware prefetcher stalls while the block's column sums are added
-// and the sweep read the cost at half the speed of a plain row soft-min.
+// column step instead of one (~1.2x faster on case C of `tcfa bench
+// sinkhorn`, 64 x 256^2). The unroll pragmas keep the four row sums in
+// registers: without them GCC stores the accumulator array to the stack on
+// every column step. kPrefetch: the cost streams from memory, so the rows R
+// ahead (the next block) are prefetched into L2 meanwhile; without it the
+// hardware prefetcher stalls while the block's column sums are added, and the
+// sweep reads the cost at half the speed of a plain row soft-min.
 template <typename T, bool kPrefetch, int R>
-inline void row_terms(const T* u2, const T* c, const T* shift2, T neg_scale, int64_t m,
-                      int64_t mp, T* e, T* s) {
+inline void row_terms(const T* u2, const T* c, const T* shift2, T neg_scale, int64_t m, int64_t mp,
+                      T* e, T* s) {
   constexpr int W = lanes<T>();
   const vec_t<T> ns = splat<T>(neg_scale);
   vec_t<T> sh[R], acc[R];
@@ -107,7 +110,8 @@ inline void row_terms(const T* u2, const T* c, const T* shift2, T neg_scale, int
     const int left = static_cast<int>(m - j);
     const vec_t<T> uj = load_partial<T>(u2 + j, left, kNegHuge<T>);
     for (int q = 0; q < R; ++q) {
-      const vec_t<T> v = vexp2_finite<T>(uj + ns * load_partial<T>(c + q * m + j, left, T(0)) + sh[q]);
+      const vec_t<T> v =
+          vexp2_finite<T>(uj + ns * load_partial<T>(c + q * m + j, left, T(0)) + sh[q]);
       store(e + q * mp + j, v);
       acc[q] += v;
     }
@@ -134,7 +138,7 @@ inline void add_rows(T* acc, const T* e, const T* coef, int nq, int64_t mp) {
 }
 
 struct PassResult {
-  double err = 0;      // sum_i a_i |row marginal ratio - 1|, rows of this chunk
+  double err = 0;       // sum_i a_i |row marginal ratio - 1|, rows of this chunk
   bool cols_ok = true;  // acc holds exact column sums for this chunk
 };
 
@@ -160,7 +164,8 @@ PassResult sweep(const Batch<T>& b, int64_t k, int64_t r0, int64_t r1, bool upda
       row_terms<T, kPrefetch, 4>(u2, b.row(k, i0), shift2, ns, m, mp, ebuf, sums);
     } else {
       for (int q = 0; q < nq; ++q)
-        row_terms<T, kPrefetch, 1>(u2, b.row(k, i0 + q), shift2 + q, ns, m, mp, ebuf + q * mp, sums + q);
+        row_terms<T, kPrefetch, 1>(u2, b.row(k, i0 + q), shift2 + q, ns, m, mp, ebuf + q * mp,
+                                   sums + q);
     }
     for (int q = 0; q < nq; ++q) {
       const int64_t i = i0 + q;
@@ -285,16 +290,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
     const at::Tensor& cost, const at::Tensor& x_offsets, const at::Tensor& y_offsets,
     const at::Tensor& log_a, const at::Tensor& log_b, const at::Tensor& f, const at::Tensor& g,
     double eps, int64_t max_iter, double tol) {
-  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  check_eps(eps);
   TORCH_CHECK_VALUE(max_iter >= 1, "max_iter must be >= 1, got ", max_iter);
   TORCH_CHECK_VALUE(tol >= 0, "tol must be >= 0, got ", tol);
-  TORCH_CHECK_VALUE(cost.dim() == 1, "cost must be the flat concatenation of the "
-                    "problems' row-major costs (1-D), got shape ", cost.sizes());
-  TORCH_CHECK_VALUE(log_a.dim() == 1 && log_b.dim() == 1, "log_a and log_b must be 1-D");
+  const RaggedPair rp = ragged_cost(cost, x_offsets, y_offsets, log_a, log_b);
   const int64_t nx = log_a.size(0), ny = log_b.size(0);
-  const RaggedPair rp = ragged_pair(x_offsets, nx, y_offsets, ny);
-  TORCH_CHECK_VALUE(cost.numel() == rp.co[rp.B], "cost must hold sum_k n_k*m_k = ",
-                    rp.co[rp.B], " entries for these offsets, got ", cost.numel());
   check_rows(f, nx, "f");
   check_rows(g, ny, "g");
   const auto ct = compute_dtype(cost.scalar_type());
@@ -308,9 +308,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(ct, "tcfa_sinkhorn_dense", [&] {
     using T = scalar_t;
-    const Batch<T> b{rp, c.data_ptr<T>(), la.data_ptr<T>(), a.data_ptr<T>(), lb.data_ptr<T>(),
-                     f_out.data_ptr<T>(), g_out.data_ptr<T>(), u.data_ptr<T>(),
-                     u2.data_ptr<T>(), up.data_ptr<T>(), static_cast<T>(eps)};
+    const Batch<T> b(rp, c.data_ptr<T>(), la.data_ptr<T>(), a.data_ptr<T>(), lb.data_ptr<T>(),
+                     f_out.data_ptr<T>(), g_out.data_ptr<T>(), u.data_ptr<T>(), u2.data_ptr<T>(),
+                     up.data_ptr<T>(), static_cast<T>(eps));
     int64_t* it = n_iter.data_ptr<int64_t>();
     double* err = error.data_ptr<double>();
     // Empty problems have nothing to iterate (the Python API rejects them).
@@ -321,14 +321,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
     }
     if (std::count(resident.begin(), resident.end(), 1) < at::get_num_threads())
       for (int64_t k = 0; k < rp.B; ++k) big[k] |= std::exchange(resident[k], 0);
-    run_tasks(row_chunks(rp.xo, resident, 1, 1), [&](const Task& t, int64_t) {
-      solve_one(b, t.k, max_iter, tol, it, err);
-    });
+    run_tasks(row_chunks(rp.xo, resident, 1, 1),
+              [&](const Task& t, int64_t) { solve_one(b, t.k, max_iter, tol, it, err); });
     solve_lockstep(b, big, max_iter, tol, it, err);
   });
-  return {f_out.to(f.scalar_type()), g_out.to(g.scalar_type()), n_iter,
-          error.to(f.scalar_type())};
+  return {f_out.to(f.scalar_type()), g_out.to(g.scalar_type()), n_iter, error.to(f.scalar_type())};
 }
-
 
 }  // namespace tcfa

@@ -1,7 +1,11 @@
 // CPU kernels of tcfa::softmin (cost on the fly), tcfa::softmin_dense (stored
 // cost) and tcfa::cost. The math is stated once, in tcfa/ops.py.
+#include "checks.h"
+#include "cost.h"
 #include "dense_columns.h"
 #include "kernels.h"
+#include "lse.h"
+#include "tasks.h"
 
 namespace tcfa {
 namespace {
@@ -19,8 +23,8 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h,
                  const at::Tensor& log_b) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (N, d), got shape ", x.sizes());
   TORCH_CHECK_VALUE(y.dim() == 2, "y must be 2-D (M, d), got shape ", y.sizes());
-  TORCH_CHECK_VALUE(x.size(1) == y.size(1), "x and y must have the same width, got ",
-                    x.size(1), " and ", y.size(1));
+  TORCH_CHECK_VALUE(x.size(1) == y.size(1), "x and y must have the same width, got ", x.size(1),
+                    " and ", y.size(1));
   check_same_dtype(y, x.scalar_type(), "y");
   check_rows(h, y.size(0), "h");
   check_rows(log_b, y.size(0), "log_b");
@@ -32,11 +36,10 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h,
 }  // namespace
 
 at::Tensor softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_offsets,
-                       const at::Tensor& y_offsets, const at::Tensor& h,
-                       const at::Tensor& log_b, double eps, c10::string_view cost,
-                       const c10::optional<at::Tensor>& active) {
+                       const at::Tensor& y_offsets, const at::Tensor& h, const at::Tensor& log_b,
+                       double eps, c10::string_view cost, const c10::optional<at::Tensor>& active) {
   const Cost kind = parse_cost(cost);
-  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  check_eps(eps);
   Prepared p = prepare(x, y, h, log_b);
   const RaggedPair rp = ragged_pair(x_offsets, x.size(0), y_offsets, y.size(0));
   const auto &xo = rp.xo, &yo = rp.yo;
@@ -72,19 +75,14 @@ at::Tensor softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tenso
 
 at::Tensor softmin_dense_cpu(const at::Tensor& cost, const at::Tensor& x_offsets,
                              const at::Tensor& y_offsets, const at::Tensor& log_a,
-                             const at::Tensor& log_b, const at::Tensor& h, double eps,
-                             int64_t dim, const c10::optional<at::Tensor>& active) {
-  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+                             const at::Tensor& log_b, const at::Tensor& h, double eps, int64_t dim,
+                             const c10::optional<at::Tensor>& active) {
+  check_eps(eps);
   TORCH_CHECK_VALUE(dim == 0 || dim == 1, "dim must be 0 or 1, got ", dim);
-  TORCH_CHECK_VALUE(cost.dim() == 1, "cost must be the flat concatenation of the "
-                    "problems' row-major costs (1-D), got shape ", cost.sizes());
-  TORCH_CHECK_VALUE(log_a.dim() == 1 && log_b.dim() == 1, "log_a and log_b must be 1-D");
+  const RaggedPair rp = ragged_cost(cost, x_offsets, y_offsets, log_a, log_b);
   const int64_t nx = log_a.size(0), ny = log_b.size(0);
-  const RaggedPair rp = ragged_pair(x_offsets, nx, y_offsets, ny);
   const auto &xo = rp.xo, &yo = rp.yo, &co = rp.co;
   const int64_t B = rp.B;
-  TORCH_CHECK_VALUE(cost.numel() == co[B], "cost must hold sum_k n_k*m_k = ", co[B],
-                    " entries for these offsets, got ", cost.numel());
   // dim=1 reduces over y's rows (output per x row, weights b, h on y),
   // dim=0 over x's rows (output per y row, weights a, h on x).
   const at::Tensor& log_w = dim == 1 ? log_b : log_a;
@@ -121,10 +119,7 @@ at::Tensor softmin_dense_cpu(const at::Tensor& cost, const at::Tensor& x_offsets
 at::Tensor cost_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_offsets,
                     const at::Tensor& y_offsets, c10::string_view cost) {
   const Cost kind = parse_cost(cost);
-  TORCH_CHECK_VALUE(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1),
-                    "x and y must be 2-D with the same width, got shapes ", x.sizes(),
-                    " and ", y.sizes());
-  check_same_dtype(y, x.scalar_type(), "y");
+  check_point_pair(x, y);
   const RaggedPair rp = ragged_pair(x_offsets, x.size(0), y_offsets, y.size(0));
   const auto &xo = rp.xo, &yo = rp.yo, &co = rp.co;
   const int64_t B = rp.B;
@@ -158,6 +153,5 @@ at::Tensor cost_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
   });
   return out;
 }
-
 
 }  // namespace tcfa

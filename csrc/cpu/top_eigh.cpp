@@ -17,8 +17,9 @@
 // can overflow whatever the input's scale.
 #include <numeric>
 
-#include "common.h"
 #include "kernels.h"
+#include "tasks.h"
+#include "vec.h"
 
 namespace tcfa {
 namespace {
@@ -70,8 +71,8 @@ template <typename T> T reflector(T* a, int64_t n, int64_t ld, int64_t j, T* d, 
 // over whole aligned vectors from the vector holding column j+1: v, w and
 // the next v are zero outside their columns, so the columns left of j+1
 // (never read again) and the zero padding only ever get 0 added. Separate
-// passes with scalar tails on unaligned rows took 2.0 ms here for n = 256,
-// this one 0.77 ms.
+// passes with scalar tails on unaligned rows ran ~2.5x slower at n = 256 (dx
+// of `tcfa bench cca`).
 template <typename T>
 void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, T* tau, T* v, T* w, T* v_next,
                     T* p_next) {
@@ -152,7 +153,8 @@ void top_eigenvalues(const T* d, const T* e, int64_t n, int64_t k, T* lam, std::
     for (int s = 0; s < steps; ++s) {
       const V mid = (lo + hi) * T(0.5);
       // q_i = (d_i - s) - e_{i-1}^2 / q_{i-1}, |q_i| < pivmin replaced by -pivmin (LAPACK's stebz)
-      const V lo_piv = splat<T>(-pivmin), hi_piv = splat<T>(pivmin), one = splat<T>(T(1)), zero = splat<T>(T(0));
+      const V lo_piv = splat<T>(-pivmin), hi_piv = splat<T>(pivmin), one = splat<T>(T(1)),
+              zero = splat<T>(T(0));
       V q = splat<T>(d[0]) - mid, count = zero;
       for (int64_t i = 0;;) {
         q = (q > lo_piv && q < hi_piv) ? lo_piv : q;
@@ -330,7 +332,8 @@ bool top_eigh_one(const T* src, int64_t n, int64_t k, T* lam, T* z) {
   tridiagonalise(a.data, n, ld, d.data(), e.data(), tau.data(), v.data, w.data, v2.data, w2.data);
   T tnorm = 0;
   for (int64_t i = 0; i < n; ++i)
-    tnorm = std::max(tnorm, std::abs(d[i]) + (i > 0 ? std::abs(e[i - 1]) : T(0)) + (i + 1 < n ? std::abs(e[i]) : T(0)));
+    tnorm = std::max(tnorm, std::abs(d[i]) + (i > 0 ? std::abs(e[i - 1]) : T(0)) +
+                                (i + 1 < n ? std::abs(e[i]) : T(0)));
   top_eigenvalues(d.data(), e.data(), n, k, lam, e2);
   tridiagonal_vectors(d.data(), e.data(), n, lam, k, tnorm, z);
   std::vector<T> scratch(k);
@@ -341,7 +344,8 @@ bool top_eigh_one(const T* src, int64_t n, int64_t k, T* lam, T* z) {
   // direction: sort the pairs so that values stay descending.
   std::vector<int64_t> order(k);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return lam[i] > lam[j]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t i, int64_t j) { return lam[i] > lam[j]; });
   std::vector<T> lam_sorted(k), row(k);
   for (int64_t j = 0; j < k; ++j) lam_sorted[j] = lam[order[j]] * amax;
   std::copy(lam_sorted.begin(), lam_sorted.end(), lam);
@@ -355,7 +359,7 @@ bool top_eigh_one(const T* src, int64_t n, int64_t k, T* lam, T* z) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_top_eigh_cpu(const at::Tensor& A,
-                                                                       int64_t k) {
+                                                                      int64_t k) {
   TORCH_CHECK_VALUE(A.dim() == 3 && A.size(1) == A.size(2),
                     "A must be a batch of square matrices (B, n, n), got shape ", A.sizes());
   const int64_t B = A.size(0), n = A.size(1);
@@ -382,6 +386,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_top_eigh_cpu(const at::
   });
   return {values, vectors, ok};
 }
-
 
 }  // namespace tcfa
