@@ -10,7 +10,7 @@ PIP    := $(VENV)/bin/pip
 # only: the package's own dependencies are ranges (pyproject.toml).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 DEPS   := numpy scipy scikit-learn POT pytest hypothesis ninja safetensors setuptools wheel \
-          transformers timm tqdm matplotlib ruff
+          transformers timm tqdm matplotlib ruff clang-format
 # peers timed by the benchmarks only (jax is large: not needed for test/demo)
 BENCH_DEPS := geomloss ott-jax
 STAMP  := $(VENV)/.deps-installed
@@ -40,8 +40,10 @@ $(ONPATH): $(STAMP)
 build: $(ONPATH)
 	$(PY) setup.py -q build_ext --inplace
 
+# ruff (config in pyproject.toml) and clang-format (.clang-format) over the tree
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tcfa tests benchmarks setup.py
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/cpu/*
 
 # Triton kernels are tested on CPU tensors by the interpreter; the variable
 # must be set before triton is imported, so it is set for the whole run.
