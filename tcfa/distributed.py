@@ -33,7 +33,7 @@ import struct
 import torch
 import torch.distributed as dist
 
-from . import _validate
+from .ops import _validate
 
 
 # Values per rank compared by ShardedComm.agree. Fixed, not taken from the

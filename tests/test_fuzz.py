@@ -1,7 +1,7 @@
 """Property tests (hypothesis) of the C++ ops over ragged shapes, offsets, weights, dtypes and eps.
 
 Each property: the op equals a naive float64 reference written from its
-docstring in tcfa/ops.py, or raises a ValueError/TypeError whose message names
+docstring in tcfa/ops/__init__.py, or raises a ValueError/TypeError whose message names
 the bad argument -- never a NaN the reference does not have, never a crash.
 Hypothesis draws the shapes and the kind of damage; a seeded torch generator
 draws the values (hypothesis shrinks the shapes, which is what matters here).

@@ -5,7 +5,7 @@ A ragged batch is B problems stored as flat rows plus int64 offsets (docs/archit
 every row block of every problem in a *block table*, and program p of the grid
 works on the block in row p of the table.
 
-The public API validates everything once (tcfa/_validate.py). The checks here
+The public API validates everything once (tcfa/ops/_validate.py). The checks here
 are only what a direct launcher call needs so a kernel can never read or write
 out of bounds -- the same cheap checks the C++ kernels make (csrc/cpu/common.h).
 """
@@ -15,19 +15,19 @@ import math
 
 import torch
 
-from .. import _validate
+from ..ops import _validate
 
 LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2/log2 (see softmin.py)
 LN2 = 0.6931471805599453
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp16/bf16 are computed in fp32 (the dtype rule of tcfa/ops.py)."""
+    """fp16/bf16 are computed in fp32 (the dtype rule of tcfa/ops/__init__.py)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # ---------------------------------------------------------------- checks
-# The argument checks are tcfa/_validate.py's, shared with every backend; the
+# The argument checks are tcfa/ops/_validate.py's, shared with every backend; the
 # launchers only add what a kernel needs (host copies of offsets, block tables).
 def check_offsets(name: str, off, n_rows: int) -> torch.Tensor:
     """int64 (B+1,) offsets starting at 0, non-decreasing, ending at n_rows; returned on the CPU."""

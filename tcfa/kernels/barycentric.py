@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _validate
+from ..ops import _validate
 from . import _ragged as rg
 from .softmin import COL_BLOCK, MAX_K_BLOCK, ROW_BLOCK, _pair_dots, dot_precision
 

@@ -1,4 +1,4 @@
-"""Triton kernel of tcfa::segment_moments (math in tcfa/ops.py: segment_moments).
+"""Triton kernel of tcfa::segment_moments (math in tcfa/ops/__init__.py: segment_moments).
 
 A grouped GEMM over label-sorted segments: program (tile, c) computes one
 BLOCK_M x BLOCK_N tile of segment c's co-moment block
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tcfa import _validate
+from ..ops import _validate
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Triton kernels of tcfa::softmin, tcfa::softmin_dense and tcfa::cost.
 
-The math is stated once, in tcfa/ops.py; these kernels implement it for the
+The math is stated once, in tcfa/ops/__init__.py; these kernels implement it for the
 CUDA dispatch key and are tested on CPU tensors under TRITON_INTERPRET=1
 against the C++ op (csrc/cpu/softmin.cpp) and a naive reference.
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _validate
+from ..ops import _validate
 
 
 def digits(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ Methods (the math of each lives in tcfa.stats / tcfa.ot; this file only wires it
   different rows, conditions given for both) start from the per-condition ridge map fit on
   ``anchors`` (a few known pairs), or from the identity when dx == dy.
 
-Tuning (:func:`tune`) then trains the stitch inside a tcfa.models.StitchedModel with one of
+Tuning (:func:`tune`) then trains the stitch inside a tcfa.StitchedModel with one of
 TUNING's objectives.
 """
 from __future__ import annotations
@@ -29,12 +29,13 @@ import copy
 import torch
 from torch import nn
 
-from . import _validate
+from ..ops import _validate
 from .data import Conditions
-from .maps import LowRankMaps
-from .ot import barycentric_map, sinkhorn
-from .stats import cca_maps, procrustes, ridge_map, segment_moments
-from .stitch import GatedMultiStitch
+from ..maps import LowRankMaps
+from ..ot import barycentric_map, sinkhorn
+from ..linear_maps import cca_maps, procrustes, ridge_map
+from ..stats import segment_moments
+from ..stitch import GatedMultiStitch
 
 METHODS = ("cca", "ot", "ridge", "procrustes")
 
@@ -138,7 +139,7 @@ class TCFA:
 
     def fit_models(self, model_a, path_a, model_b, path_b, data, cond, *, mode="tokens", batch_size=256,
                    progress=True) -> GatedMultiStitch:
-        """fit() on activations tapped from two models (tcfa.models.extract / to_rows) on ``data``.
+        """fit() on activations tapped from two models (tcfa.extract / to_rows) on ``data``.
 
         cond: one condition per sample of ``data``; in "tokens" mode every row (position) of a
         sample inherits its sample's condition, and A's grid is resampled to B's (to_rows).
@@ -267,7 +268,7 @@ def stitch_loss(stitched, mode: str, inputs, labels, later_paths=()) -> torch.Te
 def tune(stitched, mode: str, inputs: torch.Tensor, labels: torch.Tensor, *, steps: int = 100, lr: float = 1e-3,
          batch_size: int = 64, later_paths=(), next_path: str | None = None, seed: int = 0,
          progress: bool = False) -> list:
-    """Trains the stitch of a tcfa.models.StitchedModel with objective ``mode``; returns the losses.
+    """Trains the stitch of a tcfa.StitchedModel with objective ``mode``; returns the losses.
 
     - "zero_shot": no training (the fitted stitch as it is).
     - "direct": match B's own activation at its tap (normalised MSE).

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from . import _validate
+from ..ops import _validate
 from .align import TCFA
 
 
