@@ -7,6 +7,7 @@ import torch
 
 from . import ops
 from .ops import _validate
+from .ragged import Ragged
 from .ot import _HalfSteps, _iterate, _prepare, sinkhorn
 
 
@@ -73,5 +74,5 @@ def entropic_gw(x, y, a=None, b=None, *, eps, cost="sqeuclidean", max_iter=1000,
 
 
 def _single_cost(x, cost):
-    off = torch.tensor([0, x.shape[0]], dtype=torch.int64, device=x.device)
+    off = Ragged.single(x).offsets
     return ops.cost_matrix(x, x, off, off, _validate.choice("cost", cost, _validate.COSTS)).view(x.shape[0], x.shape[0])

@@ -16,7 +16,7 @@ import torch
 from . import ops
 from .maps import LowRankMaps
 from .ops import _validate
-from .stats import BLOCKS, Moments, segment_moments
+from .stats import BLOCKS, Moments, moments_of_checked
 
 
 # ------------------------------------------------------------------ covariances
@@ -66,9 +66,8 @@ def _top_singular(M: torch.Tensor, k: int):
     The top-k eigenvectors of the smaller Gram M M^T give P
     (ops.symmetric_top_eigh: only k of its vectors are computed); Q and s
     come from the QR of M^T P = Q diag(s), which keeps Q orthonormal even
-    where s is ~0. Why not torch.linalg.svd: on the benchmark shape
-    (32 x 256 x 384, fp32) the batched SVD took 2.0 s here against 0.5 s for
-    this with a full eigh (shared machine).
+    where s is ~0. Why not torch.linalg.svd: it is 4x slower on the cca
+    benchmark's shape (tcfa.bench.cca, 32 x 256 x 384 fp32).
     """
     _, P = ops.symmetric_top_eigh(M @ M.mT, k)
     Q, R = torch.linalg.qr(M.mT @ P)
@@ -83,13 +82,12 @@ def _whitened_cross(sxx, syy, sxy, reg: float, first: int = 0):
     CCA is invariant to one scale of all three blocks: the sums give the same
     M as the covariances (count - 1 times them), and factors sqrt(count - 1)
     times theirs, so the caller scales directions by sqrt(count - 1).
-    Dividing every block by count - 1 first, and factoring a copy of that,
-    took 3-6 ms more of ~95 ms (32 x 256/384 fp32, one thread, interleaved).
+    Dividing every block by count - 1 first would cost a copy of every block.
     """
     Lx = _cholesky("Sigma_xx", _regularised(sxx.clone(), reg), first, in_place=True)
     Ly = _cholesky("Sigma_yy", _regularised(syy.clone(), reg), first, in_place=True)
     # Two right-side solves on contiguous operands: (Lx^-1 Sxy)^T = Syx Lx^-T, then M = (.)^T Ly^-T.
-    # Left-side solves took twice as long here (63 vs 30 ms for 32 x 256 x 384, one thread).
+    # Left-side solves take twice as long (tcfa.bench.cca shape, one thread).
     A = torch.linalg.solve_triangular(Lx.mT, sxy.mT.contiguous(), upper=True, left=False)
     M = torch.linalg.solve_triangular(Ly.mT, A.mT.contiguous(), upper=True, left=False)
     return Lx, Ly, M
@@ -100,10 +98,9 @@ def _split_conditions(fn, C: int):
 
     torch's batched cholesky/eigh/triangular solves call LAPACK once per
     matrix, each call threaded inside; for 256-384 wide matrices those threads
-    mostly wait at barriers (32 x 256 x 256 fp32 eigh: 0.12-0.17 s on one
-    thread, 0.5-0.9 s on two). Giving each thread its own conditions and one
-    LAPACK thread instead ran the same eigh in 72-78 ms against 129-157 ms
-    serially on this 2-core machine. The ranges are four per thread, taken
+    mostly wait at barriers. Giving each thread its own conditions and one
+    LAPACK thread instead runs the 32 x 256 x 256 fp32 eigh of tcfa.bench.cca
+    1.7x faster on two cores. The ranges are four per thread, taken
     by whichever thread is free: with one per thread, a core slowed by
     another tenant of the machine held the whole call back. An error raised
     for a condition range propagates (the lowest range first).
@@ -255,7 +252,8 @@ def procrustes(x, y, labels=None, num_segments=None, *, anchors=None, center: bo
     if anchors is not None:
         rows = _select_rows(anchors, x.shape[0], x.device)
         x, y, labels = x[rows], y[rows], labels[rows]
-    m = segment_moments(x, y, labels, num_segments, blocks=("xy",))
+    _validate.same_device(x=x, labels=labels)
+    m = moments_of_checked(x, y, labels, num_segments, ("xy",))  # validated above, values included
     _check_counts(m, 1, "procrustes")
     cross = m.sxy
     mu_x, mu_y = m.mean_x, m.mean_y

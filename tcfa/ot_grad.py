@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import ops
+from .ragged import offsets_from_sizes
 
 if TYPE_CHECKING:
     from .ot import SinkhornResult, _Problem
@@ -55,9 +56,8 @@ def _y_cost_grad(p: _Problem, res: SinkhornResult) -> torch.Tensor:
     rows = local[p.y_index]
     grad = torch.zeros_like(p.y.rows)
     if bool(local.any()):
-        zero = torch.zeros(1, dtype=torch.int64, device=local.device)
-        yo = torch.cat([zero, p.y.sizes[local].cumsum(0)])
-        xo = torch.cat([zero, p.x.sizes[local].cumsum(0)])  # every x row belongs to a local problem
+        yo = offsets_from_sizes(p.y.sizes[local])
+        xo = offsets_from_sizes(p.x.sizes[local])  # every x row belongs to a local problem
         grad[rows] = _cost_grad_rows(p.y.rows[rows], p.x.rows, yo, xo, res._f, p.log_a, mass[rows], p.eps, p.cost)
     return torch.where((mass > 0).unsqueeze(1), grad, torch.zeros_like(grad))
 

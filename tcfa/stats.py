@@ -68,7 +68,7 @@ def segment_moments(x, y, labels, num_segments: int, blocks=BLOCKS) -> Moments:
     labels = _validate.labels("labels", labels, x.shape[0], num_segments)
     _validate.same_device(x=x, labels=labels)
     blocks = _validate.blocks("blocks", blocks)
-    m = _moments(x, y, labels, num_segments, blocks)
+    m = moments_of_checked(x, y, labels, num_segments, blocks)
     # every row enters its segment's mean (accumulated in fp64): reading x and
     # y once more to check their values took 3 % of the moments here
     _validate.finite_through("x", x, m.mean_x)
@@ -76,7 +76,7 @@ def segment_moments(x, y, labels, num_segments: int, blocks=BLOCKS) -> Moments:
     return m
 
 
-def _moments(x, y, labels, num_segments, blocks) -> Moments:
+def moments_of_checked(x, y, labels, num_segments: int, blocks: tuple) -> Moments:
     """segment_moments on already validated input."""
     out = ops.segment_moments(x, y, labels, num_segments, "xx" in blocks, "yy" in blocks, "xy" in blocks)
     count, mx, my, sxx, syy, sxy = out
@@ -134,7 +134,7 @@ class MomentAccumulator:
             raise ValueError(f"x and y must have widths ({self.dx}, {self.dy}), got ({x.shape[1]}, {y.shape[1]})")
         labels = _validate.labels("labels", labels, x.shape[0], self.num_segments)
         _validate.same_device(x=x, labels=labels, mean_x=self.mean_x)
-        m = _moments(x.to(self.dtype), y.to(self.dtype), labels, self.num_segments, self.blocks)
+        m = moments_of_checked(x.to(self.dtype), y.to(self.dtype), labels, self.num_segments, self.blocks)
         self._combine(m)
         return self
 

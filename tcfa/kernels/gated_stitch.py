@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import _validate
+
 
 @triton.jit
 def _gate_logits(x_ptr, w_ptr, b_ptr, rows, row_mask, DX, C, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -53,6 +55,13 @@ def _shrink(x_ptr, u_ptr, shift_ptr, rows, row_mask, c, DX, R, acc, BLOCK_K: tl.
         acc += tl.dot(x, u)
     shift = tl.load(shift_ptr + c * R + rs, mask=r_mask, other=0.0)
     return acc - shift[None, :]
+
+
+@triton.jit
+def _condition_block(block_cond_ptr, block_start_ptr, block_end_ptr):
+    """This program's row of a _condition_blocks table: condition c and the range [start, end) of order."""
+    pid = tl.program_id(0)
+    return tl.load(block_cond_ptr + pid), tl.load(block_start_ptr + pid), tl.load(block_end_ptr + pid)
 
 
 @triton.jit
@@ -128,11 +137,8 @@ def _gated_stitch_routed_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """Routed mode, slot `slot`: one block of condition-sorted rows x one column tile of out."""
-    pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
-    c = tl.load(block_cond_ptr + pid_b)
-    start = tl.load(block_start_ptr + pid_b)
-    end = tl.load(block_end_ptr + pid_b)
+    c, start, end = _condition_block(block_cond_ptr, block_start_ptr, block_end_ptr)
     if start < end:  # the block table is padded to an upper bound of the block count
         pos = start + tl.arange(0, BLOCK_M)
         row_mask = pos < end
@@ -196,7 +202,7 @@ def check_routing(top_k, temperature, C: int) -> None:
 def gated_stitch_forward(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k=None, temperature=1.0):
     """Launcher with the op's signature; returns (out, gates, index, z) like the C++ kernel."""
     dtype = x.dtype
-    ct = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    ct = _validate.compute_dtype(dtype)
     x, W, b, U, V, mu_x, mu_y = (t.to(ct).contiguous() for t in (x, gate_weight, gate_bias, U, V, mu_x, mu_y))
     N, DX = x.shape
     C, _, R = U.shape

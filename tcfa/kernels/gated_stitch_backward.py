@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gated_stitch import _block, _condition_blocks, _shrink, check_routing
+from ..ops import _validate
+from .gated_stitch import _block, _condition_block, _condition_blocks, _shrink, check_routing
 
 
 @triton.jit
@@ -61,10 +62,7 @@ def _dgate_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """dg[q] = dout.mu_y[c] + dS.z for one block of condition-sorted pairs."""
-    pid = tl.program_id(0)
-    c = tl.load(block_cond_ptr + pid)
-    start = tl.load(block_start_ptr + pid)
-    end = tl.load(block_end_ptr + pid)
+    c, start, end = _condition_block(block_cond_ptr, block_start_ptr, block_end_ptr)
     if start < end:
         q, rows, mask = _pairs(order_ptr, start + tl.arange(0, BLOCK_M), end, K)
         zero = tl.zeros((BLOCK_M, BLOCK_R), dtype=dg_ptr.dtype.element_ty)
@@ -188,10 +186,7 @@ def _dx_routed_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """Routed, slot `slot`: dx[rows, tile] (+)= g dS U_c^T + dlogit W_g[:, c]^T for a block of condition-c rows."""
-    pid = tl.program_id(0)
-    c = tl.load(block_cond_ptr + pid)
-    start = tl.load(block_start_ptr + pid)
-    end = tl.load(block_end_ptr + pid)
+    c, start, end = _condition_block(block_cond_ptr, block_start_ptr, block_end_ptr)
     if start < end:
         pos = start + tl.arange(0, BLOCK_M)
         row_mask = pos < end
@@ -217,7 +212,7 @@ def gated_stitch_backward_forward(grad_out, x, gate_weight, gate_bias, U, V, mu_
                                   top_k=None, temperature=1.0):
     """Launcher with the gated_stitch_backward schema; returns (dx, dW_g, db_g, dU, dV, dmu_x, dmu_y)."""
     like = (x, gate_weight, gate_bias, U, V, mu_x, mu_y)
-    ct = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    ct = _validate.compute_dtype(x.dtype)
     dout, x, W, b, U, V, mu_x, mu_y = (t.to(ct).contiguous() for t in (grad_out, *like))
     N, DX = x.shape
     C, _, R = U.shape

@@ -9,7 +9,8 @@ C_ij = alpha_i + beta_j - gamma x_i.y_j:
 * ``"cosine"``:      C = 1 - x.y / (|x| |y|) (rows normalised, gamma = 1),
 
 so kernels compute a tile of x.y with a GEMM and never the whole cost matrix.
-fp16/bf16 inputs are computed in fp32; outputs have the input dtype.
+fp16/bf16 inputs are computed in fp32 (``_validate.compute_dtype``, where the rule is written once);
+outputs have the input dtype.
 
 The C++ CPU kernels (csrc/cpu, one library per instruction-set level, see
 ``cpu_capability``) and the Triton kernels (tcfa/kernels, registered here for the

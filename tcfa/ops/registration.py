@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import compute_dtype
 from . import cpu_levels  # noqa: F401  (loads tcfa._C, which declares the schemas registered here)
 
 # ------------------------------------------------------------------ fake kernels
@@ -31,7 +32,7 @@ def _sinkhorn_dense_fake(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, ma
 @torch.library.register_fake("tcfa::cost")
 def _cost_fake(x, y, x_offsets, y_offsets, cost):
     size = torch.library.get_ctx().new_dynamic_size()
-    return x.new_empty(size, dtype=_compute_dtype(x.dtype))
+    return x.new_empty(size, dtype=compute_dtype(x.dtype))
 
 
 @torch.library.register_fake("tcfa::barycentric")
@@ -43,7 +44,7 @@ def _barycentric_fake(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost):
 def _gated_stitch_fake(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k=None, temperature=1.0):
     N, C, r, dy = x.shape[0], U.shape[0], U.shape[2], V.shape[2]
     k_saved = 0 if top_k is None else top_k
-    ct = _compute_dtype(x.dtype)
+    ct = compute_dtype(x.dtype)
     return (x.new_empty(N, dy), x.new_empty(N, top_k or C, dtype=ct),
             x.new_empty(N, k_saved, dtype=torch.int64), x.new_empty(N, k_saved, r, dtype=ct))
 
@@ -52,10 +53,6 @@ def _gated_stitch_fake(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k=None, 
 def _gated_stitch_backward_fake(grad_out, x, gate_weight, gate_bias, U, V, mu_x, mu_y, gates, index, z,
                                 top_k=None, temperature=1.0):
     return tuple(torch.empty_like(t) for t in (x, gate_weight, gate_bias, U, V, mu_x, mu_y))
-
-
-def _compute_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # ------------------------------------------------------------------ autograd
@@ -75,7 +72,7 @@ def _gated_stitch_backward(ctx, grad_out, _grad_gates, _grad_index, _grad_z):
 torch.library.register_autograd("tcfa::gated_stitch", _gated_stitch_backward, setup_context=_gated_stitch_setup_context)
 @torch.library.register_fake("tcfa::segment_moments")
 def _segment_moments_fake(x, y, labels, num_segments, xx=True, yy=True, xy=True):
-    dt = _compute_dtype(x.dtype)
+    dt = compute_dtype(x.dtype)
     C, dx, dy = num_segments, x.shape[1], y.shape[1]
 
     def block(on, a, b):

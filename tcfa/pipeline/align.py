@@ -32,6 +32,7 @@ from torch import nn
 from ..ops import _validate
 from .data import Conditions
 from ..maps import LowRankMaps
+from ..ragged import sort_by_labels
 from ..ot import barycentric_map, sinkhorn
 from ..linear_maps import cca_maps, procrustes, ridge_map
 from ..stats import segment_moments
@@ -53,13 +54,6 @@ def _condition_ids(name: str, cond, n: int, num: int | None):
         if num is None:
             num = int(ids.max()) + 1 if ids.numel() else 1
     return _validate.labels(name, ids, n, num), num
-
-
-def _sorted_offsets(ids: torch.Tensor, num: int):
-    """Row order grouping the rows by condition (stable) and the ragged offsets of the groups."""
-    order = torch.sort(ids, stable=True).indices
-    counts = torch.bincount(ids, minlength=num)
-    return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
 class TCFA:
@@ -168,8 +162,8 @@ class TCFA:
             # regression's shrunken one) and the low-rank map is refit to those targets
             start = ridge_map(segment_moments(xa, xb, ids_a, num), self.reg)
         xs, ys, ca = xa[ia], xb[ib], ids_a[ia]
-        lab_a, off_a = _sorted_offsets(ca, num)
-        lab_b, off_b = _sorted_offsets(ids_b[ib], num)
+        lab_a, off_a = sort_by_labels(ca, num)
+        lab_b, off_b = sort_by_labels(ids_b[ib], num)
         xs, ys, ca = xs[lab_a], ys[lab_b], ca[lab_a]
         moved = start.apply(xs, ca if start.num_conditions == num else torch.zeros_like(ca))
         for _ in range(self.ot_rounds):
