@@ -54,20 +54,20 @@ def finite_through(name: str, t: torch.Tensor, derived: torch.Tensor) -> None:
         tensor(name, t)
 
 
+def _mismatch(attr: str, tensors: dict):
+    """(name, value, first name, first value) of the first tensor whose ``attr`` differs from the first's, or None."""
+    items = [(k, getattr(v, attr)) for k, v in tensors.items() if v is not None]
+    return next(((k, a, items[0][0], items[0][1]) for k, a in items[1:] if a != items[0][1]), None)
+
+
 def same_device(**tensors) -> None:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    dev = items[0][1].device
-    for k, v in items[1:]:
-        if v.device != dev:
-            raise ValueError(f"{k} is on {v.device} but {items[0][0]} is on {dev}")
+    if bad := _mismatch("device", tensors):
+        raise ValueError("{} is on {} but {} is on {}".format(*bad))
 
 
 def same_dtype(**tensors) -> None:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    dt = items[0][1].dtype
-    for k, v in items[1:]:
-        if v.dtype != dt:
-            raise TypeError(f"{k} has dtype {v.dtype} but {items[0][0]} has {dt}")
+    if bad := _mismatch("dtype", tensors):
+        raise TypeError("{} has dtype {} but {} has {}".format(*bad))
 
 
 def positive(name: str, value) -> float:
