@@ -5,24 +5,15 @@ batches, per-condition moments and CCA, and a gated multi-stitch, with a thin Py
 """
 from . import artifacts, ops
 from .maps import LowRankMaps
-from .models import StitchedModel, capture, extract, get_module, paired_rows, stream_moments, to_rows
-from .ot import GWResult, SinkhornResult, barycentric_map, entropic_gw, sinkhorn, sinkhorn_divergence
+from .pipeline.models import capture, extract, get_module, paired_rows, stream_moments, to_rows
+from .pipeline.stitched import StitchedModel
+from .ot import SinkhornResult, barycentric_map, sinkhorn
+from .divergence import GWResult, entropic_gw, sinkhorn_divergence
 from .stitch import GatedMultiStitch
-from .align import TCFA, TUNING, tune
-from .data import Conditions, binned_conditions, class_conditions, no_conditions, transform_conditions
-from .stats import (
-    CCA,
-    MomentAccumulator,
-    Moments,
-    cca,
-    cca_maps,
-    cka_from_moments,
-    linear_cka,
-    procrustes,
-    rbf_cka,
-    ridge_map,
-    segment_moments,
-)
+from .pipeline.align import TCFA, TUNING, tune
+from .pipeline.data import Conditions, binned_conditions, class_conditions, no_conditions, transform_conditions
+from .stats import MomentAccumulator, Moments, cka_from_moments, linear_cka, rbf_cka, segment_moments
+from .linear_maps import CCA, cca, cca_maps, procrustes, ridge_map
 
 from ._version import __version__ as __version__
 

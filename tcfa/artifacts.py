@@ -96,7 +96,7 @@ def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, kind: str
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         prepared[name] = t.clone() if key in seen and t.numel() else t
         seen.add(key)
-    from . import __version__
+    from ._version import __version__
 
     header = {
         "format": FORMAT, "kind": kind, "tcfa_version": __version__, "method": method,

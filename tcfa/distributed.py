@@ -33,7 +33,7 @@ import struct
 import torch
 import torch.distributed as dist
 
-from . import _validate
+from .ragged import Ragged
 
 
 # Values per rank compared by ShardedComm.agree. Fixed, not taken from the
@@ -61,14 +61,8 @@ class LocalComm:
         *result, _signature = check(*args)
         return result
 
-    def ragged_x(self, name, t, off, off_name) -> _validate.Ragged:
-        return _validate.ragged(name, t, off, off_name)
-
-    def weights_x(self, name, w, r: _validate.Ragged) -> torch.Tensor:
-        return _validate.weights(name, w, r)
-
-    def normalise_x(self, name, w, r: _validate.Ragged) -> torch.Tensor:
-        return w  # weights_x already normalised them
+    def normalise_x(self, name, w, r: Ragged) -> torch.Tensor:
+        return w  # _validate.weights already normalised them
 
 
 LOCAL = LocalComm()
@@ -169,33 +163,7 @@ class ShardedComm:
         flat = [t.tolist() for t in every]
         return [(bool(f[0]), list(zip(f[1::2], f[2::2]))) for f in flat]
 
-    def ragged_x(self, name, t, off, off_name) -> _validate.Ragged:
-        """Like _validate.ragged, but a shard may hold 0 rows of a problem."""
-        t = _validate.tensor(name, t, dim=(2, 3))
-        if t.dim() == 3:
-            return _validate.ragged(name, t, off, off_name)
-        if off is None:
-            off = torch.tensor([0, t.shape[0]], dtype=torch.int64, device=t.device)
-        return _validate.Ragged(t, _validate.offsets(off_name, off, t.shape[0], t.device), None)
-
-    def weights_x(self, name, w, r: _validate.Ragged) -> torch.Tensor:
-        """The shard's raw weights, checked locally; normalise_x divides by the global mass."""
-        if w is None:
-            return torch.ones(r.rows.shape[0], dtype=r.rows.dtype, device=r.rows.device)
-        w = _validate.tensor(name, w, dim=(1, 2))
-        if r.batch_shape is not None and w.dim() == 2:
-            if tuple(w.shape) != r.batch_shape:
-                raise ValueError(f"{name} must have shape {r.batch_shape}, got {tuple(w.shape)}")
-            w = w.reshape(-1)
-        if w.dim() != 1 or w.shape[0] != r.rows.shape[0]:
-            raise ValueError(f"{name} must hold one weight per row of the shard ({r.rows.shape[0]}), "
-                             f"got shape {tuple(w.shape)}")
-        if bool((w < 0).any()):
-            i = int((w < 0).nonzero()[0])
-            raise ValueError(f"{name} must be non-negative, got {w[i].item()} at row {i}")
-        return w
-
-    def normalise_x(self, name, w, r: _validate.Ragged) -> torch.Tensor:
+    def normalise_x(self, name, w, r: Ragged) -> torch.Tensor:
         """w / (mass of w's problem over all ranks), differentiable across ranks.
 
         The mass is a differentiable sum over ranks (_SumOverRanks), so

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _validate
+from .ops import _validate
 
 
 class LowRankShape:

@@ -12,7 +12,8 @@ import math
 import torch
 from torch import nn
 
-from . import _validate, artifacts, ops
+from . import artifacts, ops
+from .ops import _validate
 from .maps import LowRankMaps, LowRankShape
 
 _PARAMS = ("gate_weight", "gate_bias", "U", "V", "mu_x", "mu_y")

@@ -1,4 +1,4 @@
-"""Naive references for the OT ops, written straight from the docstrings in tcfa/ops.py.
+"""Naive references for the OT ops, written straight from the docstrings in tcfa/ops/__init__.py.
 
 They loop over problems and build every cost matrix explicitly: slow and
 obviously right, which is the point.

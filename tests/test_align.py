@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 import tcfa
-from tcfa import data
-from tcfa.align import TCFA, normalised_mse, stitch_loss, tune
-from tcfa.baselines import merge_applicability, ties_merge, weight_average
+from tcfa.pipeline import data
+from tcfa.pipeline.align import TCFA, normalised_mse, stitch_loss, tune
+from tcfa.pipeline.baselines import merge_applicability, ties_merge, weight_average
 
 C, N_PER, DX, DY, R = 3, 300, 12, 10, 4
 
@@ -83,8 +83,8 @@ def test_ot_path_is_one_batched_sinkhorn_matching_direct_calls(monkeypatch):
     direct calls of tcfa.sinkhorn + barycentric_map, and its map the ridge fit to them."""
     x, y, ids, *_ = synthetic(noise=0.3)
     calls = []
-    real = tcfa.align.sinkhorn
-    monkeypatch.setattr(tcfa.align, "sinkhorn", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = tcfa.pipeline.align.sinkhorn
+    monkeypatch.setattr(tcfa.pipeline.align, "sinkhorn", lambda *a, **k: calls.append(k) or real(*a, **k))
     t = TCFA("ot", rank=R, reg=1e-3, eps=0.05, ot_max_rows=None)
     t.fit(x, y, ids)
     assert len(calls) == 1 and calls[0]["x_offsets"].tolist() == [0, N_PER, 2 * N_PER, 3 * N_PER]
@@ -184,7 +184,7 @@ def _tiny_pair():
 
 @pytest.mark.parametrize("mode", ["direct", "task", "fula", "partial"])
 def test_every_tuning_mode_lowers_its_own_loss(mode):
-    from tcfa.models import StitchedModel
+    from tcfa.pipeline.stitched import StitchedModel
 
     a, b = _tiny_pair()
     g = torch.Generator().manual_seed(0)
@@ -211,7 +211,7 @@ def test_every_tuning_mode_lowers_its_own_loss(mode):
 
 
 def test_tuning_is_deterministic_with_a_seed():
-    from tcfa.models import StitchedModel
+    from tcfa.pipeline.stitched import StitchedModel
 
     a, b = _tiny_pair()
     x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))

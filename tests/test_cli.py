@@ -4,8 +4,9 @@ import timm
 import torch
 
 import tcfa
-from tcfa import cli, data
-from tcfa.models import extract, layout_of, paired_rows
+from tcfa import cli
+from tcfa.pipeline import data
+from tcfa.pipeline.models import extract, layout_of, paired_rows
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tcfa import _C_loader, ops
+from tcfa import ops
+from tcfa.ops import _C_loader
 
 
 def cpu_flags():

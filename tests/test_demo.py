@@ -1,5 +1,5 @@
 """`tcfa demo`: its timm models and taps, a short run's results.json, and the README section
-rendered from the committed results (tcfa.report)."""
+rendered from the committed results (tcfa.cli.report)."""
 import json
 import math
 import platform
@@ -10,8 +10,8 @@ import torch
 from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 
-from tcfa import demo, report
-from tcfa.models import extract, get_module, layout_of
+from tcfa.cli import demo, report
+from tcfa.pipeline.models import extract, get_module, layout_of
 
 KEYS = {"name", "conditioning", "tuning", "accuracy", "cka", "trainable_params", "corrupted_accuracy"}
 
@@ -107,4 +107,4 @@ def test_readme_demo_section_is_rendered_from_the_committed_results():
     with open(report.README) as fh:
         text = fh.read()
     assert report.splice(text, report.demo_section(doc), report.BEGIN, report.END) == text, (
-        "README.md's demo section is stale: run `python -m tcfa.report demo_output/results.json`")
+        "README.md's demo section is stale: run `python -m tcfa.cli.report demo_output/results.json`")

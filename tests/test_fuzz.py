@@ -1,14 +1,13 @@
 """Property tests (hypothesis) of the C++ ops over ragged shapes, offsets, weights, dtypes and eps.
 
 Each property: the op equals a naive float64 reference written from its
-docstring in tcfa/ops.py, or raises a ValueError/TypeError whose message names
+docstring in tcfa/ops/__init__.py, or raises a ValueError/TypeError whose message names
 the bad argument -- never a NaN the reference does not have, never a crash.
 Hypothesis draws the shapes and the kind of damage; a seeded torch generator
 draws the values (hypothesis shrinks the shapes, which is what matters here).
 derandomize=True: the same examples on every run, so CI is deterministic.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -287,24 +286,13 @@ def test_gated_stitch_matches_reference(c):
 # ------------------------------------------------------------------ bad input table, benchmark tooling
 # Not fuzzing proper, but the same question -- what does bad input get? -- and the README tables
 # that report it, so they live here: the README must say what the code does now.
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
-
-def bench_module(name):
-    import importlib
-    import sys
-
-    if BENCH not in sys.path:
-        sys.path.insert(0, BENCH)
-    return importlib.import_module(name)
-
-
 # Bad calls that do not (yet) get a named ValueError/TypeError; the README shows what they get.
 KNOWN_GAPS: dict = {}  # bad calls that do not yet raise a named error (none left)
 
 
 def test_bad_inputs_raise_named_errors_and_readme_is_current():
-    bad = bench_module("bad_inputs")
+    from tcfa.cli import bad_inputs as bad
+
     rows = bad.run()
     assert len(rows) == len(bad.CASES) >= 40
     for call, kind, msg in rows:
@@ -335,7 +323,8 @@ def fake_results(tmp_path, roofs=True):
 def test_roofline_of_a_fake_result(tmp_path):
     from tcfa.bench import common
 
-    report = bench_module("report")
+    from tcfa.cli import bench_report as report
+
     doc = fake_results(tmp_path)
     # By hand: gate 2*N*dx*C = 160 FLOP, two maps 2*N*2*r*(dx+dy) = 200; bytes: rows 4*N*(dx+dy) = 200
     # plus weights 4*(dx*C + C + C*r*(dx+dy) + C*(dx+dy)) = 4*52 = 208.
@@ -373,7 +362,8 @@ def test_plots_of_a_fake_result(tmp_path):
 def test_report_of_a_fake_result_shows_sweep_and_plots(tmp_path):
     from tcfa.bench import plots
 
-    report = bench_module("report")
+    from tcfa.cli import bench_report as report
+
     fake_results(tmp_path)
     assert plots.main(str(tmp_path)) == 0
     md = report.section(str(tmp_path))

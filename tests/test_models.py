@@ -14,8 +14,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import tcfa
-from tcfa.models import (StitchedModel, capture, extract, get_module, layout_of, paired_rows, rows_per_sample,
-                         stream_moments, to_rows)
+from tcfa.pipeline.models import (capture, extract, get_module, layout_of, paired_rows, rows_per_sample,
+                                  stream_moments, to_rows)
+from tcfa.pipeline.stitched import StitchedModel
 
 ATOL = 1e-5  # fp32, same kernels on both sides; only summation order may differ
 

@@ -184,7 +184,7 @@ def test_triton_launchers_are_registered_for_cuda(name):
 
 
 def test_failed_extension_load_says_how_to_build(monkeypatch):
-    from tcfa import _C_loader
+    from tcfa.ops import _C_loader
 
     def broken(name):
         raise ImportError("undefined symbol: _ZN2at4_ops")

@@ -335,7 +335,7 @@ def test_triton_backward_matches_cpp_and_reference(shape, top_k, dtype):
 
     Given the C++ forward's saved (gates, index, z), the Triton backward must equal the C++ backward
     and autograd through the einsum reference."""
-    from tcfa.kernels.gated_stitch import gated_stitch_backward_forward
+    from tcfa.kernels.gated_stitch_backward import gated_stitch_backward_forward
 
     args = sample_inputs(dtype=dtype, shape=shape)
     _, gates, index, z = torch.ops.tcfa.gated_stitch(*args, top_k, 0.7)

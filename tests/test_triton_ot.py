@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import tcfa  # noqa: F401  (loads torch.ops.tcfa)
-from tcfa.kernels import _ragged as rg
+from tcfa import ragged
 from tcfa.kernels import barycentric as tb
 from tcfa.kernels import softmin as tk
 
@@ -119,10 +119,10 @@ def assert_close(actual, expected, tol, equal_nan=False):
 @pytest.mark.interpreter
 def test_block_table_lists_every_block_of_every_active_problem():
     off = torch.tensor([0, 0, 130, 131, 140], dtype=torch.int64)  # an empty problem first
-    table = rg.block_table(off, 64, None, "cpu")
+    table = ragged.block_table(off, 64, None, "cpu")
     assert table.tolist() == [[1, 0], [1, 64], [1, 128], [2, 130], [3, 131]]
     active = torch.tensor([True, False, True, True])
-    assert rg.block_table(off, 64, active, "cpu").tolist() == [[2, 130], [3, 131]]
+    assert ragged.block_table(off, 64, active, "cpu").tolist() == [[2, 130], [3, 131]]
 
 
 # ---------------------------------------------------------------- softmin

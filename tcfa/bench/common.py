@@ -18,7 +18,7 @@ import time
 import torch
 
 # Every README block (benchmark tables, bad inputs, the demo) is spliced by this one function.
-from tcfa.report import cpu_model, splice  # noqa: F401
+from tcfa.cli.report import cpu_model, splice  # noqa: F401
 
 RESULTS_ENV = "TCFA_BENCH_RESULTS"
 

@@ -1,11 +1,10 @@
 """Host-side pieces shared by the Triton launchers: bounds checks and block tables.
 
-A ragged batch is B problems stored as flat rows plus int64 offsets (docs/architecture.md,
-"Ragged batches"). The launchers cover the whole batch with ONE launch: the host lists
-every row block of every problem in a *block table*, and program p of the grid
-works on the block in row p of the table.
+The ragged convention and its block tables are tcfa/ragged.py's; a launcher covers the whole
+batch with ONE launch, program p of the grid working on row p of the block table, whose header
+every ragged kernel reads with :func:`block_header`.
 
-The public API validates everything once (tcfa/_validate.py). The checks here
+The public API validates everything once (tcfa/ops/_validate.py). The checks here
 are only what a direct launcher call needs so a kernel can never read or write
 out of bounds -- the same cheap checks the C++ kernels make (csrc/cpu/common.h).
 """
@@ -14,20 +13,17 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 
-from .. import _validate
+from ..ops import _validate
 
 LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2/log2 (see softmin.py)
 LN2 = 0.6931471805599453
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp16/bf16 are computed in fp32 (the dtype rule of tcfa/ops.py)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 # ---------------------------------------------------------------- checks
-# The argument checks are tcfa/_validate.py's, shared with every backend; the
+# The argument checks are tcfa/ops/_validate.py's, shared with every backend; the
 # launchers only add what a kernel needs (host copies of offsets, block tables).
 def check_offsets(name: str, off, n_rows: int) -> torch.Tensor:
     """int64 (B+1,) offsets starting at 0, non-decreasing, ending at n_rows; returned on the CPU."""
@@ -85,28 +81,15 @@ def active_flags(active, num_problems: int) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------- block tables
-def block_table(offsets: torch.Tensor, block: int, active: torch.Tensor | None, device) -> torch.Tensor:
-    """(T, 2) int64 rows (problem k, first row) of every `block`-row block of every active problem.
-
-    Built with vectorised ops on the CPU offsets, then one small copy to the
-    device. Empty and inactive problems contribute no blocks, so their rows are
-    never touched (the launchers pre-fill outputs with what those rows return).
-    """
-    sizes = offsets[1:] - offsets[:-1]
-    num_blocks = (sizes + block - 1) // block
-    if active is not None:
-        num_blocks = num_blocks * active.to(torch.int64)
-    problem = torch.repeat_interleave(torch.arange(sizes.numel()), num_blocks)
-    first_block = torch.cumsum(num_blocks, 0) - num_blocks  # of each problem
-    local = torch.arange(problem.numel()) - first_block[problem]
-    first_row = offsets[problem] + local * block
-    return torch.stack([problem, first_row], dim=1).to(device)
-
-
-def block_offsets(x_offsets: torch.Tensor, y_offsets: torch.Tensor) -> torch.Tensor:
-    """(B+1,) int64 start of every problem's row-major n_k x m_k block in a flat cost."""
-    areas = (x_offsets[1:] - x_offsets[:-1]) * (y_offsets[1:] - y_offsets[:-1])
-    return torch.cat([areas.new_zeros(1), torch.cumsum(areas, 0)])
+@triton.jit
+def block_header(blocks_ptr, x_off_ptr, y_off_ptr):
+    """The block of this program (row tl.program_id(0) of a tcfa.ragged.block_table): its problem, its
+    first row, and the problem's x rows [rows_start, rows_end) and y rows [cols_start, cols_end)."""
+    problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
+    first = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)
+    rows_start, rows_end = tl.load(x_off_ptr + problem), tl.load(x_off_ptr + problem + 1)
+    cols_start, cols_end = tl.load(y_off_ptr + problem), tl.load(y_off_ptr + problem + 1)
+    return problem, first, rows_start, rows_end, cols_start, cols_end
 
 
 def dot_block(width: int, cap: int) -> int:

@@ -21,8 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _validate
+from .. import ragged
+from ..ops import _validate
 from . import _ragged as rg
+from ._ragged import block_header
 from .softmin import COL_BLOCK, MAX_K_BLOCK, ROW_BLOCK, _pair_dots, dot_precision
 
 MAX_DV_BLOCK = 128
@@ -33,11 +35,7 @@ def _barycentric_kernel(x_ptr, y_ptr, u_ptr, v_ptr, out_ptr, x_off_ptr, y_off_pt
                         blocks_ptr, coef_ptr, d, dv,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, LOWEST: tl.constexpr):
-    problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
-    first_row = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)
-    rows_end = tl.load(x_off_ptr + problem + 1)
-    cols_start = tl.load(y_off_ptr + problem)
-    cols_end = tl.load(y_off_ptr + problem + 1)
+    problem, first_row, rows_start, rows_end, cols_start, cols_end = block_header(blocks_ptr, x_off_ptr, y_off_ptr)
     scale = tl.load(coef_ptr)  # gamma log2(e) / eps
 
     rows = first_row + tl.arange(0, BLOCK_M)
@@ -83,7 +81,7 @@ def barycentric_forward(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost=
     xo, yo = rg.check_pair(x_offsets, x.shape[0], y_offsets, y.shape[0])
     _validate.barycentric_mass(log_b, xo, yo)
 
-    ct = rg.compute_dtype(x.dtype)
+    ct = _validate.compute_dtype(x.dtype)
     x_rows, _ = rg.affine_rows(x.to(ct), cost)
     y_rows, beta = rg.affine_rows(y.to(ct), cost)
     u = ((log_b.to(ct) + (g.to(ct) - beta) / eps) * rg.LOG2E).contiguous()
@@ -91,7 +89,7 @@ def barycentric_forward(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost=
     dv = v.shape[1]
     coef = rg.scalars(rg.cost_gamma(cost) / eps * rg.LOG2E, dtype=ct, device=x.device)
     out = torch.zeros(x.shape[0], dv, dtype=ct, device=x.device)
-    blocks = rg.block_table(xo, ROW_BLOCK, None, x.device)
+    blocks = ragged.block_table(xo, ROW_BLOCK, None, x.device)
     if blocks.shape[0] and dv:
         block_dv = rg.dot_block(dv, MAX_DV_BLOCK)
         _barycentric_kernel[(blocks.shape[0], triton.cdiv(dv, block_dv))](

@@ -1,4 +1,4 @@
-"""Triton kernel of tcfa::segment_moments (math in tcfa/ops.py: segment_moments).
+"""Triton kernel of tcfa::segment_moments (math in tcfa/ops/__init__.py: segment_moments).
 
 A grouped GEMM over label-sorted segments: program (tile, c) computes one
 BLOCK_M x BLOCK_N tile of segment c's co-moment block
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tcfa import _validate
+from ..ops import _validate
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def segment_moments_forward(x, y, labels, num_segments, xx=True, yy=True, xy=Tru
     """torch.ops.tcfa.segment_moments for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)."""
     x, y = _validate.paired_rows(x, y)
     labels = _validate.labels("labels", labels, x.shape[0], num_segments)
-    ct = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    ct = _validate.compute_dtype(x.dtype)
     x, y = x.to(ct).contiguous(), y.to(ct).contiguous()
     C = num_segments
 

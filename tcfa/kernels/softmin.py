@@ -1,6 +1,6 @@
 """Triton kernels of tcfa::softmin, tcfa::softmin_dense and tcfa::cost.
 
-The math is stated once, in tcfa/ops.py; these kernels implement it for the
+The math is stated once, in tcfa/ops/__init__.py; these kernels implement it for the
 CUDA dispatch key and are tested on CPU tensors under TRITON_INTERPRET=1
 against the C++ op (csrc/cpu/softmin.cpp) and a naive reference.
 
@@ -28,7 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import ragged
+from ..ops import _validate
 from . import _ragged as rg
+from ._ragged import block_header
 
 # Tile sizes, chosen for an H100. The (BLOCK_M x BLOCK_N) score tile of the
 # on-the-fly kernels lives in registers; BLOCK_K chunks of the width d feed tl.dot.
@@ -98,11 +101,7 @@ def _softmin_kernel(x_ptr, y_ptr, alpha_ptr, u_ptr, out_ptr, x_off_ptr, y_off_pt
     u_j = (log b_j + (h_j - beta_j)/eps) log2(e) and scale = gamma log2(e)/eps
     come from the host, so the exponent is one FMA per pair after the GEMM tile.
     """
-    problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
-    first_row = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)
-    rows_end = tl.load(x_off_ptr + problem + 1)
-    cols_start = tl.load(y_off_ptr + problem)
-    cols_end = tl.load(y_off_ptr + problem + 1)
+    problem, first_row, rows_start, rows_end, cols_start, cols_end = block_header(blocks_ptr, x_off_ptr, y_off_ptr)
     scale = tl.load(coef_ptr)
     out_scale = tl.load(coef_ptr + 1)  # -eps ln2
 
@@ -132,13 +131,13 @@ def softmin_forward(x, y, x_offsets, y_offsets, h, log_b, eps, cost="sqeuclidean
     xo, yo = rg.check_pair(x_offsets, x.shape[0], y_offsets, y.shape[0])
     flags = rg.active_flags(active, xo.numel() - 1)
 
-    ct = rg.compute_dtype(x.dtype)
+    ct = _validate.compute_dtype(x.dtype)
     x_rows, alpha = rg.affine_rows(x.to(ct), cost)
     y_rows, beta = rg.affine_rows(y.to(ct), cost)
     u = ((log_b.to(ct) + (h.to(ct) - beta) / eps) * rg.LOG2E).contiguous()
     coef = rg.scalars(rg.cost_gamma(cost) / eps * rg.LOG2E, -eps * rg.LN2, dtype=ct, device=x.device)
     out = torch.zeros(x.shape[0], dtype=ct, device=x.device)  # inactive rows stay 0
-    blocks = rg.block_table(xo, ROW_BLOCK, flags, x.device)
+    blocks = ragged.block_table(xo, ROW_BLOCK, flags, x.device)
     if blocks.shape[0]:
         _softmin_kernel[(blocks.shape[0],)](
             x_rows, y_rows, alpha, u, out, xo.to(x.device), yo.to(x.device), blocks, coef, x.shape[1],
@@ -158,12 +157,8 @@ def _softmin_dense_rows_kernel(cost_ptr, u_ptr, out_ptr, x_off_ptr, y_off_ptr, c
     u_j = (log b_j + h_j/eps) log2(e). Each row of the block reads its
     contiguous run of the row-major cost block, BLOCK_N columns at a time.
     """
-    problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
-    first_row = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)
-    rows_start = tl.load(x_off_ptr + problem)
-    rows_end = tl.load(x_off_ptr + problem + 1)
-    cols_start = tl.load(y_off_ptr + problem)
-    m = tl.load(y_off_ptr + problem + 1) - cols_start
+    problem, first_row, rows_start, rows_end, cols_start, cols_end = block_header(blocks_ptr, x_off_ptr, y_off_ptr)
+    m = cols_end - cols_start
     block_start = tl.load(cost_off_ptr + problem)
     cost_scale = tl.load(coef_ptr)  # -log2(e)/eps
     out_scale = tl.load(coef_ptr + 1)  # -eps ln2
@@ -196,12 +191,8 @@ def _softmin_dense_cols_kernel(cost_ptr, u_ptr, out_ptr, x_off_ptr, y_off_ptr, c
     columns would leave SMs idle, and would then want the rows split across
     programs plus a (max, sum) merge, as the C++ kernel does across threads.
     """
-    problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
-    first_col = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)
-    rows_start = tl.load(x_off_ptr + problem)
-    n = tl.load(x_off_ptr + problem + 1) - rows_start
-    cols_start = tl.load(y_off_ptr + problem)
-    cols_end = tl.load(y_off_ptr + problem + 1)
+    problem, first_col, rows_start, rows_end, cols_start, cols_end = block_header(blocks_ptr, x_off_ptr, y_off_ptr)
+    n = rows_end - rows_start
     m = cols_end - cols_start
     block_start = tl.load(cost_off_ptr + problem)
     cost_scale = tl.load(coef_ptr)
@@ -238,7 +229,7 @@ def softmin_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim,
     rg.check_vector("log_b", log_b)
     n_x, n_y = log_a.shape[0], log_b.shape[0]
     xo, yo = rg.check_pair(x_offsets, n_x, y_offsets, n_y)
-    cost_offsets = rg.block_offsets(xo, yo)
+    cost_offsets = ragged.block_offsets(xo, yo)
     if cost.numel() != int(cost_offsets[-1]):
         raise ValueError(f"cost must hold sum_k n_k*m_k = {int(cost_offsets[-1])} entries for these offsets, "
                          f"got {cost.numel()}")
@@ -247,17 +238,17 @@ def softmin_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim,
     rg.check_rows("h", h, log_w.shape[0])
     flags = rg.active_flags(active, xo.numel() - 1)
 
-    ct = rg.compute_dtype(cost.dtype)
+    ct = _validate.compute_dtype(cost.dtype)
     device = cost.device
     u = ((log_w.to(ct) + h.to(ct) / eps) * rg.LOG2E).contiguous()
     coef = rg.scalars(-rg.LOG2E / eps, -eps * rg.LN2, dtype=ct, device=device)
     out = torch.zeros(n_x if dim == 1 else n_y, dtype=ct, device=device)  # inactive problems stay 0
     common = (xo.to(device), yo.to(device), cost_offsets.to(device))
     if dim == 1:
-        kernel, blocks = _softmin_dense_rows_kernel, rg.block_table(xo, DENSE_ROW_BLOCK, flags, device)
+        kernel, blocks = _softmin_dense_rows_kernel, ragged.block_table(xo, DENSE_ROW_BLOCK, flags, device)
         tiles = dict(BLOCK_M=DENSE_ROW_BLOCK, BLOCK_N=DENSE_COL_TILE)
     else:
-        kernel, blocks = _softmin_dense_cols_kernel, rg.block_table(yo, DENSE_COL_BLOCK, flags, device)
+        kernel, blocks = _softmin_dense_cols_kernel, ragged.block_table(yo, DENSE_COL_BLOCK, flags, device)
         tiles = dict(BLOCK_M=DENSE_ROW_TILE, BLOCK_N=DENSE_COL_BLOCK)
     if blocks.shape[0]:
         kernel[(blocks.shape[0],)](cost.contiguous(), u, out, *common, blocks, coef,
@@ -282,7 +273,7 @@ def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, 
     rg.check_rows("f", f, log_a.shape[0])
     rg.check_rows("g", g, log_b.shape[0])
     xo, yo = rg.check_pair(x_offsets, log_a.shape[0], y_offsets, log_b.shape[0])
-    ct = rg.compute_dtype(cost.dtype)
+    ct = _validate.compute_dtype(cost.dtype)
     device = cost.device
     nx, ny = (xo[1:] - xo[:-1]).to(device), (yo[1:] - yo[:-1]).to(device)
     B = nx.numel()
@@ -319,12 +310,7 @@ def _cost_kernel(x_ptr, y_ptr, alpha_ptr, beta_ptr, out_ptr, x_off_ptr, y_off_pt
     Written at the problem's block start + local row * m + local column. The clamp
     undoes rounding of the affine form (|x|^2 + |y|^2 - 2x.y can dip below 0).
     """
-    problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
-    first_row = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)
-    rows_start = tl.load(x_off_ptr + problem)
-    rows_end = tl.load(x_off_ptr + problem + 1)
-    cols_start = tl.load(y_off_ptr + problem)
-    cols_end = tl.load(y_off_ptr + problem + 1)
+    problem, first_row, rows_start, rows_end, cols_start, cols_end = block_header(blocks_ptr, x_off_ptr, y_off_ptr)
     m = cols_end - cols_start
     block_start = tl.load(cost_off_ptr + problem)
 
@@ -348,13 +334,13 @@ def cost_forward(x, y, x_offsets, y_offsets, cost):
     cost = rg.check_cost(cost)
     rg.check_points(x, y)
     xo, yo = rg.check_pair(x_offsets, x.shape[0], y_offsets, y.shape[0])
-    cost_offsets = rg.block_offsets(xo, yo)
+    cost_offsets = ragged.block_offsets(xo, yo)
 
-    ct = rg.compute_dtype(x.dtype)
+    ct = _validate.compute_dtype(x.dtype)
     x_rows, alpha = rg.affine_rows(x.to(ct), cost)
     y_rows, beta = rg.affine_rows(y.to(ct), cost)
     out = torch.empty(int(cost_offsets[-1]), dtype=ct, device=x.device)
-    blocks = rg.block_table(xo, ROW_BLOCK, None, x.device)
+    blocks = ragged.block_table(xo, ROW_BLOCK, None, x.device)
     if blocks.shape[0] and out.numel():
         _cost_kernel[(blocks.shape[0],)](
             x_rows, y_rows, alpha, beta, out, xo.to(x.device), yo.to(x.device), cost_offsets.to(x.device),

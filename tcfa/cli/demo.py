@@ -7,13 +7,13 @@
    a hash of the model spec, the timm version and the training settings.
 2. Tap A after its third stage (``layer3``: 64 channels on a 4x4 grid) and B after its second
    of four blocks (``blocks.1``: CLS + 4x4 patch tokens, width 48); each of A's positions feeds
-   the matching patch token, B's CLS is fed from A's pooled features (tcfa.layouts).
+   the matching patch token, B's CLS is fed from A's pooled features (tcfa/pipeline/layouts.py).
 3. Fit a stitch with each method (cca, ot, ridge, procrustes) under class conditions and
    without conditions (`none`), evaluate zero-shot, then tune the class-conditioned CCA and
    the unconditioned ridge stitches with each tuning mode.
 4. Report accuracy, Δaccuracy vs the better of A and B, Δθ, CKA at B's tap (overall and per
    class), accuracy under corruption; write results.json (records, the machine, the settings,
-   the wall time) and stitching.png. ``python -m tcfa.report`` puts results.json into README.md.
+   the wall time) and stitching.png. ``python -m tcfa.cli.report`` puts results.json into README.md.
 """
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ import time
 import torch
 from torch import nn
 
-from . import data, evaluate
-from .align import TCFA, tune
-from .baselines import merge_applicability
-from .data import class_conditions, no_conditions
-from .models import StitchedModel, extract, layout_of, paired_rows
+from ..pipeline import data, evaluate
+from ..pipeline.align import TCFA, tune
+from ..pipeline.baselines import merge_applicability
+from ..pipeline.data import class_conditions, no_conditions
+from ..pipeline.models import extract, layout_of, paired_rows
+from ..pipeline.stitched import StitchedModel
 from .report import machine, table
 
 PATH_A, PATH_B = "layer3", "blocks.1"
@@ -143,7 +144,7 @@ def run(out_dir: str | None = "demo_output", *, seed: int = 0, epochs: int = 12,
     rows_a, rows_b = paired_rows(act_a, act_b, "tokens", layout_a=layout_a, layout_b=layout_b)
     conds = {"class": class_conditions(y_tr), "none": no_conditions(x_tr.shape[0])}
 
-    # Rows come sample-major, B's special (CLS) tokens first in each sample (tcfa.layouts): they
+    # Rows come sample-major, B's special (CLS) tokens first in each sample (tcfa/pipeline/layouts.py): they
     # are filled from A's pooled features, a different distribution from A's positions, and ViT
     # classifies from CLS alone -- so they get their own stitch (cls_stitch), fitted the same way.
     per, special = layout_b.positions, layout_b.num_special

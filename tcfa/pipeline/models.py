@@ -1,21 +1,6 @@
-"""Layer taps on any nn.Module, and StitchedModel: A's early layers -> stitch -> B's late layers.
+"""Layer taps on any nn.Module: one activation, several in one forward, or moments streamed over data.
 
-Public API (the align code depends on these names and signatures):
-
-    get_module(model, path) -> nn.Module
-    extract(model, path, data, *, batch_size=256, device=None, progress=False) -> Tensor
-    capture(model, paths, inputs) -> dict[str, Tensor]      # several taps, one forward, stops after the last
-    stream_moments(model_a, path_a, model_b, path_b, data, labels, accumulator, *, mode="pooled",
-                   batch_size=256, progress=False) -> accumulator
-    layout_of(act, *, model=None, num_special=None, grid=None) -> Layout      # from tcfa.layouts
-    to_rows(act, mode="pooled", grid=None) -> Tensor             # (N, D) or (N * P, D)
-    rows_per_sample(act, mode="pooled", grid=None) -> int
-    paired_rows(act_a, act_b, mode="tokens", ...) -> (rows_a, rows_b)   # the rows StitchedModel maps
-    StitchedModel(model_a, path_a, model_b, path_b, stitch, *, mode="tokens", cls_stitch=None,
-                  example_input=None, layout_a=None, layout_b=None)
-        .forward(inputs) -> B's logits (or B's raw output when it has no .logits, as timm's)
-        .forward_taps(inputs, paths_b) -> (logits, {path: activation of the stitched model in B})
-        .num_trainable() -> int
+StitchedModel (A's early layers -> stitch -> B's late layers) is in tcfa/pipeline/stitched.py.
 
 Inputs everywhere are what the model takes: a Tensor (images) is passed positionally, a dict
 (BERT: input_ids, attention_mask) as keyword arguments. Paths are dotted module names: timm
@@ -23,15 +8,11 @@ ResNet "layer2", timm ConvNeXt "stages.1", timm VisionTransformer "blocks.1", tr
 "vit.layers.1", BERT "bert.encoder.layer.1".
 
 How a tap's activation is laid out -- a CNN grid (N, C, H, W) or tokens (N, T, D) with leading
-CLS / prefix tokens -- and how A's positions are paired with B's: tcfa.layouts. How B runs from
-its tap without its earlier layers: tcfa._skip.
+CLS / prefix tokens -- and how A's positions are paired with B's: tcfa/pipeline/layouts.py. How B
+runs from its tap without its earlier layers: tcfa/pipeline/_skip.py.
 
 Families tested (tests/test_models.py, random-weight configs): timm ResNet, ConvNeXt and
 VisionTransformer (CLS and register tokens), transformers ResNet, ConvNeXt, ViT and BERT.
-
-The shape of B's tap (and of A's) is learned once from one example by running each model up to its
-tap (``example_input``, or the first sample of the first batch); afterwards B's earlier layers
-never run.
 """
 from __future__ import annotations
 
@@ -41,8 +22,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from ._skip import run_from
-from .layouts import Layout, _check_mode, _from_rows, _source, layout_of, paired_rows, rows_per_sample, to_rows
+from .layouts import Layout, _check_mode, layout_of, paired_rows, rows_per_sample, to_rows
 
 __all__ = [
     "get_module",
@@ -54,7 +34,6 @@ __all__ = [
     "to_rows",
     "rows_per_sample",
     "paired_rows",
-    "StitchedModel",
 ]
 
 # ------------------------------------------------------------------ module paths
@@ -296,142 +275,3 @@ def _labelled_batches(data, labels, batch_size):
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
             raise ValueError("labels=None needs data batches of the form (inputs, labels)")
         yield _batch_input(batch), torch.as_tensor(batch[1]).reshape(-1)
-
-
-def _freeze(model: nn.Module) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def _widths(stitch: nn.Module):
-    """(in, out) widths a stitch declares (GatedMultiStitch: dx/dy, nn.Linear: in/out_features), or Nones."""
-    dx = getattr(stitch, "dx", getattr(stitch, "in_features", None))
-    dy = getattr(stitch, "dy", getattr(stitch, "out_features", None))
-    return (dx if isinstance(dx, int) else None), (dy if isinstance(dy, int) else None)
-
-
-class StitchedModel(nn.Module):
-    """A up to ``path_a`` -> stitch -> B from ``path_b`` onward; returns B's logits.
-
-    ``stitch`` maps rows (n, dx) -> (n, dy), dx = A's channel width at its tap, dy = B's.
-    ``mode``: "tokens" maps every position (see the module docstring for how A's positions are
-    paired with B's), "pooled" maps A's pooled features and broadcasts them to all of B's positions.
-    ``cls_stitch`` maps A's pooled features to B's special tokens when they are filled from the pool
-    (different layouts in tokens mode); default: ``stitch``.
-    ``example_input``: one batch (or a sample) used to learn the two tap layouts by running each
-    model up to its tap; default: the first forward's first sample. ``layout_a``/``layout_b``
-    override the inferred layouts (non-square patch grids).
-    A and B are frozen (requires_grad False) and kept in eval mode; only the stitch trains.
-    """
-
-    def __init__(self, model_a: nn.Module, path_a: str, model_b: nn.Module, path_b: str, stitch: nn.Module, *,
-                 mode: str = "tokens", cls_stitch: nn.Module | None = None, example_input=None,
-                 layout_a: Layout | None = None, layout_b: Layout | None = None, freeze: bool = True):
-        super().__init__()
-        for name, m in (("model_a", model_a), ("model_b", model_b), ("stitch", stitch)):
-            if not isinstance(m, nn.Module):
-                raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
-        if cls_stitch is not None and not isinstance(cls_stitch, nn.Module):
-            raise TypeError(f"cls_stitch must be an nn.Module or None, got {type(cls_stitch).__name__}")
-        _check_mode(mode)
-        get_module(model_a, path_a)
-        get_module(model_b, path_b)
-        if path_b == "":
-            raise ValueError("path_b must name a layer inside model_b, not the model itself")
-        self.model_a, self.model_b = model_a, model_b
-        self.path_a, self.path_b = path_a, path_b
-        self.stitch, self.cls_stitch = stitch, cls_stitch
-        self.mode = mode
-        self.layout_a, self.layout_b = layout_a, layout_b
-        self.train()
-        if freeze:
-            _freeze(model_a)
-            _freeze(model_b)
-        if example_input is not None:
-            self._learn_layouts(example_input)
-
-    # ---------------------------------------------------------------- layouts
-    def _learn_layouts(self, inputs) -> None:
-        """Runs A and B up to their taps on one sample to learn the layouts, then checks the stitch widths."""
-        one = _head(inputs, 1)
-        with _inference(self.model_a, self.model_b):
-            if self.layout_a is None:
-                act = capture(self.model_a, [self.path_a], one)[self.path_a]
-                self.layout_a = layout_of(act, model=self.model_a)
-            if self.layout_b is None:
-                act = capture(self.model_b, [self.path_b], one)[self.path_b]
-                self.layout_b = layout_of(act, model=self.model_b)
-        self._check_widths()
-
-    def _check_widths(self) -> None:
-        dx, dy = self.layout_a.width, self.layout_b.width
-        for name, stitch in (("stitch", self.stitch), ("cls_stitch", self.cls_stitch)):
-            if stitch is None:
-                continue
-            sx, sy = _widths(stitch)
-            if (sx is not None and sx != dx) or (sy is not None and sy != dy):
-                raise ValueError(f"{name} maps width {sx} -> {sy}, but A's tap {self.path_a!r} has width {dx} "
-                                 f"and B's tap {self.path_b!r} has width {dy}")
-
-    # ---------------------------------------------------------------- forward
-    def _run_a(self, inputs) -> torch.Tensor:
-        """A's activation at its tap (A stops there); without autograd when A is frozen."""
-        a_trains = any(p.requires_grad for p in self.model_a.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and a_trains):
-            return capture(self.model_a, [self.path_a], inputs)[self.path_a]
-
-    def stitched_activation(self, inputs) -> torch.Tensor:
-        """The activation the stitch hands to B, in B's tap layout ((N, C, H, W) or (N, T, D))."""
-        if self.layout_a is None or self.layout_b is None:
-            self._learn_layouts(inputs)
-        act_a = self._run_a(inputs)
-        src, pooled_mask = _source(act_a, self.layout_a, self.layout_b, self.mode)
-        n, p, dx = src.shape
-        out = self._apply(self.stitch, src.reshape(n * p, dx)).reshape(n, p, -1)
-        if pooled_mask is not None and self.cls_stitch is not None:
-            special = self._apply(self.cls_stitch, src[:, pooled_mask].reshape(-1, dx))
-            out = torch.cat([special.reshape(n, -1, out.shape[-1]), out[:, ~pooled_mask]], dim=1)
-        if out.shape[-1] != self.layout_b.width:
-            raise ValueError(f"the stitch returned width {out.shape[-1]}, but B's tap {self.path_b!r} "
-                             f"has width {self.layout_b.width}")
-        return _from_rows(out, self.layout_b, self.mode)
-
-    @staticmethod
-    def _apply(stitch, rows):
-        out = stitch(rows)
-        return out[0] if isinstance(out, tuple) else out
-
-    def forward(self, inputs):
-        """B's logits for ``inputs`` (a Tensor, or a dict of kwargs given to both models)."""
-        return self.forward_taps(inputs, [])[0]
-
-    def forward_taps(self, inputs, paths_b) -> tuple:
-        """(B's logits, {path: activation}) for layers of B at or after its tap, from one stitched forward.
-
-        ``path_b`` itself gives the stitched activation; later paths give what B's later layers
-        compute from it (for losses that match B's own activations at several depths, e.g. with
-        ``capture(model_b, paths_b, inputs)`` as the target).
-        """
-        paths_b = [paths_b] if isinstance(paths_b, str) else list(paths_b)
-        activation = self.stitched_activation(inputs)
-        later = [p for p in paths_b if p != self.path_b]
-        with run_from(self.model_b, self.path_b, activation), _taps(self.model_b, later, False) as found:
-            out = _call(self.model_b, inputs)
-        missing = [p for p in later if p not in found]
-        if missing:
-            raise ValueError(f"layers {missing} of model_b did not run after the tap {self.path_b!r}")
-        acts = {p: activation if p == self.path_b else found[p] for p in paths_b}
-        return _logits(out), acts
-
-    def train(self, mode: bool = True) -> "StitchedModel":
-        """Sets the stitch's mode; A and B stay in eval mode (their dropout and batch-norm
-        statistics are part of the frozen functions, not of what is trained)."""
-        super().train(mode)
-        self.model_a.eval()
-        self.model_b.eval()
-        return self
-
-    def num_trainable(self) -> int:
-        """Trainable parameters (the stitch's, plus any the caller unfroze in A or B)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)

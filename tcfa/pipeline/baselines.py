@@ -1,7 +1,7 @@
 """Baselines TCFA is compared with.
 
-- The individual models A and B (evaluated as they are: see tcfa.evaluate).
-- Unconditioned stitches: TCFA with one condition (ridge, CCA) -- ``unconditioned_stitch``.
+- The individual models A and B (evaluated as they are: see tcfa/pipeline/evaluate.py).
+- Unconditioned stitches: TCFA with one condition (``TCFA(..., conditions=1)``).
 - Weight-space merges, defined only for two models of the same architecture (identical
   parameter names and shapes): ``weight_average`` and ``ties_merge``. For a cross-architecture
   pair ``merge_applicability`` says why they do not apply.
@@ -13,13 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from . import _validate
-from .align import TCFA
-
-
-def unconditioned_stitch(method: str, xa, xb, *, rank: int, reg: float = 1e-3, **kwargs):
-    """The `none`-conditioned baseline: one map for every row (TCFA with conditions=1)."""
-    return TCFA(method, rank=rank, conditions=1, reg=reg, **kwargs).fit(xa, xb, None)
+from ..ops import _validate
 
 
 def merge_applicability(model_a: nn.Module, model_b: nn.Module) -> tuple[bool, str]:

@@ -32,7 +32,7 @@ def load():
 
 def level_libraries() -> dict[str, str]:
     """Compiled level -> path of its library, for the levels this build holds."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the tcfa package: setup.py puts them there
     found = {}
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         for path in glob.glob(os.path.join(here, f"_cpu_*{suffix}")):

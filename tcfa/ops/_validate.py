@@ -6,12 +6,21 @@ half-computed when input is bad.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from ..ragged import Ragged
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COSTS = ("sqeuclidean", "cosine")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype rule of every op and solver: fp16/bf16 are computed in fp32, other dtypes as they are.
+
+    Every backend (C++, Triton, the fake kernels, the Python solvers) calls this one
+    function; the wrappers' docstrings say which outputs keep the input dtype.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def tensor(name: str, t, *, dim=None, dtypes=FLOAT_DTYPES, finite: bool = True) -> torch.Tensor:
@@ -22,8 +31,8 @@ def tensor(name: str, t, *, dim=None, dtypes=FLOAT_DTYPES, finite: bool = True) 
     if dim is not None and t.dim() not in ((dim,) if isinstance(dim, int) else dim):
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
     # A finite sum proves every entry finite (NaN and inf propagate) and reads t
-    # once without a mask: 0.9 ms against 22 ms for isfinite(t).all() on an
-    # 8192 x 768 fp32 x (one thread, this machine). Only a non-finite sum,
+    # once without a mask, ~20x faster than isfinite(t).all() on an 8192 x 768
+    # fp32 x (one thread). Only a non-finite sum,
     # maybe mere overflow, pays for the entry-wise check. Meta tensors have no values.
     if finite and t.is_floating_point() and t.numel() and t.device.type != "meta" \
             and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
@@ -38,27 +47,27 @@ def finite_through(name: str, t: torch.Tensor, derived: torch.Tensor) -> None:
     For a result every entry of t flows into, a finite derived sum proves t
     finite: the stitch gates from x (each gate of a row sums all of its
     products x_nk W_kc, and inf * 0 is NaN), the segment means from the rows.
-    Reading x itself took 0.8-1.3 ms of the ~20 ms routed stitch forward of
-    the benchmark; its gates are 64 KB.
+    Reading x itself cost ~5% of the routed stitch forward of tcfa.bench.stitch;
+    its gates are 64 KB.
     """
     if derived.numel() and derived.device.type != "meta" and not bool(torch.isfinite(derived.sum())):
         tensor(name, t)
 
 
+def _mismatch(attr: str, tensors: dict):
+    """(name, value, first name, first value) of the first tensor whose ``attr`` differs from the first's, or None."""
+    items = [(k, getattr(v, attr)) for k, v in tensors.items() if v is not None]
+    return next(((k, a, items[0][0], items[0][1]) for k, a in items[1:] if a != items[0][1]), None)
+
+
 def same_device(**tensors) -> None:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    dev = items[0][1].device
-    for k, v in items[1:]:
-        if v.device != dev:
-            raise ValueError(f"{k} is on {v.device} but {items[0][0]} is on {dev}")
+    if bad := _mismatch("device", tensors):
+        raise ValueError("{} is on {} but {} is on {}".format(*bad))
 
 
 def same_dtype(**tensors) -> None:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    dt = items[0][1].dtype
-    for k, v in items[1:]:
-        if v.dtype != dt:
-            raise TypeError(f"{k} has dtype {v.dtype} but {items[0][0]} has {dt}")
+    if bad := _mismatch("dtype", tensors):
+        raise TypeError("{} has dtype {} but {} has {}".format(*bad))
 
 
 def positive(name: str, value) -> float:
@@ -94,57 +103,38 @@ def offsets(name: str, off, n_rows: int, device) -> torch.Tensor:
     return off.to(device)
 
 
-@dataclass
-class Ragged:
-    """Flat rows + offsets view of either a (B, n, d) batch or (N, d) rows."""
+def ragged(name: str, t, off, off_name: str, *, empty_problems: bool = False) -> Ragged:
+    """t as a Ragged batch: dense (B, n, d) with off None, or (N, d) rows with off (None: one problem).
 
-    rows: torch.Tensor  # (N, d)
-    offsets: torch.Tensor  # (B+1,) int64
-    batch_shape: tuple | None  # (B, n) when the input was dense
-
-    @property
-    def sizes(self) -> torch.Tensor:
-        return self.offsets[1:] - self.offsets[:-1]
-
-    @property
-    def num_problems(self) -> int:
-        return self.offsets.numel() - 1
-
-    def problem_index(self) -> torch.Tensor:
-        """(N,) problem id of every row."""
-        return torch.repeat_interleave(torch.arange(self.num_problems, device=self.rows.device), self.sizes)
-
-    def unflatten(self, t: torch.Tensor) -> torch.Tensor:
-        """Reshape per-row output (N, ...) back to (B, n, ...) for dense input."""
-        return t if self.batch_shape is None else t.reshape(*self.batch_shape, *t.shape[1:])
-
-
-def ragged(name: str, t, off, off_name: str) -> Ragged:
+    Every problem needs rows, except with ``empty_problems`` (a shard of a sharded
+    batch may hold no row of a problem).
+    """
     t = tensor(name, t, dim=(2, 3))
     if t.dim() == 3:
         if off is not None:
             raise ValueError(f"{off_name} must be None when {name} is a dense (B, n, d) batch")
-        B, n, d = t.shape
-        off = torch.arange(B + 1, dtype=torch.int64, device=t.device) * n
-        if n == 0:
+        if t.shape[1] == 0:
             raise ValueError(f"{name} has empty problems (n = 0 rows)")
-        return Ragged(t.reshape(B * n, d), off, (B, n))
+        return Ragged.from_dense(t)
     if off is None:
-        off = torch.tensor([0, t.shape[0]], dtype=torch.int64, device=t.device)
+        return Ragged.single(t)
     off = offsets(off_name, off, t.shape[0], t.device)
-    if bool(((off[1:] - off[:-1]) == 0).any()):
+    if not empty_problems and bool(((off[1:] - off[:-1]) == 0).any()):
         k = int(((off[1:] - off[:-1]) == 0).nonzero()[0])
         raise ValueError(f"{off_name} describes an empty problem at index {k}: every problem needs rows")
-    return Ragged(t, off, None)
+    return Ragged(t, off)
 
 
-def weights(name: str, w, r: Ragged) -> torch.Tensor:
-    """Per-row non-negative weights, normalised to mass 1 within each problem.
+def weights(name: str, w, r: Ragged, *, normalise: bool = True) -> torch.Tensor:
+    """Per-row non-negative weights (None: uniform), normalised to mass 1 within each problem.
 
-    None means uniform. A problem whose weights are all zero is an error.
+    A problem whose weights are all zero is an error. ``normalise=False`` (a shard of a
+    sharded batch, whose mass is global) returns the checked raw weights, ones for None.
     """
     N = r.rows.shape[0]
     if w is None:
+        if not normalise:
+            return torch.ones(N, dtype=r.rows.dtype, device=r.rows.device)
         sizes = r.sizes.to(r.rows.dtype)
         return (1.0 / sizes).repeat_interleave(r.sizes)
     w = tensor(name, w, dim=(1, 2))
@@ -153,10 +143,13 @@ def weights(name: str, w, r: Ragged) -> torch.Tensor:
             raise ValueError(f"{name} must have shape {r.batch_shape}, got {tuple(w.shape)}")
         w = w.reshape(-1)
     if w.dim() != 1 or w.shape[0] != N:
-        raise ValueError(f"{name} must hold one weight per row ({N}), got shape {tuple(w.shape)}")
+        rows = "row" if normalise else "row of the shard"
+        raise ValueError(f"{name} must hold one weight per {rows} ({N}), got shape {tuple(w.shape)}")
     if bool((w < 0).any()):
         i = int((w < 0).nonzero()[0])
         raise ValueError(f"{name} must be non-negative, got {w[i].item()} at row {i}")
+    if not normalise:
+        return w
     mass = torch.zeros(r.num_problems, dtype=w.dtype, device=w.device).index_add_(0, r.problem_index(), w)
     if bool((mass <= 0).any()):
         k = int((mass <= 0).nonzero()[0])

@@ -1,6 +1,6 @@
 """The demo's results table, and README.md's demo section rendered from the demo's results.json.
 
-    python -m tcfa.report [demo_output/results.json]
+    python -m tcfa.cli.report [demo_output/results.json]
 
 copies the given results to benchmarks/results/demo/results.json (committed, so that a test can
 check the README without running the demo) and rewrites README.md between the markers
@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(REPO, "README.md")
 DEMO_RESULTS = os.path.join(REPO, "benchmarks", "results", "demo", "results.json")
 BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"

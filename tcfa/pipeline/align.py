@@ -19,7 +19,7 @@ Methods (the math of each lives in tcfa.stats / tcfa.ot; this file only wires it
   different rows, conditions given for both) start from the per-condition ridge map fit on
   ``anchors`` (a few known pairs), or from the identity when dx == dy.
 
-Tuning (:func:`tune`) then trains the stitch inside a tcfa.models.StitchedModel with one of
+Tuning (:func:`tune`) then trains the stitch inside a tcfa.StitchedModel with one of
 TUNING's objectives.
 """
 from __future__ import annotations
@@ -29,12 +29,14 @@ import copy
 import torch
 from torch import nn
 
-from . import _validate
+from ..ops import _validate
 from .data import Conditions
-from .maps import LowRankMaps
-from .ot import barycentric_map, sinkhorn
-from .stats import cca_maps, procrustes, ridge_map, segment_moments
-from .stitch import GatedMultiStitch
+from ..maps import LowRankMaps
+from ..ragged import sort_by_labels
+from ..ot import barycentric_map, sinkhorn
+from ..linear_maps import cca_maps, procrustes, ridge_map
+from ..stats import segment_moments
+from ..stitch import GatedMultiStitch
 
 METHODS = ("cca", "ot", "ridge", "procrustes")
 
@@ -52,13 +54,6 @@ def _condition_ids(name: str, cond, n: int, num: int | None):
         if num is None:
             num = int(ids.max()) + 1 if ids.numel() else 1
     return _validate.labels(name, ids, n, num), num
-
-
-def _sorted_offsets(ids: torch.Tensor, num: int):
-    """Row order grouping the rows by condition (stable) and the ragged offsets of the groups."""
-    order = torch.sort(ids, stable=True).indices
-    counts = torch.bincount(ids, minlength=num)
-    return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
 class TCFA:
@@ -138,7 +133,7 @@ class TCFA:
 
     def fit_models(self, model_a, path_a, model_b, path_b, data, cond, *, mode="tokens", batch_size=256,
                    progress=True) -> GatedMultiStitch:
-        """fit() on activations tapped from two models (tcfa.models.extract / to_rows) on ``data``.
+        """fit() on activations tapped from two models (tcfa.extract / to_rows) on ``data``.
 
         cond: one condition per sample of ``data``; in "tokens" mode every row (position) of a
         sample inherits its sample's condition, and A's grid is resampled to B's (to_rows).
@@ -167,8 +162,8 @@ class TCFA:
             # regression's shrunken one) and the low-rank map is refit to those targets
             start = ridge_map(segment_moments(xa, xb, ids_a, num), self.reg)
         xs, ys, ca = xa[ia], xb[ib], ids_a[ia]
-        lab_a, off_a = _sorted_offsets(ca, num)
-        lab_b, off_b = _sorted_offsets(ids_b[ib], num)
+        lab_a, off_a = sort_by_labels(ca, num)
+        lab_b, off_b = sort_by_labels(ids_b[ib], num)
         xs, ys, ca = xs[lab_a], ys[lab_b], ca[lab_a]
         moved = start.apply(xs, ca if start.num_conditions == num else torch.zeros_like(ca))
         for _ in range(self.ot_rounds):
@@ -267,7 +262,7 @@ def stitch_loss(stitched, mode: str, inputs, labels, later_paths=()) -> torch.Te
 def tune(stitched, mode: str, inputs: torch.Tensor, labels: torch.Tensor, *, steps: int = 100, lr: float = 1e-3,
          batch_size: int = 64, later_paths=(), next_path: str | None = None, seed: int = 0,
          progress: bool = False) -> list:
-    """Trains the stitch of a tcfa.models.StitchedModel with objective ``mode``; returns the losses.
+    """Trains the stitch of a tcfa.StitchedModel with objective ``mode``; returns the losses.
 
     - "zero_shot": no training (the fitted stitch as it is).
     - "direct": match B's own activation at its tap (normalised MSE).

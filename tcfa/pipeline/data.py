@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _validate
+from ..ops import _validate
 
 
 def digits(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -15,14 +15,6 @@ def digits(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
 
     d = load_digits()
     return torch.tensor(d.data / 16.0, dtype=dtype), torch.tensor(d.target, dtype=torch.int64)
-
-
-def random_rotation(dim: int, angle: float, generator: torch.Generator) -> torch.Tensor:
-    """An orthogonal (dim, dim) matrix exp(angle * A) with A a random unit skew-symmetric matrix."""
-    a = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-    a = a - a.T
-    a = a / torch.linalg.matrix_norm(a, ord=2)
-    return torch.linalg.matrix_exp(angle * a)
 
 
 # ------------------------------------------------------------------ images
@@ -154,17 +146,3 @@ def transform_conditions(images: torch.Tensor, kind: str, levels=None, *, seed: 
     else:
         out = gaussian_noise(images, amount, gen)
     return out, Conditions(ids, [f"{kind}={lv:g}" for lv in levels])
-
-
-def build_conditions(kind: str, *, labels=None, images=None, values=None, n=None, **kwargs):
-    """One entry point for the builders above: kind in "class", "none", "binned", or a TRANSFORMS
-    name. Returns Conditions, or (images, Conditions) for a transform."""
-    if kind == "class":
-        return class_conditions(labels, **kwargs)
-    if kind == "none":
-        return no_conditions(n if n is not None else len(labels if labels is not None else images))
-    if kind == "binned":
-        return binned_conditions(values, **kwargs)
-    if kind in TRANSFORMS:
-        return transform_conditions(images, kind, **kwargs)
-    raise ValueError(f"kind must be one of {['class', 'none', 'binned', *TRANSFORMS]}, got {kind!r}")

@@ -9,7 +9,8 @@ C_ij = alpha_i + beta_j - gamma x_i.y_j:
 * ``"cosine"``:      C = 1 - x.y / (|x| |y|) (rows normalised, gamma = 1),
 
 so kernels compute a tile of x.y with a GEMM and never the whole cost matrix.
-fp16/bf16 inputs are computed in fp32; outputs have the input dtype.
+fp16/bf16 inputs are computed in fp32 (``_validate.compute_dtype``, where the rule is written once);
+outputs have the input dtype.
 
 The C++ CPU kernels (csrc/cpu, one library per instruction-set level, see
 ``cpu_capability``) and the Triton kernels (tcfa/kernels, registered here for the
@@ -17,46 +18,11 @@ CUDA dispatch key) implement exactly these docstrings.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import _C_loader, _validate
-
-_C = _C_loader.load()
-_CPU_LIBRARIES = _C_loader.level_libraries()
-_cpu_level = ""
-
-
-def set_cpu_capability(level: str) -> str:
-    """Makes ``level`` the instruction-set level of every CPU kernel from now on, in this
-    process; returns the level in use before. For comparing levels in one process (the
-    tests, ``benchmarks/bench_levels.py``); the level chosen at import is the best one the
-    CPU runs, or the one the environment variable TCFA_CPU_CAPABILITY names."""
-    global _cpu_level
-    if not isinstance(level, str):
-        raise TypeError(f"level must be a str, got {type(level).__name__}")
-    level = _C_loader.choose_level(_C.best_cpu_capability(), _CPU_LIBRARIES, level, name="level")
-    previous, _cpu_level = _cpu_level, _C.use_cpu_kernels(_CPU_LIBRARIES[level])
-    return previous
-
-
-def cpu_capability() -> str:
-    """The instruction-set level the CPU kernels run at: "avx512", "avx2", "default"
-    (baseline x86-64, or the compiler's default target on other architectures), or
-    "native" (an opt-in -march=native build, TCFA_BUILD_NATIVE=1)."""
-    return _cpu_level
-
-
-def cpu_capabilities() -> list[str]:
-    """Every compiled level this CPU can run, best first."""
-    best = _C.best_cpu_capability()
-    runnable = _C_loader.runnable_levels(best) + ["native"]
-    return [level for level in runnable if level in _CPU_LIBRARIES]
-
-
-_cpu_level = _C.use_cpu_kernels(_CPU_LIBRARIES[_C_loader.choose_level(
-    _C.best_cpu_capability(), _CPU_LIBRARIES, os.environ.get(_C_loader.ENV) or None)])
+from . import _validate
+from . import registration  # noqa: F401  (fake kernels, autograd, CUDA kernels: registered at import)
+from .cpu_levels import _C, _CPU_LIBRARIES, cpu_capabilities, cpu_capability, set_cpu_capability  # noqa: F401
 
 
 def softmin(x, y, x_offsets, y_offsets, h, log_b, eps: float, cost: str = "sqeuclidean", active=None):
@@ -158,72 +124,6 @@ def gated_stitch(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k=None, temper
     return (out, gates, index) if return_routing else out
 
 
-# ------------------------------------------------------------------ fake kernels
-# Shapes only, for torch.compile / meta tensors; dtype follows the inputs.
-
-
-@torch.library.register_fake("tcfa::softmin")
-def _softmin_fake(x, y, x_offsets, y_offsets, h, log_b, eps, cost, active=None):
-    return x.new_empty(x.shape[0])
-
-
-@torch.library.register_fake("tcfa::softmin_dense")
-def _softmin_dense_fake(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim, active=None):
-    n = log_a.shape[0] if dim == 1 else log_b.shape[0]
-    return h.new_empty(n)
-
-
-@torch.library.register_fake("tcfa::sinkhorn_dense")
-def _sinkhorn_dense_fake(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol):
-    B = x_offsets.shape[0] - 1
-    return (torch.empty_like(f), torch.empty_like(g), f.new_empty(B, dtype=torch.int64), f.new_empty(B))
-
-
-@torch.library.register_fake("tcfa::cost")
-def _cost_fake(x, y, x_offsets, y_offsets, cost):
-    size = torch.library.get_ctx().new_dynamic_size()
-    return x.new_empty(size, dtype=_compute_dtype(x.dtype))
-
-
-@torch.library.register_fake("tcfa::barycentric")
-def _barycentric_fake(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost):
-    return values.new_empty(x.shape[0], values.shape[1])
-
-
-@torch.library.register_fake("tcfa::gated_stitch")
-def _gated_stitch_fake(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k=None, temperature=1.0):
-    N, C, r, dy = x.shape[0], U.shape[0], U.shape[2], V.shape[2]
-    k_saved = 0 if top_k is None else top_k
-    ct = _compute_dtype(x.dtype)
-    return (x.new_empty(N, dy), x.new_empty(N, top_k or C, dtype=ct),
-            x.new_empty(N, k_saved, dtype=torch.int64), x.new_empty(N, k_saved, r, dtype=ct))
-
-
-@torch.library.register_fake("tcfa::gated_stitch_backward")
-def _gated_stitch_backward_fake(grad_out, x, gate_weight, gate_bias, U, V, mu_x, mu_y, gates, index, z,
-                                top_k=None, temperature=1.0):
-    return tuple(torch.empty_like(t) for t in (x, gate_weight, gate_bias, U, V, mu_x, mu_y))
-
-
-def _compute_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-# ------------------------------------------------------------------ autograd
-def _gated_stitch_setup_context(ctx, inputs, output):
-    x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k, temperature = inputs
-    _, gates, index, z = output
-    ctx.mark_non_differentiable(gates, index, z)
-    ctx.save_for_backward(x, gate_weight, gate_bias, U, V, mu_x, mu_y, gates, index, z)
-    ctx.top_k, ctx.temperature = top_k, temperature
-
-
-def _gated_stitch_backward(ctx, grad_out, _grad_gates, _grad_index, _grad_z):
-    grads = torch.ops.tcfa.gated_stitch_backward(grad_out, *ctx.saved_tensors, ctx.top_k, ctx.temperature)
-    return (*grads, None, None)
-
-
-torch.library.register_autograd("tcfa::gated_stitch", _gated_stitch_backward, setup_context=_gated_stitch_setup_context)
 # ------------------------------------------------------------------ moments
 
 
@@ -247,18 +147,6 @@ def segment_moments(x, y, labels, num_segments: int, xx: bool = True, yy: bool =
     rest have x's dtype (fp16/bf16 computed and returned in fp32).
     """
     return torch.ops.tcfa.segment_moments(x, y, labels, num_segments, xx, yy, xy)
-
-
-@torch.library.register_fake("tcfa::segment_moments")
-def _segment_moments_fake(x, y, labels, num_segments, xx=True, yy=True, xy=True):
-    dt = _compute_dtype(x.dtype)
-    C, dx, dy = num_segments, x.shape[1], y.shape[1]
-
-    def block(on, a, b):
-        return x.new_empty((C, a, b) if on else (C, 0, 0), dtype=dt)
-
-    return (x.new_empty(C, dtype=torch.int64), x.new_empty(C, dx, dtype=dt), x.new_empty(C, dy, dtype=dt),
-            block(xx, dx, dx), block(yy, dy, dy), block(xy, dx, dy))
 
 
 def symmetric_top_eigh(A, k: int):
@@ -292,44 +180,3 @@ def symmetric_top_eigh(A, k: int):
         values, vectors = values.clone(), vectors.clone()
         values[bad], vectors[bad] = w[:, -k:].flip(-1), V[..., -k:].flip(-1)
     return values, vectors
-
-
-@torch.library.register_fake("tcfa::symmetric_top_eigh")
-def _symmetric_top_eigh_fake(A, k):
-    B, n = A.shape[0], A.shape[1]
-    return A.new_empty(B, k), A.new_empty(B, n, k), A.new_empty(B, dtype=torch.bool)
-
-
-def _symmetric_top_eigh_eigh(A, k):
-    """The op for devices without a tcfa kernel: cuSOLVER's eigh through torch, every matrix ok."""
-    w, V = torch.linalg.eigh(A)
-    return w[:, -k:].flip(-1).contiguous(), V[..., -k:].flip(-1).contiguous(), torch.ones(A.shape[0], dtype=torch.bool, device=A.device)
-
-
-torch.library.register_kernel("tcfa::symmetric_top_eigh", "cuda", _symmetric_top_eigh_eigh)
-
-
-# ------------------------------------------------------------------ Triton (CUDA key)
-def _register_triton():
-    """Registers the Triton launchers for CUDA tensors when Triton is installed.
-
-    Without triton, CUDA tensors hit the dispatcher's clear "no kernel" error.
-    """
-    try:
-        from .kernels import barycentric as tk_bary
-        from .kernels import gated_stitch as tk_stitch
-        from .kernels import segment_moments as tk_moments
-        from .kernels import softmin as tk_softmin
-    except ImportError:
-        return
-    torch.library.register_kernel("tcfa::softmin", "cuda", tk_softmin.softmin_forward)
-    torch.library.register_kernel("tcfa::softmin_dense", "cuda", tk_softmin.softmin_dense_forward)
-    torch.library.register_kernel("tcfa::sinkhorn_dense", "cuda", tk_softmin.sinkhorn_dense_forward)
-    torch.library.register_kernel("tcfa::cost", "cuda", tk_softmin.cost_forward)
-    torch.library.register_kernel("tcfa::barycentric", "cuda", tk_bary.barycentric_forward)
-    torch.library.register_kernel("tcfa::gated_stitch", "cuda", tk_stitch.gated_stitch_forward)
-    torch.library.register_kernel("tcfa::segment_moments", "cuda", tk_moments.segment_moments_forward)
-    torch.library.register_kernel("tcfa::gated_stitch_backward", "cuda", tk_stitch.gated_stitch_backward_forward)
-
-
-_register_triton()

@@ -94,7 +94,7 @@ def _plan(model: nn.Module, path: str, inject: _Inject):
 @contextlib.contextmanager
 def run_from(model: nn.Module, path: str, activation: torch.Tensor):
     """While active, calling ``model`` skips everything before ``path`` and injects ``activation``
-    there. ``path`` must name an existing submodule (tcfa.models.get_module checks it)."""
+    there. ``path`` must name an existing submodule (tcfa.get_module checks it)."""
     inject = _Inject(activation)
     swaps, bypasses = _plan(model, path, inject)
     originals = [(parent, name, parent._modules[name]) for parent, name, _ in swaps]

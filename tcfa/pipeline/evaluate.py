@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import data as _data
-from .stats import linear_cka
+from ..stats import linear_cka
 
 CORRUPTIONS = {"noise": 0.3, "rotation": 30.0}  # Gaussian sigma on [0, 1] pixels; degrees
 

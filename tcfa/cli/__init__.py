@@ -81,9 +81,9 @@ def _load_model(spec: str, checkpoint: str | None, role: str, num_classes: int):
 def _align(args) -> int:
     import torch
 
-    from . import data
-    from .align import TCFA
-    from .models import extract, layout_of, paired_rows
+    from ..pipeline import data
+    from ..pipeline.align import TCFA
+    from ..pipeline.models import extract, layout_of, paired_rows
 
     torch.manual_seed(args.seed)  # the random init of timm models built by name
     model_a = _load_model(args.model_a, args.checkpoint_a, "a", args.num_classes)

@@ -1,0 +1,42 @@
+"""The CPU kernels' instruction-set level: chosen at import, switchable in one process
+(docs/architecture.md, "CPU dispatch")."""
+from __future__ import annotations
+
+import os
+
+from . import _C_loader
+
+_C = _C_loader.load()
+_CPU_LIBRARIES = _C_loader.level_libraries()
+_cpu_level = ""
+
+
+def set_cpu_capability(level: str) -> str:
+    """Makes ``level`` the instruction-set level of every CPU kernel from now on, in this
+    process; returns the level in use before. For comparing levels in one process (the
+    tests, ``benchmarks/bench_levels.py``); the level chosen at import is the best one the
+    CPU runs, or the one the environment variable TCFA_CPU_CAPABILITY names."""
+    global _cpu_level
+    if not isinstance(level, str):
+        raise TypeError(f"level must be a str, got {type(level).__name__}")
+    level = _C_loader.choose_level(_C.best_cpu_capability(), _CPU_LIBRARIES, level, name="level")
+    previous, _cpu_level = _cpu_level, _C.use_cpu_kernels(_CPU_LIBRARIES[level])
+    return previous
+
+
+def cpu_capability() -> str:
+    """The instruction-set level the CPU kernels run at: "avx512", "avx2", "default"
+    (baseline x86-64, or the compiler's default target on other architectures), or
+    "native" (an opt-in -march=native build, TCFA_BUILD_NATIVE=1)."""
+    return _cpu_level
+
+
+def cpu_capabilities() -> list[str]:
+    """Every compiled level this CPU can run, best first."""
+    best = _C.best_cpu_capability()
+    runnable = _C_loader.runnable_levels(best) + ["native"]
+    return [level for level in runnable if level in _CPU_LIBRARIES]
+
+
+_cpu_level = _C.use_cpu_kernels(_CPU_LIBRARIES[_C_loader.choose_level(
+    _C.best_cpu_capability(), _CPU_LIBRARIES, os.environ.get(_C_loader.ENV) or None)])
