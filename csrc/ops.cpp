@@ -1,7 +1,7 @@
 // The one place where tcfa's op schemas are declared. Each op's math is
-// stated in its docstring in tcfa/ops.py; CPU kernels live in csrc/cpu/ (one
+// stated in its docstring in tcfa/ops/__init__.py; CPU kernels live in csrc/cpu/ (one
 // library per instruction-set level), Triton (CUDA) kernels in tcfa/kernels/
-// and are registered from tcfa/ops.py.
+// and are registered from tcfa/ops/registration.py.
 #include <Python.h>
 #include <torch/library.h>
 

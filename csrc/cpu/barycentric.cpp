@@ -1,4 +1,4 @@
-// CPU kernel of tcfa::barycentric; the math is stated once, in tcfa/ops.py.
+// CPU kernel of tcfa::barycentric; the math is stated once, in tcfa/ops/__init__.py.
 // FlashAttention-style: per tile of 128 x rows and 512 y rows, a GEMM for the
 // scores, an online row max, exp in place, and acc += W @ v_tile.
 #include "checks.h"

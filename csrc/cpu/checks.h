@@ -1,5 +1,5 @@
 // Argument checks of the CPU kernels. The Python API validates everything once
-// (tcfa/_validate.py) and names the argument; these checks only guarantee that
+// (tcfa/ops/_validate.py) and names the argument; these checks only guarantee that
 // a direct torch.ops call can never read or write out of bounds.
 // TORCH_CHECK_VALUE surfaces as ValueError, TORCH_CHECK_TYPE as TypeError.
 #pragma once
@@ -103,7 +103,7 @@ inline void check_point_pair(const at::Tensor& x, const at::Tensor& y) {
 
 inline void check_eps(double eps) { TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps); }
 
-// fp16/bf16 inputs are computed in fp32 (the dtype rule of tcfa/ops.py).
+// fp16/bf16 inputs are computed in fp32 (tcfa/ops/_validate.py: compute_dtype).
 inline at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }

@@ -29,7 +29,7 @@ inline int64_t checked_k(const c10::optional<int64_t>& top_k, int64_t C) {
   return *top_k;
 }
 
-// Bounds checks only; tcfa/_validate.py names every bad argument first.
+// Bounds checks only; tcfa/ops/_validate.py names every bad argument first.
 inline Params prepare(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b,
                       const at::Tensor& U, const at::Tensor& V, const at::Tensor& mu_x,
                       const at::Tensor& mu_y, const c10::optional<int64_t>& top_k,
@@ -60,7 +60,7 @@ inline Params prepare(const at::Tensor& x, const at::Tensor& W, const at::Tensor
   check_same_dtype(mu_x, dt, "mu_x");
   check_same_dtype(mu_y, dt, "mu_y");
   const auto ct = compute_dtype(dt);
-  // Detached: the op is differentiated as a whole (tcfa/ops.py), and the
+  // Detached: the op is differentiated as a whole (tcfa/ops/__init__.py), and the
   // out= GEMMs below refuse inputs that require grad.
   auto cvt = [&](const at::Tensor& t) { return t.detach().to(ct).contiguous(); };
   return {cvt(x), cvt(W), cvt(b), cvt(U), cvt(V), cvt(mu_x),          cvt(mu_y),

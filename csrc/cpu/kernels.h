@@ -18,7 +18,7 @@ namespace tcfa {
 using Tensor = at::Tensor;
 using OptTensor = c10::optional<at::Tensor>;
 
-// Signatures follow the schemas in csrc/ops.cpp; each op's math is in tcfa/ops.py.
+// Signatures follow the schemas in csrc/ops.cpp; each op's math is in tcfa/ops/__init__.py.
 at::Tensor softmin_cpu(const Tensor& x, const Tensor& y, const Tensor& x_offsets,
                        const Tensor& y_offsets, const Tensor& h, const Tensor& log_b, double eps,
                        c10::string_view cost, const OptTensor& active);

@@ -1,5 +1,5 @@
 // CPU kernel of tcfa::segment_moments. The math is stated once, in
-// tcfa/ops.py (segment_moments).
+// tcfa/ops/__init__.py (segment_moments).
 //
 // Plan: a counting sort of the labels gives every segment's row indices
 // (one O(N) sweep, no comparison sort); then per segment an fp64 mean, and

@@ -1,5 +1,5 @@
 // CPU kernel of tcfa::sinkhorn_dense: whole Sinkhorn loops on stored costs at
-// one eps. The math is stated once, in tcfa/ops.py.
+// one eps. The math is stated once, in tcfa/ops/__init__.py.
 //
 // Why a fused loop instead of two softmin_dense calls per iteration:
 // * one exp per cost entry per iteration, not two. With the previous

@@ -1,5 +1,5 @@
 // CPU kernels of tcfa::softmin (cost on the fly), tcfa::softmin_dense (stored
-// cost) and tcfa::cost. The math is stated once, in tcfa/ops.py.
+// cost) and tcfa::cost. The math is stated once, in tcfa/ops/__init__.py.
 #include "checks.h"
 #include "cost.h"
 #include "dense_columns.h"

@@ -1,5 +1,5 @@
 // CPU kernel of tcfa::symmetric_top_eigh. The math is stated once, in
-// tcfa/ops.py (symmetric_top_eigh).
+// tcfa/ops/__init__.py (symmetric_top_eigh).
 //
 // LAPACK's syevd (torch.linalg.eigh) computes all n eigenvectors by divide
 // and conquer; CCA needs the k largest only. Per matrix, one task:

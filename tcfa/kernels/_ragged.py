@@ -6,7 +6,7 @@ every ragged kernel reads with :func:`block_header`.
 
 The public API validates everything once (tcfa/ops/_validate.py). The checks here
 are only what a direct launcher call needs so a kernel can never read or write
-out of bounds -- the same cheap checks the C++ kernels make (csrc/cpu/common.h).
+out of bounds -- the same cheap checks the C++ kernels make (csrc/cpu/checks.h).
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def dot_block(width: int, cap: int) -> int:
 def affine_rows(t: torch.Tensor, cost: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and their alpha (or beta) term for C_ij = alpha_i + beta_j - gamma x_i.y_j.
 
-    Same expressions as csrc/cpu/common.h affine_rows, so the host prologue
+    Same expressions as csrc/cpu/cost.h affine_rows, so the host prologue
     rounds exactly like the C++ op: cosine rows are normalised (alpha = beta =
     1/2, gamma = 1), sqeuclidean keeps the rows and uses squared norms (gamma = 2).
     An O(N d) pass, negligible next to the O(N M d) kernels.

@@ -17,7 +17,7 @@ Numerics shared by all kernels:
   a multiply per pair; the result is converted back with a factor ln 2;
 * one pass with an online max: the running max starts at the dtype's lowest
   finite value, not -inf, so (old max - new max) stays finite when every term
-  so far is -inf (zero weights), exactly as csrc/cpu/common.h does;
+  so far is -inf (zero weights), exactly as csrc/cpu/lse.h does;
 * fp32 tl.dot uses input_precision="ieee". On a GPU the default would be TF32
   (10-bit mantissa), which would not match the C++ op; the interpreter's
   tl.dot is an exact numpy matmul either way. fp64 is computed in fp64.
