@@ -57,3 +57,13 @@ def test_bench_names_what_exists_when_nothing_matches(capsys):
 
     assert cli.main(["bench", "no-such-benchmark"]) == 1
     assert "sinkhorn" in capsys.readouterr().err
+
+
+def test_every_package_folder_is_a_regular_package():
+    """setup.py's find_packages ships only folders with an __init__.py: a namespace folder
+    imports from a checkout but is missing from the wheel."""
+    package = os.path.join(ROOT, "tcfa")
+    for folder, _, files in os.walk(package):
+        if "__pycache__" in folder or not any(f.endswith(".py") for f in files):
+            continue
+        assert "__init__.py" in files, f"{os.path.relpath(folder, ROOT)} has no __init__.py"
