@@ -22,6 +22,7 @@ import tcfa
 from tcfa import ops
 from tcfa.bench import cca as cca_bench
 from tcfa.bench import common
+from tcfa.bench import sinkhorn as sinkhorn_bench
 from tcfa.bench import stitch as stitch_bench
 
 ROUNDS = common.pick(5, 2)
@@ -37,8 +38,7 @@ def sinkhorn_workload():
     repeat = common.pick(1, 5)
 
     def per_iteration(solve):
-        return (common.timeit(lambda: solve(k2), repeat=repeat)
-                - common.timeit(lambda: solve(k1), repeat=repeat)) / (k2 - k1)
+        return sinkhorn_bench.per_iteration(solve, k1, k2, repeat=repeat)
 
     def tcfa_run():
         return per_iteration(lambda k: tcfa.sinkhorn(x, y, eps=1.0, tol=0, max_iter=k, mode="dense"))
@@ -121,9 +121,5 @@ def main():
     print("wrote", common.write("levels", rows, {"levels": levels}, measure_roofs=False))
 
 
-def run():
-    main()
-
-
 if __name__ == "__main__":
-    run()
+    main()

@@ -41,16 +41,18 @@ def level_libraries() -> dict[str, str]:
     return found
 
 
-def runnable_levels(best: str) -> list[str]:
-    """The standard levels this CPU runs, best first (``best`` from the CPU's features)."""
-    return list(LEVELS[LEVELS.index(best):])
+def runnable_levels(best: str, available) -> list[str]:
+    """The levels this CPU runs, best first: the standard ones from ``best`` (read from the
+    CPU's features) down, then ``native`` where the build made one (compiled for this
+    machine, so it runs here, but is never chosen unasked)."""
+    return [*LEVELS[LEVELS.index(best):], *(["native"] if "native" in available else [])]
 
 
 def choose_level(best: str, available, requested: str | None, name: str = ENV) -> str:
-    """The level to load: ``requested`` if given, else the best compiled level the CPU
-    runs. Raises ValueError naming ``name`` (the variable or argument that asked) when
+    """The level to load: ``requested`` if given, else the best compiled standard level the
+    CPU runs. Raises ValueError naming ``name`` (the variable or argument that asked) when
     the request cannot be honoured."""
-    runnable = runnable_levels(best) + (["native"] if "native" in available else [])
+    runnable = runnable_levels(best, available)
     if requested:
         if requested not in (*LEVELS, "native"):
             raise ValueError(f"{name} must be one of {[*LEVELS, 'native']}, got {requested!r}")
@@ -59,8 +61,8 @@ def choose_level(best: str, available, requested: str | None, name: str = ENV) -
         if requested not in available:
             raise ValueError(f"{name}={requested!r}: this build has no such level (compiled: {sorted(available)})")
         return requested
-    for level in runnable_levels(best):
-        if level in available:
+    for level in runnable:
+        if level in available and level != "native":
             return level
     raise ImportError(f"{BUILD_HINT}\nNo CPU kernel library found next to tcfa._C "
                       f"(looked for tcfa/_cpu_<level> of {list(LEVELS)}).")
