@@ -149,68 +149,46 @@ def softmin_forward(x, y, x_offsets, y_offsets, h, log_b, eps, cost="sqeuclidean
 
 # ---------------------------------------------------------------- softmin_dense
 @triton.jit
-def _softmin_dense_rows_kernel(cost_ptr, u_ptr, out_ptr, x_off_ptr, y_off_ptr, cost_off_ptr,
-                               blocks_ptr, coef_ptr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOWEST: tl.constexpr):
-    """dim=1: out_i = -eps ln2 * log2 sum_j 2^(u_j - log2(e) C_ij / eps) for one block of rows.
+def _softmin_dense_kernel(cost_ptr, u_ptr, out_ptr, x_off_ptr, y_off_ptr, cost_off_ptr, blocks_ptr, coef_ptr,
+                          BLOCK_OWN: tl.constexpr, BLOCK_SWEEP: tl.constexpr, ROWS: tl.constexpr,
+                          LOWEST: tl.constexpr):
+    """ROWS (dim=1): out_i = -eps ln2 * log2 sum_j 2^(u_j - log2(e) C_ij / eps) with
+    u_j = (log b_j + h_j/eps) log2(e), for one block of rows; otherwise (dim=0) the
+    same sum over i, for one block of columns.
 
-    u_j = (log b_j + h_j/eps) log2(e). Each row of the block reads its
-    contiguous run of the row-major cost block, BLOCK_N columns at a time.
+    The program owns BLOCK_OWN rows (or columns) and sweeps the other axis
+    BLOCK_SWEEP at a time, keeping a running (max, sum) per owned line. The
+    stored row-major cost is never transposed: a row program reads contiguous
+    BLOCK_SWEEP-wide runs of its rows, a column program contiguous BLOCK_OWN-wide
+    pieces of each row it sweeps. A batch gives sum_k m_k / BLOCK_OWN column
+    programs; a single problem with few columns would leave SMs idle, and would
+    then want the rows split across programs plus a (max, sum) merge, as the C++
+    kernel does across threads.
     """
-    problem, first_row, rows_start, rows_end, cols_start, cols_end = block_header(blocks_ptr, x_off_ptr, y_off_ptr)
+    problem, first, rows_start, rows_end, cols_start, cols_end = block_header(blocks_ptr, x_off_ptr, y_off_ptr)
+    n = rows_end - rows_start
     m = cols_end - cols_start
-    block_start = tl.load(cost_off_ptr + problem)
+    if ROWS:
+        own_start, own_end, sweep_start, sweep_len, own_stride, sweep_stride = rows_start, rows_end, cols_start, m, m, 1
+    else:
+        own_start, own_end, sweep_start, sweep_len, own_stride, sweep_stride = cols_start, cols_end, rows_start, n, 1, m
     cost_scale = tl.load(coef_ptr)  # -log2(e)/eps
     out_scale = tl.load(coef_ptr + 1)  # -eps ln2
 
-    rows = first_row + tl.arange(0, BLOCK_M)
-    row_mask = rows < rows_end
-    row_ptrs = cost_ptr + block_start + (rows - rows_start) * m
+    own = first + tl.arange(0, BLOCK_OWN)
+    own_mask = own < own_end
+    line_ptrs = cost_ptr + tl.load(cost_off_ptr + problem) + (own - own_start) * own_stride
     dtype = out_ptr.dtype.element_ty
-    run_max = tl.full((BLOCK_M,), LOWEST, dtype)
-    run_sum = tl.zeros((BLOCK_M,), dtype)
-    for col0 in range(0, m, BLOCK_N):
-        cols = col0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < m
-        c = tl.load(row_ptrs[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        u = tl.load(u_ptr + cols_start + cols, mask=col_mask, other=float("-inf"))
+    run_max = tl.full((BLOCK_OWN,), LOWEST, dtype)
+    run_sum = tl.zeros((BLOCK_OWN,), dtype)
+    for sweep0 in range(0, sweep_len, BLOCK_SWEEP):
+        sweep = sweep0 + tl.arange(0, BLOCK_SWEEP)
+        sweep_mask = sweep < sweep_len
+        c = tl.load(line_ptrs[:, None] + sweep[None, :] * sweep_stride,
+                    mask=own_mask[:, None] & sweep_mask[None, :], other=0.0)
+        u = tl.load(u_ptr + sweep_start + sweep, mask=sweep_mask, other=float("-inf"))
         run_max, run_sum = _online_lse_update(run_max, run_sum, u[None, :] + cost_scale * c.to(dtype), 1)
-    tl.store(out_ptr + rows, out_scale * _lse2(run_max, run_sum), mask=row_mask)
-
-
-@triton.jit
-def _softmin_dense_cols_kernel(cost_ptr, u_ptr, out_ptr, x_off_ptr, y_off_ptr, cost_off_ptr,
-                               blocks_ptr, coef_ptr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOWEST: tl.constexpr):
-    """dim=0: out_j = -eps ln2 * log2 sum_i 2^(u_i - log2(e) C_ij / eps) for one block of columns.
-
-    The program owns BLOCK_N columns and sweeps the problem's rows, keeping a
-    running (max, sum) per column: every load is a contiguous BLOCK_N-wide
-    piece of a row of the stored cost, which is never transposed.
-    A batch gives sum_k m_k / BLOCK_N programs; a single problem with few
-    columns would leave SMs idle, and would then want the rows split across
-    programs plus a (max, sum) merge, as the C++ kernel does across threads.
-    """
-    problem, first_col, rows_start, rows_end, cols_start, cols_end = block_header(blocks_ptr, x_off_ptr, y_off_ptr)
-    n = rows_end - rows_start
-    m = cols_end - cols_start
-    block_start = tl.load(cost_off_ptr + problem)
-    cost_scale = tl.load(coef_ptr)
-    out_scale = tl.load(coef_ptr + 1)
-
-    cols = first_col + tl.arange(0, BLOCK_N)
-    col_mask = cols < cols_end
-    col_ptrs = cost_ptr + block_start + (cols - cols_start)
-    dtype = out_ptr.dtype.element_ty
-    run_max = tl.full((BLOCK_N,), LOWEST, dtype)
-    run_sum = tl.zeros((BLOCK_N,), dtype)
-    for row0 in range(0, n, BLOCK_M):
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < n
-        c = tl.load(col_ptrs[None, :] + rows[:, None] * m, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        u = tl.load(u_ptr + rows_start + rows, mask=row_mask, other=float("-inf"))
-        run_max, run_sum = _online_lse_update(run_max, run_sum, u[:, None] + cost_scale * c.to(dtype), 0)
-    tl.store(out_ptr + cols, out_scale * _lse2(run_max, run_sum), mask=col_mask)
+    tl.store(out_ptr + own, out_scale * _lse2(run_max, run_sum), mask=own_mask)
 
 
 def softmin_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim, active=None):
@@ -245,14 +223,14 @@ def softmin_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim,
     out = torch.zeros(n_x if dim == 1 else n_y, dtype=ct, device=device)  # inactive problems stay 0
     common = (xo.to(device), yo.to(device), cost_offsets.to(device))
     if dim == 1:
-        kernel, blocks = _softmin_dense_rows_kernel, ragged.block_table(xo, DENSE_ROW_BLOCK, flags, device)
-        tiles = dict(BLOCK_M=DENSE_ROW_BLOCK, BLOCK_N=DENSE_COL_TILE)
+        blocks = ragged.block_table(xo, DENSE_ROW_BLOCK, flags, device)
+        tiles = dict(BLOCK_OWN=DENSE_ROW_BLOCK, BLOCK_SWEEP=DENSE_COL_TILE)
     else:
-        kernel, blocks = _softmin_dense_cols_kernel, ragged.block_table(yo, DENSE_COL_BLOCK, flags, device)
-        tiles = dict(BLOCK_M=DENSE_ROW_TILE, BLOCK_N=DENSE_COL_BLOCK)
+        blocks = ragged.block_table(yo, DENSE_COL_BLOCK, flags, device)
+        tiles = dict(BLOCK_OWN=DENSE_COL_BLOCK, BLOCK_SWEEP=DENSE_ROW_TILE)
     if blocks.shape[0]:
-        kernel[(blocks.shape[0],)](cost.contiguous(), u, out, *common, blocks, coef,
-                                   **tiles, LOWEST=torch.finfo(ct).min, num_warps=4)
+        _softmin_dense_kernel[(blocks.shape[0],)](cost.contiguous(), u, out, *common, blocks, coef, **tiles,
+                                                  ROWS=dim == 1, LOWEST=torch.finfo(ct).min, num_warps=4)
     return out.to(h.dtype)
 
 
