@@ -13,6 +13,10 @@ DEPS   := numpy scipy scikit-learn POT pytest hypothesis ninja safetensors setup
           transformers timm tqdm matplotlib ruff clang-format
 # peers timed by the benchmarks only (jax is large: not needed for test/demo)
 BENCH_DEPS := geomloss ott-jax
+# the layer_map benchmark's CKA peers, pinned: it calls their APIs as of these releases.
+# --no-deps: what they import (tqdm, matplotlib, numpy) is in DEPS, and pytorch-cka's
+# torch>=2.0.0 must never move the venv's torch.
+BENCH_NODEPS := torch-cka==0.21 pytorch-cka==1.1.3
 STAMP  := $(VENV)/.deps-installed
 ONPATH := $(VENV)/.checkout-on-path
 
@@ -55,6 +59,7 @@ demo: build
 
 bench: build
 	$(PIP) install -q $(BENCH_DEPS) $(TORCH)
+	$(PIP) install -q --no-deps $(BENCH_NODEPS)
 	$(PY) -m tcfa bench
 	$(PY) benchmarks/report.py
 

@@ -46,7 +46,7 @@ def entropic_gw(x, y, a=None, b=None, *, eps, cost="sqeuclidean", max_iter=1000,
 
     until |T - T_prev|_F < tol. The value is sum_ij (L/2)_ij T_ij. Each
     Sinkhorn runs on the dense soft-min, warm-started from the last
-    potentials. One problem (x (n, d), y (m, e)).
+    potentials. One problem (x (n, d), y (m, e)); many at once: :func:`gw_batch`.
     """
     x = _validate.tensor("x", x, dim=2)
     y = _validate.tensor("y", y, dim=2)
@@ -54,23 +54,60 @@ def entropic_gw(x, y, a=None, b=None, *, eps, cost="sqeuclidean", max_iter=1000,
     _validate.same_dtype(x=x, y=y)
     C1 = _single_cost(x, cost)
     C2 = _single_cost(y, cost)
-    prob, _, _ = _prepare(torch.zeros(x.shape[0], 1, dtype=C1.dtype, device=x.device),
-                          torch.zeros(y.shape[0], 1, dtype=C1.dtype, device=x.device), a, b, eps, "sqeuclidean", None, None)
-    pa, pb = prob.a, prob.b
-    constC = (C1**2 @ pa).unsqueeze(1) + (C2**2 @ pb).unsqueeze(0)
-    T = torch.outer(pa, pb)
+    prob = _gw_problem(1, x.shape[0], y.shape[0], C1, a, b, eps)
+    T, value, it, err = _gw_solve(C1[None], C2[None], prob, max_iter, tol, inner_max_iter, inner_tol)
+    return GWResult(T[0], value[0], it, bool(err[0] < tol))
+
+
+def gw_batch(c1, c2, *, eps, max_iter=1000, tol=1e-9, inner_max_iter=1000, inner_tol=1e-9) -> torch.Tensor:
+    """Entropic GW values of P problems with uniform weights, (P,): c1 (P, n, n) and c2 (P, m, m)
+    are the within-set costs (math: :func:`entropic_gw`). All problems share each Sinkhorn call
+    (one ragged batch); a problem's plan is frozen once it moved less than tol, so each value is
+    what the problem gives solved alone."""
+    c1 = _validate.tensor("c1", c1, dim=3)
+    c2 = _validate.tensor("c2", c2, dim=3)
+    _validate.same_device(c1=c1, c2=c2)
+    _validate.same_dtype(c1=c1, c2=c2)
+    if c1.shape[0] != c2.shape[0] or c1.shape[1] != c1.shape[2] or c2.shape[1] != c2.shape[2]:
+        raise ValueError(f"c1 and c2 must be (P, n, n) and (P, m, m), got {tuple(c1.shape)} and {tuple(c2.shape)}")
+    prob = _gw_problem(c1.shape[0], c1.shape[1], c2.shape[1], c1, None, None, eps)
+    return _gw_solve(c1, c2, prob, max_iter, tol, inner_max_iter, inner_tol)[1]
+
+
+def _gw_problem(P: int, n: int, m: int, like: torch.Tensor, a, b, eps):
+    """The ragged Sinkhorn problem of P equal (n, m) GW problems (the points only carry the weights)."""
+    ct = _validate.compute_dtype(like.dtype)
+    xo = torch.arange(P + 1, dtype=torch.int64) * n
+    yo = torch.arange(P + 1, dtype=torch.int64) * m
+    zeros = lambda rows: torch.zeros(rows, 1, dtype=ct, device=like.device)  # noqa: E731
+    return _prepare(zeros(P * n), zeros(P * m), a, b, eps, "sqeuclidean", xo if P > 1 else None,
+                    yo if P > 1 else None)[0]
+
+
+def _gw_solve(C1, C2, prob, max_iter, tol, inner_max_iter, inner_tol):
+    """Projected-gradient loop over a batch of equal-size problems: plans (P, n, m), values (P,),
+    outer iterations, last plan change per problem."""
+    P, n, m = C1.shape[0], C1.shape[1], C2.shape[1]
+    C1, C2 = C1.to(prob.a.dtype), C2.to(prob.a.dtype)
+    pa, pb = prob.a.view(P, n), prob.b.view(P, m)
+    constC = (C1.square() @ pa[:, :, None]) + (C2.square() @ pb[:, :, None]).mT
+    T = pa[:, :, None] * pb[:, None, :]
     steps = _HalfSteps(prob, dense=False)
+    steps.fused = True  # L is stored: whole Sinkhorn loops per call (ops.sinkhorn_dense), not half-steps
     f = g = None
-    it, err = 0, float("inf")
-    while it < max_iter and err >= tol:
-        L = 2 * (constC - 2 * C1 @ T @ C2.T)
+    it, err = 0, torch.full((P,), float("inf"), dtype=T.dtype)
+    while it < max_iter and bool((err >= tol).any()):
+        L = 2 * (constC - 2 * C1 @ T @ C2.mT)
         steps.cost = L.reshape(-1).contiguous()
         f, g, _, _, _ = _iterate(prob, steps, inner_max_iter, inner_tol, [], f, g)
-        T_new = ((prob.log_a + f / prob.eps).unsqueeze(1) + (prob.log_b + g / prob.eps) - L / prob.eps).exp()
-        err = float(torch.linalg.norm(T_new - T))
-        T, it = T_new, it + 1
-    value = ((constC - 2 * C1 @ T @ C2.T) * T).sum()
-    return GWResult(T, value, it, err < tol)
+        log_u = (prob.log_a + f / prob.eps).view(P, n, 1)
+        log_v = (prob.log_b + g / prob.eps).view(P, 1, m)
+        T_new = (log_u + log_v - L / prob.eps).exp()
+        moving = (err >= tol).to(T.device)  # a converged plan stays as it stopped, as if solved alone
+        err = torch.where(moving.cpu(), torch.linalg.norm((T_new - T).flatten(1), dim=1).cpu(), err)
+        T, it = torch.where(moving[:, None, None], T_new, T), it + 1
+    value = ((constC - 2 * C1 @ T @ C2.mT) * T).sum((1, 2))
+    return T, value, it, err
 
 
 def _single_cost(x, cost):

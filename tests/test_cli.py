@@ -68,3 +68,55 @@ def test_align_rejects_a_checkpoint_that_does_not_fit_naming_the_flag(tmp_path, 
         cli.main(["align", "--model-a", "resnet18", "--checkpoint-a", str(tmp_path / "list.pt"), "--layer-a", "layer2",
                   "--model-b", "resnet18", "--layer-b", "layer2", "--inputs", digits[2],
                   "--out", str(tmp_path / "s.safetensors")])
+
+
+def test_layers_prints_best_pairs_writes_the_heatmap_and_the_map(tmp_path, digits, capsys):
+    x, y, inputs = digits
+    out, saved = tmp_path / "map.png", tmp_path / "map.safetensors"
+    assert cli.main(["layers", "--model-a", "resnet18", "--model-b", "convnext_atto", "--inputs", inputs,
+                     "--layers-b", "stages.*.blocks.*", "--num-anchors", "30", "--conditions", "none", "--out", str(out),
+                     "--save", str(saved)]) == 0
+    printed = capsys.readouterr().out
+    assert "layer of A" in printed and "path: layer1.0->" in printed
+    assert open(out, "rb").read(4) == b"\x89PNG"
+    lm = tcfa.LayerMap.load(str(saved))
+    assert lm.layers_a == [f"layer{s}.{i}" for s in range(1, 5) for i in range(2)]
+    assert lm.layers_b == [f"stages.{s}.blocks.{i}" for s, n in enumerate((2, 2, 6, 2)) for i in range(n)]
+    assert lm.scores.shape == (8, 12)
+    # the same map in-process: the models built from the same seed, the first 30 inputs
+    torch.manual_seed(0)
+    model_a = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    model_b = timm.create_model("convnext_atto", pretrained=False, num_classes=10).eval()
+    fa = extract(model_a, "layer3.1", x[:30]).mean((2, 3))
+    fb = extract(model_b, "stages.2.blocks.0", x[:30]).mean((2, 3))
+    assert float(lm.scores[5, 4]) == pytest.approx(float(tcfa.linear_cka(fa, fb)), abs=1e-5)
+
+
+def test_align_auto_chooses_from_the_layer_map(tmp_path, digits, capsys):
+    x, y, inputs = digits
+    out = tmp_path / "stitch.safetensors"
+    assert cli.main(["align", "--model-a", "resnet18", "--layer-a", "auto", "--model-b", "resnet18", "--layer-b",
+                     "auto", "--inputs", inputs, "--method", "ridge", "--rank", "4", "--conditions", "none",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "chose --layer-a" in printed and "leaving B" in printed
+    torch.manual_seed(0)  # A and B as the command builds them: one seed, A first
+    model_a = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    model_b = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    lm = tcfa.layer_map(model_a, "auto", model_b, "auto", x, num_anchors=512, progress=False)
+    scores = lm.scores[:, :-1]  # B's last block leaves nothing after it
+    i, j = divmod(int(scores.argmax()), scores.shape[1])
+    assert f"--layer-a {lm.layers_a[i]} --layer-b {lm.layers_b[j]}:" in printed
+
+
+def test_fit_models_auto_records_the_choice():
+    x, y = data.digits_images(32)
+    torch.manual_seed(0)
+    a = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    b = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
+                          num_classes=10).eval()
+    fitter = tcfa.TCFA("ridge", rank=4)
+    stitch = fitter.fit_models(a, "auto", b, "auto", x[:60], y[:60], mode="pooled", progress=False)
+    la, lb = fitter.layers_
+    assert lb in ("blocks.0", "blocks.1") and la in fitter.layer_map_.layers_a
+    assert "leaving B" in fitter.layer_choice_ and stitch.num_conditions == 10

@@ -1,4 +1,4 @@
-"""Command line: `tcfa demo`, `tcfa align`, `tcfa bench`."""
+"""Command line: `tcfa demo`, `tcfa align`, `tcfa layers`, `tcfa bench`."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+from . import layers
+
 # The benchmark modules (tcfa/bench), shipped with the package so that `tcfa bench`
 # runs from any install, not only from a checkout.
-BENCHMARKS = ("sinkhorn", "stitch", "cca", "levels")
+BENCHMARKS = ("sinkhorn", "stitch", "cca", "levels", "layer_map")
 
 
 def _demo(args) -> int:
@@ -78,12 +80,11 @@ def _load_model(spec: str, checkpoint: str | None, role: str, num_classes: int):
     return model.eval()
 
 
-def _align(args) -> int:
+def _models_and_inputs(args):
+    """Models A and B, the inputs and their conditions, from the shared flags of align and layers."""
     import torch
 
     from ..pipeline import data
-    from ..pipeline.align import TCFA
-    from ..pipeline.models import extract, layout_of, paired_rows
 
     torch.manual_seed(args.seed)  # the random init of timm models built by name
     model_a = _load_model(args.model_a, args.checkpoint_a, "a", args.num_classes)
@@ -99,6 +100,37 @@ def _align(args) -> int:
         cond = data.class_conditions(labels)
     else:
         cond = data.no_conditions(x.shape[0])
+    return model_a, model_b, x, cond
+
+
+def _model_flags(parser) -> None:
+    """The flags align and layers share: the two models, their checkpoints, the inputs."""
+    parser.add_argument("--model-a", required=True,
+                        help="a torch.save'd nn.Module file; or a timm model name (e.g. resnet18), built by "
+                             "timm.create_model(NAME, pretrained=False, num_classes=--num-classes): random init "
+                             "seeded by --seed, no download; or else a transformers hub name")
+    parser.add_argument("--checkpoint-a", help="state_dict for model A (torch.save'd dict of tensors or "
+                                               ".safetensors), loaded into it: the trained weights of a timm "
+                                               "model given by name")
+    parser.add_argument("--model-b", required=True, help="as --model-a")
+    parser.add_argument("--checkpoint-b", help="as --checkpoint-a, for model B")
+    parser.add_argument("--num-classes", type=int, default=10, help="classifier size of timm models built by name")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init of timm models built by name")
+    parser.add_argument("--conditions", default="class", choices=["class", "none"])
+    parser.add_argument("--inputs", help="torch.save'd (inputs, labels) or inputs; default: sklearn digits images")
+    parser.add_argument("--image-size", type=int, default=32, help="digits upsampling when --inputs is not given")
+
+
+def _align(args) -> int:
+    from ..pipeline.align import TCFA
+    from ..pipeline.models import extract, layout_of, paired_rows
+
+    model_a, model_b, x, cond = _models_and_inputs(args)
+    if "auto" in (args.layer_a, args.layer_b):
+        from ..pipeline.layer_map import auto_layers
+
+        args.layer_a, args.layer_b, why, _ = auto_layers(model_a, args.layer_a, model_b, args.layer_b, x)
+        print(f"chose --layer-a {args.layer_a} --layer-b {args.layer_b}: {why}")
     act_a = extract(model_a, args.layer_a, x, progress=True)
     act_b = extract(model_b, args.layer_b, x, progress=True)
     # the models say how many prefix (CLS, register) tokens precede their patch grids
@@ -146,28 +178,18 @@ def main(argv=None) -> int:
                    help="1 epoch, 2 tuning steps, 300 training images: checks an install in seconds")
     d.set_defaults(func=_demo)
     a = sub.add_parser("align", help="fit a TCFA stitch between two models' layers; save it as safetensors")
-    a.add_argument("--model-a", required=True,
-                   help="a torch.save'd nn.Module file; or a timm model name (e.g. resnet18), built by "
-                        "timm.create_model(NAME, pretrained=False, num_classes=--num-classes): random init "
-                        "seeded by --seed, no download; or else a transformers hub name")
-    a.add_argument("--checkpoint-a", help="state_dict for model A (torch.save'd dict of tensors or .safetensors), "
-                                          "loaded into it: the trained weights of a timm model given by name")
-    a.add_argument("--layer-a", required=True, help="dotted module path in model A (timm resnet18: layer2)")
-    a.add_argument("--model-b", required=True, help="as --model-a")
-    a.add_argument("--checkpoint-b", help="as --checkpoint-a, for model B")
-    a.add_argument("--layer-b", required=True, help="dotted module path in model B (timm ViT: blocks.5)")
-    a.add_argument("--num-classes", type=int, default=10, help="classifier size of timm models built by name")
-    a.add_argument("--seed", type=int, default=0, help="seed of the random init of timm models built by name")
+    _model_flags(a)
+    a.add_argument("--layer-a", required=True, help="dotted module path in model A (timm resnet18: layer2), or "
+                                                    "auto: chosen from a CKA layer map of A's blocks")
+    a.add_argument("--layer-b", required=True, help="dotted module path in model B (timm ViT: blocks.5), or auto")
     a.add_argument("--method", default="cca", choices=["cca", "ot", "ridge", "procrustes"])
     a.add_argument("--rank", type=int, default=16)
     a.add_argument("--reg", type=float, default=1e-3)
     a.add_argument("--eps", type=float, default=0.01, help="OT eps relative to B's mean squared distance")
-    a.add_argument("--conditions", default="class", choices=["class", "none"])
     a.add_argument("--mode", default="tokens", choices=["tokens", "pooled"])
-    a.add_argument("--inputs", help="torch.save'd (inputs, labels) or inputs; default: sklearn digits images")
-    a.add_argument("--image-size", type=int, default=32, help="digits upsampling when --inputs is not given")
     a.add_argument("--out", required=True, help="output .safetensors file")
     a.set_defaults(func=_align)
+    layers.add_parser(sub)
     b = sub.add_parser("bench", help=f"run the benchmarks {list(BENCHMARKS)} (peers timed in the same run)")
     b.add_argument("only", nargs="*", help="substrings of benchmark names to run")
     b.add_argument("--quick", action="store_true", help="toy sizes: checks that everything runs, measures nothing")

@@ -11,7 +11,9 @@
 3. Fit a stitch with each method (cca, ot, ridge, procrustes) under class conditions and
    without conditions (`none`), evaluate zero-shot, then tune the class-conditioned CCA and
    the unconditioned ridge stitches with each tuning mode.
-4. Report accuracy, Δaccuracy vs the better of A and B, Δθ, CKA at B's tap (overall and per
+4. Draw the layer map of A's blocks against B's blocks (tcfa.layer_map, layer_map.png) and stitch
+   at the pairs along its path (tcfa/cli/demo_layer_map.py).
+5. Report accuracy, Δaccuracy vs the better of A and B, Δθ, CKA at B's tap (overall and per
    class), accuracy under corruption; write results.json (records, the machine, the settings,
    the wall time) and stitching.png. ``python -m tcfa.cli.report`` puts results.json into README.md.
 """
@@ -114,7 +116,8 @@ def _record(name, conditioning, tuning, model, x_te, y_te, cond_te, best, stitch
 
 def run(out_dir: str | None = "demo_output", *, seed: int = 0, epochs: int = 12, tune_steps: int = 60,
         methods=("cca", "ot", "ridge", "procrustes"), tunings=("direct", "task", "fula", "partial"),
-        rank: int = 16, n_train: int | None = None, cache: bool = True, plot: bool = True, log=print) -> dict:
+        rank: int = 16, n_train: int | None = None, cache: bool = True, plot: bool = True, with_layer_map: bool = True,
+        log=print) -> dict:
     """Runs the demo; returns {"records", "machine", "settings", "timings"} (also out_dir/results.json).
 
     ``epochs``, ``tune_steps``, ``n_train`` (training images used; None: all) make it small for tests."""
@@ -178,6 +181,13 @@ def run(out_dir: str | None = "demo_output", *, seed: int = 0, epochs: int = 12,
                                     "fit_seconds": time.perf_counter() - t1}))
             log(f"  {method:<10} {conditioning:<6} {mode:<10} acc {records[-1]['accuracy']:.3f}")
 
+    layer_map_doc = None
+    if with_layer_map:
+        from . import demo_layer_map
+
+        log("layer map: A's blocks x B's blocks, stitches along its path")
+        layer_map_doc = demo_layer_map.run(model_a, model_b, x_tr, y_tr, x_te, y_te, rank=rank, tune_steps=tune_steps,
+                                           later_b=LATER_B, seed=seed, out_dir=out_dir if plot else None, log=log)
     models = {role: dict(MODELS[role], params=sum(p.numel() for p in m.parameters()), test_accuracy=r["accuracy"],
                          tap=path, tap_shape=lay.describe())
               for role, m, r, path, lay in (("A", model_a, records[0], PATH_A, layout_a),
@@ -186,6 +196,8 @@ def run(out_dir: str | None = "demo_output", *, seed: int = 0, epochs: int = 12,
            "settings": {"seed": seed, "epochs": epochs, "tune_steps": tune_steps, "rank": rank, "image": IMAGE,
                         "n_train": int(x_tr.shape[0]), "n_test": int(x_te.shape[0]), "models": models},
            "timings": {"wall_seconds": time.perf_counter() - t0, "train_seconds": train_seconds}}
+    if layer_map_doc is not None:
+        doc["layer_map"] = layer_map_doc
     log(table(records))
     log(f"demo wall time {doc['timings']['wall_seconds']:.1f} s")
     if out_dir:

@@ -85,6 +85,10 @@ def demo_section(doc: dict) -> str:
              f"{s['n_train']} training / {s['n_test']} test images of {s['image']} px. {wall}", ""]
     lines += [_model_line(role, s["models"][role]) for role in ("A", "B")]
     lines += ["", "```", table(doc["records"]), "```"]
+    if "layer_map" in doc:
+        from .demo_layer_map import section
+
+        lines += ["", *section(doc)]
     return "\n".join(lines)
 
 

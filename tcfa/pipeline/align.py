@@ -137,8 +137,22 @@ class TCFA:
 
         cond: one condition per sample of ``data``; in "tokens" mode every row (position) of a
         sample inherits its sample's condition, and A's grid is resampled to B's (to_rows).
+        ``path_a`` / ``path_b`` = "auto": the tap points are chosen from a layer map of the
+        models' blocks on ``data`` (tcfa.pipeline.layer_map.auto_layers: the best linear CKA
+        among pairs leaving B a block after its tap); ``layers_`` holds the pair, ``layer_choice_``
+        why, ``layer_map_`` the map.
         """
         from . import models
+
+        self.layers_ = (path_a, path_b)
+        if "auto" in (path_a, path_b):
+            from .layer_map import auto_layers
+
+            path_a, path_b, why, self.layer_map_ = auto_layers(model_a, path_a, model_b, path_b, data,
+                                                               batch_size=batch_size, progress=progress)
+            self.layers_, self.layer_choice_ = (path_a, path_b), f"layer_a={path_a!r}, layer_b={path_b!r}: {why}"
+            if progress:
+                print(f"tcfa: chose {self.layer_choice_}")
 
         act_a = models.extract(model_a, path_a, data, batch_size=batch_size, progress=progress)
         act_b = models.extract(model_b, path_b, data, batch_size=batch_size, progress=progress)

@@ -1,0 +1,272 @@
+"""tcfa.layer_map: every listed layer of A against every listed layer of B, one forward pass per batch.
+
+The result, a :class:`LayerMap`, holds the (L_A, L_B) scores (and per condition), the unit
+intersection diagnostics, and acts on them: the best pairs, the depth-order-preserving path, the
+stitch point for ``layer_a="auto"``, a heatmap, a durable artifact. The metrics' math is in
+tcfa/similarity.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import artifacts, similarity
+from ..ops import _validate
+from .layer_names import default_layers, resolve_layers
+from .layouts import _pooled
+from .models import _batch_len, _inference, _labelled_batches, _progress, capture
+
+__all__ = ["LayerMap", "layer_map", "METRICS"]
+
+# metric -> larger is more similar
+METRICS = {"cka": True, "cca": True, "procrustes": True, "gw": False}
+GW_ANCHORS = 256  # GW solves (L_A L_B) problems of n x n anchors: 256 keeps 144 pairs under a second
+
+
+@dataclass
+class LayerMap:
+    """Similarity of every (layer of A, layer of B) pair: ``scores[i, j]`` compares layers_a[i] with
+    layers_b[j]; ``scores_per_condition[c]`` the same on condition c's samples (NaN where a
+    condition has too few). ``diagnostics``: the unit intersection maps (similarity.unit_intersection)."""
+
+    scores: torch.Tensor
+    layers_a: list
+    layers_b: list
+    metric: str = "cka"
+    scores_per_condition: torch.Tensor | None = None
+    diagnostics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def larger_is_better(self) -> bool:
+        return METRICS[self.metric]
+
+    def _map(self, condition) -> torch.Tensor:
+        if condition is None:
+            return self.scores
+        if self.scores_per_condition is None:
+            raise ValueError("condition was given but this map was drawn without conditions")
+        c = _validate.integer("condition", condition, 0)
+        if c >= self.scores_per_condition.shape[0]:
+            raise ValueError(f"condition must be < {self.scores_per_condition.shape[0]}, got {c}")
+        return self.scores_per_condition[c]
+
+    def best_pairs(self, k: int = 5, condition=None) -> list[tuple[str, str, float]]:
+        """The k most similar (layer_a, layer_b, score) pairs, best first (NaN entries last)."""
+        k = _validate.integer("k", k, 1)
+        s = self._map(condition).flatten()
+        key = torch.nan_to_num(s if self.larger_is_better else -s, nan=-float("inf"))
+        order = key.argsort(descending=True, stable=True)[:k].tolist()
+        nb = len(self.layers_b)
+        return [(self.layers_a[i // nb], self.layers_b[i % nb], float(s[i])) for i in order]
+
+    def path(self, condition=None) -> list[tuple[str, str]]:
+        """The depth-order-preserving correspondence (similarity.monotone_path): one layer of B per layer
+        of A, never going back in B's depth, with the best total score."""
+        steps = similarity.monotone_path(self._map(condition), self.larger_is_better)
+        return [(self.layers_a[i], self.layers_b[j]) for i, j in steps]
+
+    def choose_stitch(self, blocks_after: dict | None = None) -> tuple[str, str, str]:
+        """(layer_a, layer_b, why): the best pair whose B layer leaves at least one block of B after
+        the tap. ``blocks_after[layer_b]`` counts B's blocks after it; by default each layer of the
+        map's B side counts the map's later layers (so the last one is never chosen)."""
+        after = blocks_after or {b: len(self.layers_b) - 1 - j for j, b in enumerate(self.layers_b)}
+        ranked = self.best_pairs(len(self.layers_a) * len(self.layers_b))
+        for a, b, score in ranked:
+            if after.get(b, 0) >= 1 and score == score:
+                why = (f"best {self.metric} ({score:.4f}) of the {len(ranked)} pairs of the layer map among those "
+                       f"leaving B {after[b]} block(s) after its tap")
+                return a, b, why
+        raise ValueError("no pair of the layer map leaves B a block after the tap: list deeper layers of A or "
+                         "earlier layers of B")
+
+    def table(self, k: int = 5) -> str:
+        """The k best pairs and the path, as text (what `tcfa layers` prints)."""
+        lines = [f"{'layer of A':<24} {'layer of B':<24} {self.metric:>8}"]
+        lines += [f"{a:<24} {b:<24} {s:8.4f}" for a, b, s in self.best_pairs(k)]
+        lines.append("path: " + ", ".join(f"{a}->{b}" for a, b in self.path()))
+        return "\n".join(lines)
+
+    def plot(self, file: str, path=True) -> str:
+        """Heatmap PNG of the map (with the path drawn when ``path``); with conditions, one small
+        multiple per condition beside the overall map. Returns ``file``."""
+        from .layer_map_plot import plot_layer_map
+
+        return plot_layer_map(self, file, path)
+
+    def save(self, file) -> dict:
+        """Writes the map as a tcfa artifact (safetensors + verified header, atomic)."""
+        tensors = {"scores": self.scores}
+        if self.scores_per_condition is not None:
+            tensors["scores_per_condition"] = self.scores_per_condition
+        tensors.update({f"diagnostics.{k}": v for k, v in self.diagnostics.items()})
+        return artifacts.save(file, tensors, kind="LayerMap", method=self.metric,
+                              layers={"a": list(self.layers_a), "b": list(self.layers_b)}, config=self.config)
+
+    @classmethod
+    def load(cls, file) -> "LayerMap":
+        art = artifacts.load(file, kind="LayerMap")
+        la, lb = art.header["layers"]["a"], art.header["layers"]["b"]
+        art.check_shapes({"scores": [len(la), len(lb)]})
+        diag = {k.split(".", 1)[1]: v for k, v in art.tensors.items() if k.startswith("diagnostics.")}
+        return cls(art.tensors["scores"], la, lb, art.header["method"], art.tensors.get("scores_per_condition"),
+                   diag, art.config)
+
+
+# ------------------------------------------------------------------ drawing the map
+def _features(act: torch.Tensor, mode: str) -> torch.Tensor:
+    """(N, D) per sample: the mean over positions ("pooled") or every position's features ("flatten");
+    a (N, D) activation (an MLP, a pooled head) is its own feature."""
+    if act.dim() == 2:
+        return act
+    return _pooled(act) if mode == "pooled" else act.flatten(1)
+
+
+def _tap_all(model, paths, inputs, name, checked):
+    """Features of every layer in ``paths`` from one forward (stopped after the deepest)."""
+    found = capture(model, paths, inputs)
+    if not checked and list(found) != paths:
+        raise ValueError(f"{name} must be in depth order (the order the forward pass reaches them): got {paths}, "
+                         f"the forward of {type(model).__name__} reached them as {list(found)}")
+    return [found[p] for p in paths]
+
+
+def _check_args(metric, estimator, mode, num_anchors, debiased):
+    _validate.choice("metric", metric, tuple(METRICS))
+    _validate.choice("estimator", estimator, ("full", "minibatch"))
+    _validate.choice("mode", mode, ("pooled", "flatten"))
+    if estimator == "minibatch" and metric != "cka":
+        raise ValueError(f"estimator='minibatch' is for metric='cka' only, got metric={metric!r}")
+    least = 4 if (debiased or estimator == "minibatch") else 2
+    if num_anchors is not None and _validate.integer("num_anchors", num_anchors, 1) < least:
+        raise ValueError(f"num_anchors must be >= {least} for {metric} ({estimator}), got {num_anchors}")
+
+
+def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, *, metric: str = "cka",
+              conditions=None, num_anchors: int | None = None, batch_size: int = 256, estimator: str = "full",
+              debiased: bool = False, mode: str = "pooled", k: int | None = None, reg: float = 1e-4,
+              top_units: int = 16, gw_eps: float = 0.05, progress: bool = True) -> LayerMap:
+    """Draws the map of ``metric`` between every layer of ``layers_a`` and every layer of ``layers_b``.
+
+    Layers: module paths or patterns ("blocks.*"), in depth order; "auto" takes the model's blocks
+    (layer_names.default_layers). Each batch of ``data`` (as tcfa.extract takes it) runs each model
+    once, tapping all its layers and stopping after the deepest. Per sample, a layer gives its
+    ``mode`` features: "pooled" (mean over spatial positions / tokens: the layouts of
+    tcfa.to_rows) or "flatten" (every position, as Kornblith et al. and torch-cka compare).
+
+    metric: "cka" (linear; ``debiased`` for the unbiased HSIC), "cca" (mean of the top ``k``
+    canonical correlations, ``reg``), "procrustes", "gw" (entropic GW with ``gw_eps``; lower is
+    better). estimator: "full" keeps the first ``num_anchors`` samples' features (all samples when
+    None; 256 for gw) and computes every pair on all of them; "minibatch" (cka) averages the
+    unbiased HSIC over batches of ``batch_size`` (torch-cka's estimator) with memory independent of
+    the data size. ``conditions``: one id per sample of ``data`` (an int64 tensor or tcfa
+    Conditions) adds ``scores_per_condition``. Memory of "full": n * (sum of widths).
+    """
+    _check_args(metric, estimator, mode, num_anchors, debiased)
+    la = default_layers(model_a) if layers_a == "auto" else resolve_layers("layers_a", model_a, layers_a)
+    lb = default_layers(model_b) if layers_b == "auto" else resolve_layers("layers_b", model_b, layers_b)
+    if num_anchors is None and metric == "gw":
+        num_anchors = GW_ANCHORS
+    ids, num = _condition_tensor(conditions)
+    feats_a, feats_b, labels, minibatch, per_condition = [], [], [], None, None
+    if estimator == "minibatch":  # all rows of each batch, and (with conditions) each condition's rows
+        minibatch = similarity.MinibatchCKA(len(la), len(lb))
+        per_condition = similarity.MinibatchCKA(len(la), len(lb), num) if ids is not None else None
+    seen = 0
+    batches = _labelled_batches(data, ids, batch_size) if ids is not None else ((b, None) for b in _plain(data, batch_size))
+    with _inference(model_a, model_b):
+        for inputs, y in _progress(batches, progress, f"layer map {len(la)}x{len(lb)}"):
+            take = _batch_len(inputs) if num_anchors is None else min(_batch_len(inputs), num_anchors - seen)
+            xa = [_features(t[:take], mode) for t in _tap_all(model_a, la, inputs, "layers_a", seen > 0)]
+            xb = [_features(t[:take], mode) for t in _tap_all(model_b, lb, inputs, "layers_b", seen > 0)]
+            y = None if y is None else y[:take]
+            seen += take
+            if minibatch is not None:
+                minibatch.update(xa, xb)
+                if per_condition is not None:
+                    per_condition.update(xa, xb, y)
+            else:
+                feats_a.append(xa)
+                feats_b.append(xb)
+                labels.append(y)
+            if num_anchors is not None and seen >= num_anchors:
+                break
+    least = 4 if (debiased or estimator == "minibatch") else 2
+    if seen < least:
+        raise ValueError(f"data gave {seen} samples; {metric} ({estimator}) needs at least {least} anchors")
+    config = dict(estimator=estimator, mode=mode, debiased=debiased, num_anchors=seen, batch_size=batch_size,
+                  k=k, reg=reg, top_units=top_units, gw_eps=gw_eps)
+    if minibatch is not None:
+        per_cond = per_condition.result() if per_condition is not None else None
+        return LayerMap(minibatch.result()[0], la, lb, metric, per_cond, {}, config)
+    xa = [torch.cat(parts) for parts in zip(*feats_a)]
+    xb = [torch.cat(parts) for parts in zip(*feats_b)]
+    score = _scorer(metric, debiased, k, reg, gw_eps)
+    per_cond = None
+    if ids is not None:
+        lab = torch.cat(labels)
+        per_cond = torch.stack([_on_rows(score, xa, xb, (lab == c).nonzero().flatten(), least, len(la), len(lb))
+                                for c in range(num)])
+    paired = similarity.PairedLayers(xa, xb, least)  # one X_A^T X_B for the metric and the diagnostics
+    # the diagnostics need the cross-covariance of every pair of units: skipped where it would not fit
+    diagnostics = similarity.intersection_of(paired, top_units) if metric != "gw" and paired.cross_fits() else {}
+    return LayerMap(score(paired), la, lb, metric, per_cond, diagnostics, config)
+
+
+def _plain(data, batch_size):
+    from .models import _batches
+
+    return _batches(data, batch_size)
+
+
+def _condition_tensor(conditions):
+    """(ids, num) from a Conditions / int64 tensor, or (None, None)."""
+    if conditions is None:
+        return None, None
+    ids, num = getattr(conditions, "ids", conditions), getattr(conditions, "num", None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.int64:
+        raise TypeError(f"conditions must be a tcfa Conditions or a 1-D int64 tensor, got {conditions!r:.60}")
+    num = num if num is not None else (int(ids.max()) + 1 if ids.numel() else 1)
+    return _validate.labels("conditions", ids, ids.shape[0], num), num
+
+
+def _scorer(metric, debiased, k, reg, gw_eps):
+    """The metric as a function of similarity.PairedLayers."""
+    if metric == "cka":
+        return lambda p: similarity.cka_of(p, debiased)
+    if metric == "cca":
+        return lambda p: similarity.cca_of(p, k, reg)
+    if metric == "procrustes":
+        return similarity.procrustes_of
+    return lambda p: similarity.pairwise_gw(p.xs, p.ys, eps=gw_eps)
+
+
+def _on_rows(score, xa, xb, rows, least, na, nb):
+    """The metric on one condition's rows; NaN when it has fewer than ``least``."""
+    if rows.numel() < least:
+        return torch.full((na, nb), float("nan"), dtype=torch.float64)
+    return score(similarity.PairedLayers([x.index_select(0, rows) for x in xa], [y.index_select(0, rows) for y in xb],
+                                         least))
+
+
+def auto_layers(model_a, layer_a: str, model_b, layer_b: str, data, *, metric: str = "cka", num_anchors: int = 512,
+                batch_size: int = 256, progress: bool = False):
+    """Resolves ``"auto"`` tap points: (layer_a, layer_b, why, LayerMap).
+
+    An "auto" side searches its model's blocks (layer_names.default_layers); a named side stays
+    fixed. The map is drawn on the first ``num_anchors`` samples of ``data`` (pooled features) and
+    the pair chosen is the best-scoring one whose B layer leaves at least one of B's blocks after
+    the tap (LayerMap.choose_stitch): a stitch into B's last block would leave B nothing to run.
+    """
+    la = default_layers(model_a) if layer_a == "auto" else [layer_a]
+    blocks_b = default_layers(model_b)
+    lb = blocks_b if layer_b == "auto" else [layer_b]
+    if layer_b == "auto" and len(lb) > 1:
+        lb = lb[:-1]  # the last block leaves B nothing after it: not a candidate, not worth tapping
+    lm = layer_map(model_a, la, model_b, lb, data, metric=metric, num_anchors=num_anchors, batch_size=batch_size,
+                   progress=progress)
+    after = {b: len(blocks_b) - 1 - blocks_b.index(b) if b in blocks_b else 1 for b in lb}
+    a, b, why = lm.choose_stitch(after)
+    return a, b, why, lm

@@ -1,0 +1,399 @@
+"""All-pairs similarity between two stacks of layer representations: the numerics of tcfa.layer_map.
+
+Inputs are per-layer features of the same n samples: ``xs[l]`` (n, d_l) for model A's layers,
+``ys[m]`` (n, e_m) for model B's. Each function returns an (L_A, L_B) map and computes all pairs
+of its metric together -- one GEMM over the concatenated layers, or batched decompositions of
+blocks of equal shape -- instead of L_A x L_B separate calls. X_c denotes column-centred features.
+
+  linear CKA       HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y)),  HSIC(X, Y) = |X_c^T Y_c|_F^2 = <K_c, L_c>
+                   (Kornblith et al. 2019; K = X X^T), or with the unbiased HSIC_u of Song et al. 2012
+                   (``debiased``; formula in tcfa.linear_cka)
+  CCA              mean of the k largest canonical correlations: singular values of
+                   S_xx^-1/2 S_xy S_yy^-1/2, S = covariances + reg * (tr S / d) I (the tcfa.cca
+                   convention); SVCCA-style when the layers are first reduced to principal directions
+  Procrustes       |X_c^T Y_c|_* / (|X_c|_F |Y_c|_F): 1 - d^2 / 2, d the orthogonal Procrustes distance
+                   of the Frobenius-normalised representations (Ding et al. 2021); 1 iff Y_c = s X_c Q
+  entropic GW      tcfa.entropic_gw between the layers' anchor distance matrices, each divided by its
+                   mean (a distance: lower is more similar; widths may differ)
+"""
+from __future__ import annotations
+
+import torch
+
+from .divergence import gw_batch
+from .ops import _validate
+from .stats import _ratio
+
+__all__ = ["pairwise_cka", "MinibatchCKA", "pairwise_cca", "pairwise_procrustes", "pairwise_gw",
+           "unit_intersection", "monotone_path"]
+
+
+# ------------------------------------------------------------------ inputs
+def layer_features(name: str, feats, n: int | None = None) -> list[torch.Tensor]:
+    """Checks a non-empty list of (n, d_l) features sharing rows, dtype and device; returns it as a list."""
+    if isinstance(feats, torch.Tensor) or not isinstance(feats, (list, tuple)) or not feats:
+        raise TypeError(f"{name} must be a non-empty list of (n, d) feature tensors, one per layer")
+    out = [_validate.tensor(f"{name}[{i}]", f, dim=2) for i, f in enumerate(feats)]
+    n = out[0].shape[0] if n is None else n
+    for i, f in enumerate(out):
+        if f.shape[0] != n:
+            raise ValueError(f"{name}[{i}] has {f.shape[0]} rows, expected {n} (one per sample)")
+    _validate.same_dtype(**{f"{name}[{i}]": f for i, f in enumerate(out)})
+    _validate.same_device(**{f"{name}[{i}]": f for i, f in enumerate(out)})
+    return out
+
+
+def _pair(xs, ys, least: int):
+    xs = layer_features("xs", xs)
+    ys = layer_features("ys", ys, xs[0].shape[0])
+    _validate.same_dtype(xs=xs[0], ys=ys[0])
+    _validate.same_device(xs=xs[0], ys=ys[0])
+    if xs[0].shape[0] < least:
+        raise ValueError(f"xs and ys need at least {least} rows (samples), got {xs[0].shape[0]}")
+    return xs, ys
+
+
+# sum d * sum e beyond which the cross-covariance of all pairs is not formed (fp64: 512 MiB); flattened
+# CNN maps reach it (8 layers of 64 x 8 x 8 against the same: 32768^2), pooled features never do
+MAX_CROSS_ENTRIES = 1 << 26
+
+
+class PairedLayers:
+    """Two stacks of layer features, checked and centred once, with the cross-products of all pairs
+    (X_A^T X_B over the concatenated layers) computed at most once and shared by every metric:
+    tcfa.layer_map asks one metric and the unit intersection of the same features."""
+
+    def __init__(self, xs, ys, least: int = 2):
+        xs, ys = _pair(xs, ys, least)
+        self.n = xs[0].shape[0]
+        self.xs, self.ys = xs, ys
+        self.xc, self.yc = _centred(xs), _centred(ys)
+        self.wa, self.wb = _widths(xs), _widths(ys)
+        self._cross = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.xs), len(self.ys)
+
+    def cross_fits(self) -> bool:
+        return sum(self.wa) * sum(self.wb) <= MAX_CROSS_ENTRIES
+
+    def cross(self) -> torch.Tensor:
+        """X_c,A^T X_c,B (sum d, sum e) in the compute dtype."""
+        if not self.cross_fits():
+            raise ValueError(f"the cross-covariance of all layer pairs would hold {sum(self.wa)} x {sum(self.wb)} "
+                             f"entries (more than {MAX_CROSS_ENTRIES}): use pooled features (mode='pooled'), fewer "
+                             "or narrower layers, or CKA (which then works from the n x n Grams)")
+        if self._cross is None:
+            self._cross = torch.cat(self.xc, 1).mT @ torch.cat(self.yc, 1)
+        return self._cross
+
+    def covariances(self):
+        """Per-layer covariances of A and of B, and the cross-covariance of all pairs, fp64."""
+        n = self.n
+        return ([(x.mT @ x).double() / (n - 1) for x in self.xc], [(y.mT @ y).double() / (n - 1) for y in self.yc],
+                self.cross().double() / (n - 1))
+
+
+def _centred(feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Columns minus their mean, in the compute dtype; the mean is taken in fp64 so that features far
+    from the origin (a few channels 100x the rest, as in transformer activations) keep their spread."""
+    ct = _validate.compute_dtype(feats[0].dtype)
+    return [f.to(ct) - f.double().mean(0).to(ct) for f in feats]
+
+
+def _block_sum(m: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
+    """(len(rows), len(cols)): the sum of each block of m cut by the row and column sizes."""
+    ri = torch.repeat_interleave(torch.arange(len(rows), device=m.device), torch.tensor(rows, device=m.device))
+    ci = torch.repeat_interleave(torch.arange(len(cols), device=m.device), torch.tensor(cols, device=m.device))
+    by_rows = m.new_zeros(len(rows), m.shape[1]).index_add_(0, ri, m)
+    return by_rows.new_zeros(len(rows), len(cols)).index_add_(1, ci, by_rows)
+
+
+def _widths(feats) -> list[int]:
+    return [f.shape[1] for f in feats]
+
+
+# ------------------------------------------------------------------ CKA
+def _gram_is_cheaper(n: int, wa: list[int], wb: list[int]) -> bool:
+    """Multiply-adds of the two routes to every <K_c, L_c>: features, X_A^T X_B over the concatenated
+    layers plus each X_l^T X_l; Grams, each X_l X_l^T plus one (L_A, n^2) x (n^2, L_B) product."""
+    features = n * (sum(wa) * sum(wb) + sum(d * d for d in wa + wb))
+    grams = n * n * (sum(wa + wb) + len(wa) * len(wb))
+    return grams < features
+
+
+def _use_gram(route: str, n: int, wa: list[int], wb: list[int]) -> bool:
+    return route == "gram" or (route == "auto" and _gram_is_cheaper(n, wa, wb))
+
+
+def _hsic_all_pairs(xc, yc, unbiased: bool, use_gram: bool, cross=None):
+    """HSIC of every pair and of every layer with itself from centred features: (L_A, L_B), (L_A,), (L_B,).
+
+    Biased: <K_c, L_c> / (n - 1)^2. Unbiased: HSIC_u with centred rows, where K~ 1 = -diag(K)
+    (HSIC_u is invariant to translating the features, so centring only helps rounding).
+    ``cross``: X_A^T X_B when the caller already has it (PairedLayers.cross).
+    """
+    n = xc[0].shape[0]
+    if use_gram:
+        ka = torch.stack([x @ x.mT for x in xc]).flatten(1)  # (L_A, n^2): centred Grams K_c
+        kb = torch.stack([y @ y.mT for y in yc]).flatten(1)
+        cross, self_a, self_b = ka @ kb.mT, ka.square().sum(1), kb.square().sum(1)
+    else:
+        wa, wb = _widths(xc), _widths(yc)
+        if cross is None:
+            cross = torch.cat(xc, 1).mT @ torch.cat(yc, 1)
+        cross = _block_sum(cross.square(), wa, wb)
+        self_a = torch.stack([_gram_norm2(x) for x in xc])
+        self_b = torch.stack([_gram_norm2(y) for y in yc])
+    cross, self_a, self_b = cross.double(), self_a.double(), self_b.double()
+    if not unbiased:
+        return cross / (n - 1) ** 2, self_a / (n - 1) ** 2, self_b / (n - 1) ** 2
+    da = torch.stack([x.square().sum(1) for x in xc], 1).double()  # (n, L_A): the Grams' diagonals
+    db = torch.stack([y.square().sum(1) for y in yc], 1).double()
+
+    def hsic_u(hs, diag_products, trace_products):
+        return (hs - diag_products + trace_products / ((n - 1) * (n - 2))
+                - 2.0 / (n - 2) * diag_products) / (n * (n - 3))
+
+    ta, tb = da.sum(0), db.sum(0)
+    return (hsic_u(cross, da.mT @ db, ta[:, None] * tb[None, :]),
+            hsic_u(self_a, da.square().sum(0), ta * ta), hsic_u(self_b, db.square().sum(0), tb * tb))
+
+
+def _gram_norm2(x: torch.Tensor) -> torch.Tensor:
+    """|X^T X|_F^2 = |X X^T|_F^2, from the smaller of the two products."""
+    g = x.mT @ x if x.shape[1] <= x.shape[0] else x @ x.mT
+    return g.square().sum()
+
+
+def pairwise_cka(xs, ys, *, debiased: bool = False, route: str = "auto") -> torch.Tensor:
+    """Linear CKA of every layer pair over all n rows, (L_A, L_B) fp64 (math: module docstring).
+
+    Each entry equals ``tcfa.linear_cka(xs[l], ys[m], debiased)``. ``route``: "features" forms
+    X_A^T X_B once for all pairs (n * sum d_l * sum e_m multiply-adds), "gram" the n x n centred
+    Gram of every layer and one product of the flattened Grams (n^2 (sum d + sum e + L_A L_B));
+    "auto" takes the cheaper. Needs n >= 4 when debiased, else n >= 2.
+    """
+    _validate.choice("route", route, ("auto", "features", "gram"))
+    return cka_of(PairedLayers(xs, ys, 4 if debiased else 2), debiased, route)
+
+
+def cka_of(p: PairedLayers, debiased: bool = False, route: str = "auto") -> torch.Tensor:
+    """pairwise_cka of already paired layers (sharing p's cross-products with other metrics)."""
+    if debiased and p.n < 4:
+        raise ValueError(f"xs and ys need at least 4 rows (samples) for debiased CKA, got {p.n}")
+    use_gram = _use_gram(route, p.n, p.wa, p.wb) or (route == "auto" and not p.cross_fits())
+    hxy, hxx, hyy = _hsic_all_pairs(p.xc, p.yc, debiased, use_gram, None if use_gram else p.cross())
+    return _ratio(hxy, hxx[:, None], hyy[None, :])
+
+
+class MinibatchCKA:
+    """Minibatch CKA (Nguyen et al. 2021), the estimator of torch-cka, for all pairs and conditions:
+
+        CKA_lm = sum_b HSIC_u(K_l^b, L_m^b) / sqrt(sum_b HSIC_u(K_l^b, K_l^b) sum_b HSIC_u(L_m^b, L_m^b))
+
+    over batches b (per condition: the batch's rows of that condition; a condition with fewer than 4
+    rows in a batch skips it). Memory is independent of the number of batches.
+    ``debiased=False`` sums the biased HSIC |X_c^T Y_c|^2 / (n_b - 1)^2 instead.
+    """
+
+    def __init__(self, num_a: int, num_b: int, num_conditions: int = 1, *, debiased: bool = True,
+                 route: str = "auto"):
+        self.num_a = _validate.integer("num_a", num_a, 1)
+        self.num_b = _validate.integer("num_b", num_b, 1)
+        self.num_conditions = _validate.integer("num_conditions", num_conditions, 1)
+        self.debiased = bool(debiased)
+        self.route = _validate.choice("route", route, ("auto", "features", "gram"))
+        self.hxy = torch.zeros(self.num_conditions, num_a, num_b, dtype=torch.float64)
+        self.hxx = torch.zeros(self.num_conditions, num_a, dtype=torch.float64)
+        self.hyy = torch.zeros(self.num_conditions, num_b, dtype=torch.float64)
+        self.batches = torch.zeros(self.num_conditions, dtype=torch.int64)
+
+    def update(self, xs, ys, labels=None) -> "MinibatchCKA":
+        """Adds one batch: xs, ys lists of (n_b, d) features (num_a and num_b layers), labels (n_b,)."""
+        xs, ys = _pair(xs, ys, 1)
+        if (len(xs), len(ys)) != (self.num_a, self.num_b):
+            raise ValueError(f"xs and ys must hold {self.num_a} and {self.num_b} layers, got {len(xs)} and {len(ys)}")
+        n = xs[0].shape[0]
+        if labels is None:
+            groups = [(0, None)]
+        else:
+            labels = _validate.labels("labels", labels, n, self.num_conditions).cpu()
+            groups = [(c, (labels == c).nonzero().flatten().to(xs[0].device)) for c in labels.unique().tolist()]
+        least = 4 if self.debiased else 2
+        for c, rows in groups:
+            count = n if rows is None else rows.numel()
+            if count < least:
+                continue
+            pick = (lambda f: f) if rows is None else (lambda f: f.index_select(0, rows))  # noqa: E731
+            xc, yc = _centred([pick(f) for f in xs]), _centred([pick(f) for f in ys])
+            hxy, hxx, hyy = _hsic_all_pairs(xc, yc, self.debiased, _use_gram(self.route, count, _widths(xc), _widths(yc)))
+            self.hxy[c] += hxy.cpu()
+            self.hxx[c] += hxx.cpu()
+            self.hyy[c] += hyy.cpu()
+            self.batches[c] += 1
+        return self
+
+    def result(self) -> torch.Tensor:
+        """(C, L_A, L_B) CKA per condition; a condition that no batch reached gives 0."""
+        return _ratio(self.hxy, self.hxx[:, :, None], self.hyy[:, None, :])
+
+
+# ------------------------------------------------------------------ CCA, Procrustes (from covariances)
+def _blocks(cross: torch.Tensor, wa: list[int], wb: list[int]):
+    """((l, m), block) of every pair, in row-major pair order."""
+    ra = [0, *torch.tensor(wa).cumsum(0).tolist()]
+    rb = [0, *torch.tensor(wb).cumsum(0).tolist()]
+    for la in range(len(wa)):
+        for lb in range(len(wb)):
+            yield (la, lb), cross[ra[la]:ra[la + 1], rb[lb]:rb[lb + 1]]
+
+
+def _batched_over_shapes(blocks, fn, shape) -> torch.Tensor:
+    """fn applied to stacks of blocks of one shape (one batched call per distinct shape)."""
+    groups: dict = {}
+    for key, block in blocks:
+        groups.setdefault(tuple(block.shape), []).append((key, block))
+    out = torch.zeros(shape, dtype=torch.float64)
+    for members in groups.values():
+        values = fn(torch.stack([b for _, b in members]), [k for k, _ in members])
+        for (key, _), v in zip(members, values.cpu()):
+            out[key] = v
+    return out
+
+
+def _inverse_sqrt(cov: torch.Tensor, reg: float) -> torch.Tensor:
+    """(cov + reg (tr cov / d) I)^(-1/2) by eigh (tcfa.cca's regularisation)."""
+    d = cov.shape[0]
+    cov = cov + reg * cov.diagonal().sum() / d * torch.eye(d, dtype=cov.dtype, device=cov.device)
+    w, v = torch.linalg.eigh(cov)
+    return (v / w.clamp_min(torch.finfo(w.dtype).tiny).sqrt()) @ v.mT
+
+
+def pairwise_cca(xs, ys, *, k: int | None = None, reg: float = 1e-4) -> torch.Tensor:
+    """Mean of the k largest canonical correlations of every pair (math: module docstring), (L_A, L_B).
+
+    ``k=None`` averages all min(d_l, e_m) correlations; a larger k than a pair has is cut to it.
+    ``reg`` > 0 keeps wide layers (d > n) well posed.
+    """
+    k = None if k is None else _validate.integer("k", k, 1)
+    reg = _validate.nonnegative("reg", reg)
+    return cca_of(PairedLayers(xs, ys), k, reg)
+
+
+def cca_of(p: PairedLayers, k: int | None, reg: float) -> torch.Tensor:
+    """pairwise_cca of already paired layers."""
+    sxx, syy, cross = p.covariances()
+    wx = [_inverse_sqrt(s, reg) for s in sxx]
+    wy = [_inverse_sqrt(s, reg) for s in syy]
+
+    def mean_top(stack, keys):
+        white = torch.stack([wx[a] for a, _ in keys]) @ stack @ torch.stack([wy[b] for _, b in keys])
+        rho = torch.linalg.svdvals(white).clamp(0.0, 1.0)
+        return rho[:, : (k or rho.shape[1])].mean(1)
+
+    return _batched_over_shapes(_blocks(cross, p.wa, p.wb), mean_top, p.shape)
+
+
+def pairwise_procrustes(xs, ys) -> torch.Tensor:
+    """Procrustes similarity |X_c^T Y_c|_* / (|X_c|_F |Y_c|_F) of every pair, (L_A, L_B), in [0, 1]."""
+    return procrustes_of(PairedLayers(xs, ys))
+
+
+def procrustes_of(p: PairedLayers) -> torch.Tensor:
+    """pairwise_procrustes of already paired layers."""
+    sxx, syy, cross = p.covariances()
+    na = torch.stack([s.diagonal().sum() for s in sxx])
+    nb = torch.stack([s.diagonal().sum() for s in syy])
+    nuclear = _batched_over_shapes(_blocks(cross, p.wa, p.wb), lambda stack, keys: torch.linalg.svdvals(stack).sum(1),
+                                   p.shape)
+    return _ratio(nuclear, na[:, None].cpu(), nb[None, :].cpu())
+
+
+# ------------------------------------------------------------------ unit intersection
+def unit_intersection(xs, ys, top_k: int = 16) -> dict[str, torch.Tensor]:
+    """Which units of two layers carry the same signal (the three-space paper's intersection maps).
+
+    With R the correlation of every unit of A's layer l with every unit of B's layer m over the rows,
+    each unit's partner is its most correlated unit on the other side (|R|). P_A pairs the top_k
+    units of A (by that best |R|) with their partners, P_B likewise from B's side. Per pair:
+
+      jaccard     |P_A & P_B| / |P_A | P_B|   (the two sides agree on the matches)
+      coverage    2 * (mutual best matches) / (d_l + e_m)   (share of units matched both ways)
+      confidence  sum of |R| over P_A & P_B / |P_A | P_B|   (jaccard weighted by match strength)
+
+    Each is (L_A, L_B); top_k is cut to each layer's width. A unit without spread correlates 0.
+    """
+    return intersection_of(PairedLayers(xs, ys), _validate.integer("top_k", top_k, 1))
+
+
+def intersection_of(p: PairedLayers, top_k: int) -> dict[str, torch.Tensor]:
+    """unit_intersection of already paired layers."""
+    sxx, syy, cross = p.covariances()
+    sa = torch.cat([s.diagonal() for s in sxx]).clamp_min(0).sqrt()
+    sb = torch.cat([s.diagonal() for s in syy]).clamp_min(0).sqrt()
+    corr = (_ratio(cross, sa[:, None] ** 2, sb[None, :] ** 2)).abs()
+    out = {name: torch.zeros(p.shape, dtype=torch.float64) for name in ("jaccard", "coverage", "confidence")}
+    for (la, lb), r in _blocks(corr, p.wa, p.wb):
+        best_b, partner_b = r.max(1)  # for each unit of A
+        best_a, partner_a = r.max(0)
+        ua = best_b.topk(min(top_k, r.shape[0])).indices
+        ub = best_a.topk(min(top_k, r.shape[1])).indices
+        pa = set(zip(ua.tolist(), partner_b[ua].tolist()))
+        pb = set(zip(partner_a[ub].tolist(), ub.tolist()))
+        union, both = pa | pb, pa & pb
+        mutual = int((partner_a[partner_b] == torch.arange(r.shape[0], device=r.device)).sum())
+        out["jaccard"][la, lb] = len(both) / len(union)
+        out["coverage"][la, lb] = 2.0 * mutual / (r.shape[0] + r.shape[1])
+        out["confidence"][la, lb] = sum(float(r[i, j]) for i, j in both) / len(union)
+    return out
+
+
+# ------------------------------------------------------------------ entropic GW
+def pairwise_gw(xs, ys, *, eps: float = 0.05, max_iter: int = 200, tol: float = 1e-7) -> torch.Tensor:
+    """Entropic Gromov-Wasserstein value of every pair (lower: more alike), (L_A, L_B).
+
+    Each layer's geometry is its matrix of squared distances between the n rows (anchors), divided
+    by its mean so that layers of different scale compare; uniform weights; all L_A * L_B problems
+    are solved as one batch (tcfa.divergence.gw_batch).
+    """
+    xs, ys = _pair(xs, ys, 2)
+    eps = _validate.positive("eps", eps)
+
+    def geometry(f):
+        f = f.to(_validate.compute_dtype(f.dtype))
+        d2 = torch.cdist(f, f).square()
+        mean = d2.mean()
+        return d2 / mean if mean > 0 else d2
+
+    ga, gb = [geometry(x) for x in xs], [geometry(y) for y in ys]
+    c1 = torch.stack([ga[a] for a in range(len(xs)) for _ in range(len(ys))])
+    c2 = torch.stack([gb[b] for _ in range(len(xs)) for b in range(len(ys))])
+    values = gw_batch(c1, c2, eps=eps, max_iter=max_iter, tol=tol)
+    return values.double().cpu().reshape(len(xs), len(ys))
+
+
+# ------------------------------------------------------------------ path
+def monotone_path(scores: torch.Tensor, larger_is_better: bool = True) -> list[tuple[int, int]]:
+    """The depth-order-preserving correspondence: one B layer j_i per A layer i, j non-decreasing in i,
+    maximising sum_i score[i, j_i] (minimising it when not larger_is_better), by dynamic programming
+    in O(L_A L_B). A map with its best entry of each row on the diagonal gives the identity."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    if s.dim() != 2 or 0 in s.shape:
+        raise ValueError(f"scores must be a non-empty (L_A, L_B) map, got shape {tuple(s.shape)}")
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("scores must be finite")
+    s = s if larger_is_better else -s
+    best = s[0].clone()
+    came_from = []
+    for i in range(1, s.shape[0]):
+        prefix, arg = torch.cummax(best, 0)  # best path ending at a column <= j
+        came_from.append(arg)
+        best = s[i] + prefix
+    j = int(best.argmax())
+    path = [j]
+    for arg in reversed(came_from):
+        j = int(arg[j])
+        path.append(j)
+    return list(enumerate(reversed(path)))
