@@ -14,7 +14,7 @@ from .pipeline.align import TCFA, TUNING, tune
 from .pipeline.data import Conditions, binned_conditions, class_conditions, no_conditions, transform_conditions
 from .stats import MomentAccumulator, Moments, cka_from_moments, linear_cka, rbf_cka, segment_moments
 from .linear_maps import CCA, cca, cca_maps, procrustes, ridge_map
-from . import similarity
+from . import correspondence, similarity
 from .pipeline.layer_map import LayerMap, layer_map
 
 from ._version import __version__ as __version__
@@ -22,6 +22,7 @@ from ._version import __version__ as __version__
 __all__ = [
     "ops",
     "similarity",
+    "correspondence",
     "layer_map",
     "LayerMap",
     "artifacts",

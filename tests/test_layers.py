@@ -19,7 +19,7 @@ MAX_LINES = 400
 LAYERS = {
     "op access and kernels": ("ops", "kernels", "ragged", "_version"),
     "numerics": ("ot", "ot_grad", "divergence", "stats", "linear_maps", "maps", "stitch", "distributed",
-                 "artifacts", "similarity"),
+                 "artifacts", "similarity", "correspondence"),
     "model pipeline": ("pipeline",),
     "applications": ("cli", "bench", "__main__", ""),
 }

@@ -7,7 +7,7 @@ import torch
 
 import tcfa
 from stats_reference import kornblith_cka, svcca_rho
-from tcfa import similarity
+from tcfa import correspondence, similarity
 
 
 def stacks(n=60, wa=(5, 9, 5), wb=(7, 4), dtype=torch.float64, seed=0):
@@ -110,7 +110,7 @@ def test_pairwise_procrustes_equals_nuclear_norm_and_is_one_under_rotation():
 
 def test_pairwise_gw_equals_single_problem_calls():
     xs, ys = stacks(n=24, wa=(5, 3), wb=(4, 6, 2))
-    got = similarity.pairwise_gw(xs, ys, eps=0.1)
+    got = correspondence.pairwise_gw(xs, ys, eps=0.1)
 
     def geometry(f):
         d2 = torch.cdist(f, f).square()
@@ -120,7 +120,7 @@ def test_pairwise_gw_equals_single_problem_calls():
         one = tcfa.divergence.gw_batch(geometry(x)[None], geometry(y)[None], eps=0.1, max_iter=200, tol=1e-7)
         assert float(got[i, j]) == pytest.approx(float(one[0]), rel=1e-6, abs=1e-9)
     # a layer against a rotated, scaled copy of itself has the smallest value of its row
-    same = similarity.pairwise_gw([xs[0]], [xs[0] @ torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0] * 4,
+    same = correspondence.pairwise_gw([xs[0]], [xs[0] @ torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0] * 4,
                                             ys[1]], eps=0.1)
     assert float(same[0, 0]) < float(same[0, 1])
 
@@ -151,15 +151,15 @@ def brute_force_path(s):
 @pytest.mark.parametrize("shape", [(4, 4), (3, 6), (6, 3), (1, 5), (5, 1)])
 def test_monotone_path_equals_brute_force(shape):
     s = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64)
-    assert similarity.monotone_path(s) == brute_force_path(s.numpy())
-    assert similarity.monotone_path(-s, larger_is_better=False) == brute_force_path(s.numpy())
+    assert correspondence.monotone_path(s) == brute_force_path(s.numpy())
+    assert correspondence.monotone_path(-s, larger_is_better=False) == brute_force_path(s.numpy())
     eye = torch.eye(5, dtype=torch.float64) + 0.5 * torch.rand(5, 5, dtype=torch.float64).clamp(max=0.9)
-    assert similarity.monotone_path(eye) == [(i, i) for i in range(5)]
+    assert correspondence.monotone_path(eye) == [(i, i) for i in range(5)]
 
 
 def test_unit_intersection_against_naive_loops():
     xs, ys = stacks(wa=(5, 9), wb=(7, 4))
-    out = similarity.unit_intersection(xs, ys, top_k=3)
+    out = correspondence.unit_intersection(xs, ys, top_k=3)
     for (i, x), (j, y) in itertools.product(enumerate(xs), enumerate(ys)):
         r = np.abs(np.corrcoef(x.numpy().T, y.numpy().T)[: x.shape[1], x.shape[1]:])
         pa = {(u, int(r[u].argmax())) for u in np.argsort(-r.max(1), kind="stable")[:3]}
@@ -185,4 +185,17 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match=r"xs\[1\] must be finite"):
         similarity.pairwise_cca([xs[0], bad], ys)
     with pytest.raises(ValueError, match="scores must be finite"):
-        similarity.monotone_path(torch.tensor([[1.0, float("nan")]]))
+        correspondence.monotone_path(torch.tensor([[1.0, float("nan")]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_features_are_computed_in_fp32(dtype):
+    xs, ys = stacks(n=50, dtype=dtype)
+    up = lambda feats: [f.float() for f in feats]  # noqa: E731  (the same values, widened)
+    for route in ("features", "gram"):
+        torch.testing.assert_close(similarity.pairwise_cka(xs, ys, route=route),
+                                   similarity.pairwise_cka(up(xs), up(ys), route=route), atol=1e-6, rtol=0)
+    half, full = similarity.MinibatchCKA(3, 2), similarity.MinibatchCKA(3, 2)
+    half.update(xs, ys)
+    full.update(up(xs), up(ys))
+    torch.testing.assert_close(half.result(), full.result(), atol=1e-6, rtol=0)

@@ -60,8 +60,8 @@ def render(path: str) -> str:
     with open(path) as fh:
         doc = json.load(fh)
     name, m = doc["benchmark"], doc["machine"]
-    lines = [f"### {name}", "", f"Measured {m['time']} on {m['cores']} cores ({m['torch_threads']} torch threads), "
-                                f"torch {m['torch']}.", ""]
+    lines = [f"### {name}", "", f"Measured {m['time']} on {m.get('cpu', 'an unrecorded CPU')} ({m['cores']} cores, "
+                                f"{m['torch_threads']} torch threads), torch {m['torch']}.", ""]
     if doc.get("quick"):
         lines += ["**Quick mode (TCFA_BENCH_QUICK=1): toy sweep sizes, the sweep's numbers mean nothing.**", ""]
     lines += markdown_table(columns(doc["rows"]), doc["rows"])

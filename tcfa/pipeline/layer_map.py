@@ -3,7 +3,7 @@
 The result, a :class:`LayerMap`, holds the (L_A, L_B) scores (and per condition), the unit
 intersection diagnostics, and acts on them: the best pairs, the depth-order-preserving path, the
 stitch point for ``layer_a="auto"``, a heatmap, a durable artifact. The metrics' math is in
-tcfa/similarity.py.
+tcfa/similarity.py and tcfa/correspondence.py.
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import artifacts, similarity
+from .. import artifacts, correspondence, similarity
 from ..ops import _validate
 from .layer_names import default_layers, resolve_layers
 from .layouts import _pooled
-from .models import _batch_len, _inference, _labelled_batches, _progress, capture
+from .models import _batch_len, _batches, _inference, _labelled_batches, _progress, capture
 
 __all__ = ["LayerMap", "layer_map", "METRICS"]
 
@@ -29,7 +29,7 @@ GW_ANCHORS = 256  # GW solves (L_A L_B) problems of n x n anchors: 256 keeps 144
 class LayerMap:
     """Similarity of every (layer of A, layer of B) pair: ``scores[i, j]`` compares layers_a[i] with
     layers_b[j]; ``scores_per_condition[c]`` the same on condition c's samples (NaN where a
-    condition has too few). ``diagnostics``: the unit intersection maps (similarity.unit_intersection)."""
+    condition has too few). ``diagnostics``: the unit intersection maps (correspondence.unit_intersection)."""
 
     scores: torch.Tensor
     layers_a: list
@@ -63,9 +63,9 @@ class LayerMap:
         return [(self.layers_a[i // nb], self.layers_b[i % nb], float(s[i])) for i in order]
 
     def path(self, condition=None) -> list[tuple[str, str]]:
-        """The depth-order-preserving correspondence (similarity.monotone_path): one layer of B per layer
+        """The depth-order-preserving correspondence (correspondence.monotone_path): one layer of B per layer
         of A, never going back in B's depth, with the best total score."""
-        steps = similarity.monotone_path(self._map(condition), self.larger_is_better)
+        steps = correspondence.monotone_path(self._map(condition), self.larger_is_better)
         return [(self.layers_a[i], self.layers_b[j]) for i, j in steps]
 
     def choose_stitch(self, blocks_after: dict | None = None) -> tuple[str, str, str]:
@@ -175,7 +175,10 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
         minibatch = similarity.MinibatchCKA(len(la), len(lb))
         per_condition = similarity.MinibatchCKA(len(la), len(lb), num) if ids is not None else None
     seen = 0
-    batches = _labelled_batches(data, ids, batch_size) if ids is not None else ((b, None) for b in _plain(data, batch_size))
+    if ids is not None:
+        batches = _labelled_batches(data, ids, batch_size)
+    else:
+        batches = ((b, None) for b in _batches(data, batch_size))
     with _inference(model_a, model_b):
         for inputs, y in _progress(batches, progress, f"layer map {len(la)}x{len(lb)}"):
             take = _batch_len(inputs) if num_anchors is None else min(_batch_len(inputs), num_anchors - seen)
@@ -211,14 +214,8 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
                                 for c in range(num)])
     paired = similarity.PairedLayers(xa, xb, least)  # one X_A^T X_B for the metric and the diagnostics
     # the diagnostics need the cross-covariance of every pair of units: skipped where it would not fit
-    diagnostics = similarity.intersection_of(paired, top_units) if metric != "gw" and paired.cross_fits() else {}
+    diagnostics = correspondence.intersection_of(paired, top_units) if metric != "gw" and paired.cross_fits() else {}
     return LayerMap(score(paired), la, lb, metric, per_cond, diagnostics, config)
-
-
-def _plain(data, batch_size):
-    from .models import _batches
-
-    return _batches(data, batch_size)
 
 
 def _condition_tensor(conditions):
@@ -240,7 +237,7 @@ def _scorer(metric, debiased, k, reg, gw_eps):
         return lambda p: similarity.cca_of(p, k, reg)
     if metric == "procrustes":
         return similarity.procrustes_of
-    return lambda p: similarity.pairwise_gw(p.xs, p.ys, eps=gw_eps)
+    return lambda p: correspondence.pairwise_gw(p.xs, p.ys, eps=gw_eps)
 
 
 def _on_rows(score, xa, xb, rows, least, na, nb):

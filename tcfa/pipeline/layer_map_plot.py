@@ -36,7 +36,7 @@ def plot_layer_map(lm, file: str, path: bool = True) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..similarity import monotone_path
+    from ..correspondence import monotone_path
 
     if not isinstance(file, (str, os.PathLike)):
         raise TypeError(f"file must be a path, got {type(file).__name__}")
