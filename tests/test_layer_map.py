@@ -171,3 +171,28 @@ def test_bad_inputs():
         tcfa.layer_map(a, ["0"], b, ["0"], x, metric="svcca", progress=False)
     with pytest.raises(ValueError, match="conditions"):
         tcfa.layer_map(a, ["0"], b, ["0"], x, conditions=torch.full((40,), -1), progress=False)
+
+
+def test_tokens_mode_pairs_every_layer_on_the_positions_of_bs_first_layer():
+    timm = pytest.importorskip("timm")
+    from tcfa.pipeline.models import layout_of, paired_rows
+
+    torch.manual_seed(0)
+    cnn = timm.create_model("resnet18", pretrained=False, num_classes=4, layers=[1, 1, 1, 1],
+                            channels=[8, 16, 16, 16], stem_width=8).eval()
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=24,
+                            depth=3, num_heads=2, num_classes=4).eval()
+    x = torch.randn(20, 3, 32, 32)
+    cond = torch.arange(20) % 2
+    lm = tcfa.layer_map(cnn, ["layer1.0", "layer3.0"], vit, "blocks.*", x, mode="tokens", conditions=cond,
+                        batch_size=8, progress=False)
+    for (i, pa), (j, pb) in itertools.product(enumerate(lm.layers_a), enumerate(lm.layers_b)):
+        aa, ab = tcfa.extract(cnn, pa, x), tcfa.extract(vit, pb, x)
+        ra, rb = paired_rows(aa, ab, "tokens", layout_a=layout_of(aa), layout_b=layout_of(ab, model=vit))
+        assert float(lm.scores[i, j]) == pytest.approx(float(tcfa.linear_cka(ra, rb)), abs=1e-5)
+        per = ra.shape[0] // 20  # 1 CLS + 16 patches: each inherits its sample's condition
+        rows = cond.repeat_interleave(per) == 1
+        assert float(lm.scores_per_condition[1, i, j]) == pytest.approx(
+            float(tcfa.linear_cka(ra[rows], rb[rows])), abs=1e-5)
+    with pytest.raises(ValueError, match="mode='tokens' needs"):
+        tcfa.layer_map(mlp(5), ["0"], mlp(5), ["0"], data(n=10), mode="tokens", progress=False)

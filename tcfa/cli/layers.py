@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     p.add_argument("--layers-b", nargs="+", default=["auto"], help="as --layers-a, for model B")
     p.add_argument("--metric", default="cka", choices=["cka", "cca", "procrustes", "gw"])
     p.add_argument("--estimator", default="full", choices=["full", "minibatch"])
-    p.add_argument("--mode", default="pooled", choices=["pooled", "flatten"])
+    p.add_argument("--mode", default="pooled", choices=["pooled", "flatten", "tokens"],
+                   help="rows: one per sample (pooled, or every position flattened) or one per position")
     p.add_argument("--num-anchors", type=int, default=1024, help="samples the map is computed on")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--top", type=int, default=5, help="how many best pairs to print")

@@ -15,7 +15,7 @@ from torch import nn
 from .. import artifacts, correspondence, similarity
 from ..ops import _validate
 from .layer_names import default_layers, resolve_layers
-from .layouts import _pooled
+from .layouts import _pooled, _source, layout_of
 from .models import _batch_len, _batches, _inference, _labelled_batches, _progress, capture
 
 __all__ = ["LayerMap", "layer_map", "METRICS"]
@@ -116,12 +116,31 @@ class LayerMap:
 
 
 # ------------------------------------------------------------------ drawing the map
-def _features(act: torch.Tensor, mode: str) -> torch.Tensor:
-    """(N, D) per sample: the mean over positions ("pooled") or every position's features ("flatten");
-    a (N, D) activation (an MLP, a pooled head) is its own feature."""
-    if act.dim() == 2:
-        return act
-    return _pooled(act) if mode == "pooled" else act.flatten(1)
+class _Rows:
+    """Turns each tap into rows: one per sample ("pooled": the mean over positions; "flatten": every
+    position's features in one row), or one per position ("tokens": every layer is carried onto the
+    positions of B's first listed layer as tcfa.to_rows pairs a tap with B's -- grids resampled
+    bilinearly, special tokens from the pooled features -- so that row r means the same sample and
+    position in every layer). A (N, D) activation is its own row."""
+
+    def __init__(self, mode: str, model_a, model_b):
+        self.mode, self.models, self.layouts, self.ref = mode, {"a": model_a, "b": model_b}, {}, None
+
+    def __call__(self, side: str, acts: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.mode != "tokens":
+            return [a if a.dim() == 2 else _pooled(a) if self.mode == "pooled" else a.flatten(1) for a in acts]
+        if any(a.dim() != 3 and a.dim() != 4 for a in acts):
+            raise ValueError("mode='tokens' needs (N, C, H, W) or (N, T, D) activations at every layer; "
+                             "use mode='pooled' for (N, D) ones")
+        if side not in self.layouts:
+            self.layouts[side] = [layout_of(a, model=self.models[side]) for a in acts]
+            if side == "b":
+                self.ref = self.layouts["b"][0]
+        return [_source(a, lay, self.ref, "tokens")[0].reshape(-1, a.shape[1] if lay.kind == "map" else a.shape[2])
+                for a, lay in zip(acts, self.layouts[side])]
+
+    def per_sample(self) -> int:
+        return 1 if self.mode != "tokens" else self.ref.positions
 
 
 def _tap_all(model, paths, inputs, name, checked):
@@ -136,7 +155,7 @@ def _tap_all(model, paths, inputs, name, checked):
 def _check_args(metric, estimator, mode, num_anchors, debiased):
     _validate.choice("metric", metric, tuple(METRICS))
     _validate.choice("estimator", estimator, ("full", "minibatch"))
-    _validate.choice("mode", mode, ("pooled", "flatten"))
+    _validate.choice("mode", mode, ("pooled", "flatten", "tokens"))
     if estimator == "minibatch" and metric != "cka":
         raise ValueError(f"estimator='minibatch' is for metric='cka' only, got metric={metric!r}")
     least = 4 if (debiased or estimator == "minibatch") else 2
@@ -153,8 +172,10 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     Layers: module paths or patterns ("blocks.*"), in depth order; "auto" takes the model's blocks
     (layer_names.default_layers). Each batch of ``data`` (as tcfa.extract takes it) runs each model
     once, tapping all its layers and stopping after the deepest. Per sample, a layer gives its
-    ``mode`` features: "pooled" (mean over spatial positions / tokens: the layouts of
-    tcfa.to_rows) or "flatten" (every position, as Kornblith et al. and torch-cka compare).
+    ``mode`` rows: "pooled" (one per sample: the mean over spatial positions / tokens, as
+    tcfa.to_rows pools), "flatten" (one per sample holding every position, as Kornblith et al. and
+    torch-cka compare) or "tokens" (one per position of B's first listed layer, every layer carried
+    onto those positions by the layouts of tcfa.to_rows; anchors still count samples).
 
     metric: "cka" (linear; ``debiased`` for the unbiased HSIC), "cca" (mean of the top ``k``
     canonical correlations, ``reg``), "procrustes", "gw" (entropic GW with ``gw_eps``; lower is
@@ -174,7 +195,7 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     if estimator == "minibatch":  # all rows of each batch, and (with conditions) each condition's rows
         minibatch = similarity.MinibatchCKA(len(la), len(lb))
         per_condition = similarity.MinibatchCKA(len(la), len(lb), num) if ids is not None else None
-    seen = 0
+    seen, to_rows = 0, _Rows(mode, model_a, model_b)
     if ids is not None:
         batches = _labelled_batches(data, ids, batch_size)
     else:
@@ -182,9 +203,10 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     with _inference(model_a, model_b):
         for inputs, y in _progress(batches, progress, f"layer map {len(la)}x{len(lb)}"):
             take = _batch_len(inputs) if num_anchors is None else min(_batch_len(inputs), num_anchors - seen)
-            xa = [_features(t[:take], mode) for t in _tap_all(model_a, la, inputs, "layers_a", seen > 0)]
-            xb = [_features(t[:take], mode) for t in _tap_all(model_b, lb, inputs, "layers_b", seen > 0)]
-            y = None if y is None else y[:take]
+            acts_a = [t[:take] for t in _tap_all(model_a, la, inputs, "layers_a", seen > 0)]
+            xb = to_rows("b", [t[:take] for t in _tap_all(model_b, lb, inputs, "layers_b", seen > 0)])
+            xa = to_rows("a", acts_a)
+            y = None if y is None else y[:take].repeat_interleave(to_rows.per_sample())
             seen += take
             if minibatch is not None:
                 minibatch.update(xa, xb)
