@@ -196,3 +196,23 @@ def test_tokens_mode_pairs_every_layer_on_the_positions_of_bs_first_layer():
             float(tcfa.linear_cka(ra[rows], rb[rows])), abs=1e-5)
     with pytest.raises(ValueError, match="mode='tokens' needs"):
         tcfa.layer_map(mlp(5), ["0"], mlp(5), ["0"], data(n=10), mode="tokens", progress=False)
+
+
+def test_bert_layers_by_pattern_and_default_blocks_with_dict_inputs():
+    T = pytest.importorskip("transformers")
+
+    def bert(width, seed):
+        torch.manual_seed(seed)
+        cfg = T.BertConfig(vocab_size=50, hidden_size=width, num_hidden_layers=3, num_attention_heads=2,
+                           intermediate_size=2 * width, max_position_embeddings=16, num_labels=2)
+        return T.BertForSequenceClassification(cfg).eval()
+
+    a, b = bert(16, 0), bert(24, 1)
+    assert default_layers(a) == [f"bert.encoder.layer.{i}" for i in range(3)]
+    ids = torch.randint(0, 50, (30, 9), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    lm = tcfa.layer_map(a, "bert.encoder.layer.*", b, "auto", inputs, batch_size=12, progress=False)
+    assert lm.layers_a == lm.layers_b == [f"bert.encoder.layer.{i}" for i in range(3)]
+    fa = tcfa.extract(a, "bert.encoder.layer.1", inputs).mean(1)  # pooled over tokens
+    fb = tcfa.extract(b, "bert.encoder.layer.2", inputs).mean(1)
+    assert float(lm.scores[1, 2]) == pytest.approx(kornblith_cka(fa.double().numpy(), fb.double().numpy()), abs=1e-5)
