@@ -8,6 +8,7 @@ from .maps import LowRankMaps
 from .pipeline.models import capture, extract, get_module, paired_rows, stream_moments, to_rows
 from .pipeline.stitched import StitchedModel
 from .ot import SinkhornResult, barycentric_map, sinkhorn
+from .ot_cost import CostSinkhornResult, sinkhorn_cost
 from .divergence import GWResult, entropic_gw, sinkhorn_divergence
 from .stitch import GatedMultiStitch
 from .pipeline.align import TCFA, TUNING, tune
@@ -28,6 +29,8 @@ __all__ = [
     "artifacts",
     "LowRankMaps",
     "sinkhorn",
+    "sinkhorn_cost",
+    "CostSinkhornResult",
     "SinkhornResult",
     "barycentric_map",
     "sinkhorn_divergence",

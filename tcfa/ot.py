@@ -296,6 +296,11 @@ class SinkhornResult:
             return torch.stack(plans)
         return plans[0] if len(plans) == 1 else plans
 
+    def barycentric(self, values: torch.Tensor) -> torch.Tensor:
+        """sum_j P_ij v_j / sum_j P_ij for flat rows v (M, dv), streamed (tcfa.barycentric_map checks v)."""
+        p = self._prob
+        return ops.barycentric(p.x.rows, p.y.rows, p.x.offsets, p.y.offsets, self._g, p.log_b, values, p.eps, p.cost)
+
     def value(self) -> torch.Tensor:
         """Entropic OT value per problem, (B,): sum_i a_i f_i + sum_j b_j g_j.
 
@@ -386,6 +391,5 @@ def barycentric_map(result: SinkhornResult, values: torch.Tensor) -> torch.Tenso
     if v.shape[0] != p.y.rows.shape[0]:
         raise ValueError(f"values must have one row per row of y ({p.y.rows.shape[0]}), got shape {tuple(values.shape)}")
     _validate.same_device(values=values, x=p.x.rows)
-    T = ops.barycentric(p.x.rows, p.y.rows, p.x.offsets, p.y.offsets, result._g, p.log_b, v.to(p.x.rows.dtype), p.eps, p.cost)
-    T = p.x.unflatten(T.to(values.dtype))
+    T = p.x.unflatten(result.barycentric(v.to(p.x.rows.dtype)).to(values.dtype))
     return T.squeeze(-1) if squeeze else T
