@@ -13,6 +13,7 @@ import torch
 from . import distributed
 from .ops import _validate
 from .ot import SinkhornResult, _check_options, _HalfSteps, _iterate, _Problem
+from .ot_grad import dual_value, weight_grads
 from .ragged import Ragged, block_offsets
 
 __all__ = ["sinkhorn_cost", "CostSinkhornResult"]
@@ -64,23 +65,17 @@ class CostSinkhornResult(SinkhornResult):
 class _CostValue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cost, a, b, res: CostSinkhornResult):
-        p = res._prob
         ctx.res, ctx.cost_shape = res, cost.shape
-        return p.segment_sum(p.a * res._f, "x") + p.segment_sum(p.b * res._g, "y")
+        return dual_value(res)
 
     @staticmethod
     def backward(ctx, grad):
         res = ctx.res
-        p = res._prob
-        grad = grad.to(p.a.dtype)
-        gc = ga = gb = None
-        if ctx.needs_input_grad[0]:
+        grad = grad.to(res._prob.a.dtype)
+        gc = None
+        if ctx.needs_input_grad[0]:  # d value / d C_ij = P_ij
             gc = torch.cat([(logp.exp() * grad[k]).reshape(-1) for k, logp in res._blocks()]).reshape(ctx.cost_shape)
-        if ctx.needs_input_grad[1]:
-            ga = res._f * grad[p.x_index]
-        if ctx.needs_input_grad[2]:
-            gb = res._g * grad[p.y_index]
-        return gc, ga, gb, None
+        return gc, *weight_grads(res, grad, *ctx.needs_input_grad[1:3]), None
 
 
 def _layout(C, x_offsets, y_offsets):

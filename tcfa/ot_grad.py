@@ -62,27 +62,34 @@ def _y_cost_grad(p: _Problem, res: SinkhornResult) -> torch.Tensor:
     return torch.where((mass > 0).unsqueeze(1), grad, torch.zeros_like(grad))
 
 
+def dual_value(res: SinkhornResult) -> torch.Tensor:
+    """sum_i a_i f_i + sum_j b_j g_j per problem."""
+    p = res._prob
+    return p.segment_sum(p.a * res._f, "x") + p.segment_sum(p.b * res._g, "y")
+
+
+def weight_grads(res: SinkhornResult, grad: torch.Tensor, need_a: bool, need_b: bool):
+    """d value / d a = f and d value / d b = g, times each row's problem's incoming gradient."""
+    p = res._prob
+    return (res._f * grad[p.x_index] if need_a else None, res._g * grad[p.y_index] if need_b else None)
+
+
 class OTValue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, a, b, res: SinkhornResult):
-        p = res._prob
         ctx.res = res
         ctx.x_shape, ctx.y_shape = x.shape, y.shape
-        return p.segment_sum(p.a * res._f, "x") + p.segment_sum(p.b * res._g, "y")
+        return dual_value(res)
 
     @staticmethod
     def backward(ctx, grad):
         res = ctx.res
         p = res._prob
         grad = grad.to(p.a.dtype)
-        gx = gy = ga = gb = None
+        gx = gy = None
         if ctx.needs_input_grad[0]:
             gx = (_cost_grad(p, "x", res._f, res._g, p.a) * grad[p.x_index].unsqueeze(1)).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             gy = _y_cost_grad(p, res) * grad[p.y_index].unsqueeze(1)
             gy = p.comm.sum(gy).reshape(ctx.y_shape)  # each rank's x rows pull on y
-        if ctx.needs_input_grad[2]:
-            ga = res._f * grad[p.x_index]
-        if ctx.needs_input_grad[3]:
-            gb = res._g * grad[p.y_index]
-        return gx, gy, ga, gb, None
+        return gx, gy, *weight_grads(res, grad, *ctx.needs_input_grad[2:4]), None
