@@ -4,7 +4,8 @@ The gradient of the OT value is in tcfa/ot_grad.py; the divergence and entropic 
 built on this solver, in tcfa/divergence.py.
 
 Conventions (docs/architecture.md). Problem k transports the weighted rows of x
-in it onto those of y. Weights are normalised to mass 1 per problem. The plan is
+in it onto those of y. Weights are normalised to mass 1 per problem (unbalanced OT,
+``reach``, keeps them as given: tcfa/ot_unbalanced.py). The plan is
 
     P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps),
 
@@ -24,32 +25,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed, ops
+from .ot_checks import budget as _budget, check_inputs, check_options
 from .ot_grad import OTValue
+from .ot_unbalanced import check_reach, relax
 from .ragged import Ragged, flat_rows
 from .ops import _validate
-
-DEFAULT_BUDGET_FRACTION = 0.25  # of available memory, for stored costs and plans
-
-
-def available_memory() -> int:
-    """Bytes of available memory (MemAvailable), 8 GiB when it cannot be read."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
-def _budget(memory_budget) -> int:
-    if memory_budget is None:
-        return int(DEFAULT_BUDGET_FRACTION * available_memory())
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    return int(memory_budget)
-
 
 @dataclass
 class _Problem:
@@ -62,6 +42,7 @@ class _Problem:
     cost: str
     eps: float
     comm: distributed.LocalComm | distributed.ShardedComm = distributed.LOCAL  # x may be a shard
+    reach: tuple | None = None  # (rho_a, rho_b) of unbalanced OT (tcfa/ot_unbalanced.py), None: balanced
     x_index: torch.Tensor = field(init=False)  # (Nx,) problem id per row
     y_index: torch.Tensor = field(init=False)
 
@@ -87,37 +68,15 @@ class _Problem:
         return int(n) * torch.finfo(self.x.rows.dtype).bits // 8
 
 
-def _check(x, y, a, b, eps, cost, x_offsets, y_offsets, comm):
-    """The rank-local checks of _prepare; the last item is what every rank must share."""
-    eps = _validate.positive("eps", eps)
-    cost = _validate.choice("cost", cost, _validate.COSTS)
-    rx = _validate.ragged("x", x, x_offsets, "x_offsets", empty_problems=comm.sharded)  # a shard may lack a problem
-    ry = _validate.ragged("y", y, y_offsets, "y_offsets")
-    _validate.same_device(x=rx.rows, y=ry.rows)
-    _validate.same_dtype(x=rx.rows, y=ry.rows)
-    if rx.rows.shape[1] != ry.rows.shape[1]:
-        raise ValueError(f"x and y must have the same width, got {rx.rows.shape[1]} and {ry.rows.shape[1]}")
-    if rx.num_problems != ry.num_problems:
-        raise ValueError(f"x and y must hold the same number of problems, got {rx.num_problems} and {ry.num_problems}")
-    a_n = _validate.weights("a", a, rx, normalise=not comm.sharded)  # a shard's mass is global: normalise_x
-    b_n = _validate.weights("b", b, ry)
-    _validate.same_device(x=rx.rows, a=a_n, b=b_n)
-    # eps sets the stopping iteration and the eps-scaling schedule's length, cost
-    # whether the centring and diameter reductions run, dtype and shapes the
-    # size of every message: ranks that differ would wait on each other forever
-    shared = {"eps": eps, "cost": cost, "dtype": rx.rows.dtype, "number of problems": rx.num_problems,
-              "rows of y": ry.rows.shape[0], "width of x and y": ry.rows.shape[1]}
-    return eps, cost, rx, ry, a_n, b_n, shared
-
-
-def _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets, comm=distributed.LOCAL):
+def _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets, comm=distributed.LOCAL, reach=None):
     """Validates once; returns the problem plus the normalised weights (keeping autograd).
 
     With a sharded comm, x is this rank's shard: the weight mass and the
     centring mean are taken over every rank's rows.
     """
     # every rank finishes its local checks before the first collective
-    eps, cost, rx, ry, a_n, b_n = comm.agree(_check, x, y, a, b, eps, cost, x_offsets, y_offsets, comm)
+    eps, cost, rx, ry, a_n, b_n = comm.agree(check_inputs, x, y, a, b, eps, cost, x_offsets, y_offsets, comm,
+                                             reach is None)
     a_n = comm.normalise_x("a", a_n, rx)
     ct = _validate.compute_dtype(rx.rows.dtype)
     xr, yr = rx.rows.detach().to(ct), ry.rows.detach().to(ct)
@@ -125,7 +84,7 @@ def _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets, comm=distributed.LOCAL
         xr, yr = _centred(xr, yr, rx, ry, comm)
     px = Ragged(xr.contiguous(), rx.offsets, rx.batch_shape)
     py = Ragged(yr.contiguous(), ry.offsets, ry.batch_shape)
-    prob = _Problem(px, py, a_n.detach().to(ct), b_n.detach().to(ct), cost, eps, comm)
+    prob = _Problem(px, py, a_n.detach().to(ct), b_n.detach().to(ct), cost, eps, comm, reach)
     return prob, a_n, b_n
 
 
@@ -224,7 +183,7 @@ def _iterate(prob: _Problem, steps: _HalfSteps, max_iter: int, tol: float, sched
     g = torch.zeros_like(prob.b) if g is None else g.clone()
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
     error = torch.full((B,), float("inf"), dtype=dt, device=dev)
-    if steps.fused:  # the same iterates and stopping rule, one call per eps stage
+    if steps.fused and prob.reach is None:  # the same iterates and stopping rule, one call per eps stage
         for eps in schedule[:max_iter]:
             f, g, it, _ = steps.loop(f, g, eps, 1, 0.0)
             n_iter += it
@@ -236,9 +195,9 @@ def _iterate(prob: _Problem, steps: _HalfSteps, max_iter: int, tol: float, sched
     for it in range(max_iter):
         eps = schedule[it] if it < len(schedule) else prob.eps
         mask = None if bool(active.all()) else active  # the kernels skip inactive problems
-        g_new = steps.g_update(f, eps, mask)
+        g_new = steps.g_update(f, eps, mask) * relax(prob.reach, "y", eps)
         g = g_new if mask is None else torch.where(active[prob.y_index], g_new, g)
-        f_new = steps.f_update(g, eps, mask)
+        f_new = steps.f_update(g, eps, mask) * relax(prob.reach, "x", eps)
         # errors are only meaningful at the target eps, and needed only to stop or to report
         if it >= len(schedule) and (tol > 0 or it == max_iter - 1):
             viol = prob.a * torch.expm1((f - f_new) / eps).abs()
@@ -314,11 +273,15 @@ class SinkhornResult:
         cross-rank weight normalisation) and the full gradient of y and b.
         """
         x, y, a, b = self._inputs
+        if self._prob.reach is not None:
+            from .ot_unbalanced import UnbalancedValue
+
+            return UnbalancedValue.apply(x, y, a, b, self)
         return OTValue.apply(x, y, a, b, self)
 
 
 def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y_offsets=None, max_iter=1000,
-             tol=1e-6, scaling=None, mode="auto", memory_budget=None, process_group=None) -> SinkhornResult:
+             tol=1e-6, scaling=None, mode="auto", memory_budget=None, process_group=None, reach=None) -> SinkhornResult:
     """Entropic OT between the rows of x and y for a batch of problems in one call.
 
     x, y: (N, d) rows with int64 offsets (B+1,) (None: one problem), or dense
@@ -342,10 +305,15 @@ def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y
     Every rank returns its shard of f, the full g, and the global n_iter,
     error, converged and value(); every rank must make the call. plan() and
     barycentric_map() give this shard's rows. See tcfa/distributed.py.
+
+    ``reach``: unbalanced OT, the marginals relaxed by rho * KL (rho in cost units, POT's reg_m;
+    one rho, or (rho_a, rho_b) with None keeping that side exact); the weights are then used as
+    given, not normalised. Math and the peers' conventions: tcfa/ot_unbalanced.py.
     """
     comm = distributed.communicator(process_group)
-    mode, budget = comm.agree(_check_options, mode, max_iter, tol, scaling, memory_budget)
-    prob, a_n, b_n = _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets, comm)
+    mode, budget = comm.agree(check_options, mode, max_iter, tol, scaling, memory_budget)
+    reach = check_reach(reach, comm.sharded)
+    prob, a_n, b_n = _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets, comm, reach)
     # a shard decides for itself whether its own costs fit: ranks may differ in mode
     dense = mode == "dense" or (mode == "auto" and prob.cost_bytes() <= budget)
     schedule = _eps_schedule(prob, scaling)
@@ -353,26 +321,6 @@ def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y
         steps = _HalfSteps(prob, dense)
         f, g, n_iter, error, converged = _iterate(prob, steps, max_iter, float(tol), schedule)
     return SinkhornResult(prob, f, g, n_iter, error, converged, (flat_rows(x), flat_rows(y), a_n, b_n))
-
-
-def _check_options(mode, max_iter, tol, scaling, memory_budget):
-    """Rank-local checks of the solver options; the last item is what every rank must share."""
-    mode = _validate.choice("mode", mode, ("auto", "dense", "online"))
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-    if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))
-                                or not 0 < scaling < 1):
-        raise ValueError(f"scaling must be in (0, 1) or None, got {scaling!r}")
-    # max_iter, tol and scaling set how many iterations (each a collective) run
-    # and when errors are reduced. The requested mode must match too, as a
-    # caller's slip; "auto" may still resolve to dense on one shard and online
-    # on another, which is safe: both half-steps issue the same collectives.
-    # memory_budget only feeds that per-shard choice, so it may differ.
-    shared = {"mode": mode, "max_iter": max_iter, "tol": float(tol),
-              "scaling": None if scaling is None else float(scaling)}
-    return mode, _budget(memory_budget), shared
 
 
 def barycentric_map(result: SinkhornResult, values: torch.Tensor) -> torch.Tensor:

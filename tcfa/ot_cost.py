@@ -12,8 +12,10 @@ import torch
 
 from . import distributed
 from .ops import _validate
-from .ot import SinkhornResult, _check_options, _HalfSteps, _iterate, _Problem
+from .ot import SinkhornResult, _HalfSteps, _iterate, _Problem
+from .ot_checks import check_options, weights_pair
 from .ot_grad import dual_value, weight_grads
+from .ot_unbalanced import check_reach, phi
 from .ragged import Ragged, block_offsets
 
 __all__ = ["sinkhorn_cost", "CostSinkhornResult"]
@@ -59,7 +61,24 @@ class CostSinkhornResult(SinkhornResult):
         """Entropic OT value per problem, (B,): sum_i a_i f_i + sum_j b_j g_j (the primal
         <C, P> + eps KL(P | a b^T) at the optimum); gradients P for C, f for a, g for b."""
         cost, a, b = self._inputs
+        if self._prob.reach is not None:
+            return self._unbalanced_value(cost, a, b)
         return _CostValue.apply(cost, a, b, self)
+
+    def _unbalanced_value(self, cost, a, b) -> torch.Tensor:
+        """The unbalanced dual F(f, g) (tcfa/ot_unbalanced.py) as an expression in C, a and b with the
+        potentials held fixed: by the envelope theorem its autograd gradients are the value's."""
+        p = self._prob
+        f, g, eps = self._f, self._g, p.eps
+        flat, a, b = cost.reshape(-1).to(f.dtype), a.to(f.dtype), b.to(f.dtype)
+        n, m = p.x.sizes.tolist(), p.y.sizes.tolist()
+        out = []
+        for k, block in enumerate(torch.split(flat, [nk * mk for nk, mk in zip(n, m)])):
+            xs, ys = slice(p.x.offsets[k], p.x.offsets[k + 1]), slice(p.y.offsets[k], p.y.offsets[k + 1])
+            e = torch.expm1((f[xs, None] + g[None, ys] - block.view(n[k], m[k])) / eps)
+            out.append((a[xs] * phi(f[xs], p.reach[0])).sum() + (b[ys] * phi(g[ys], p.reach[1])).sum()
+                       - eps * (a[xs, None] * b[None, ys] * e).sum())
+        return torch.stack(out)
 
 
 class _CostValue(torch.autograd.Function):
@@ -107,7 +126,7 @@ def _layout(C, x_offsets, y_offsets):
 
 
 def sinkhorn_cost(C, a=None, b=None, *, eps, x_offsets=None, y_offsets=None, max_iter: int = 1000, tol=1e-6,
-                  scaling=None) -> CostSinkhornResult:
+                  scaling=None, reach=None) -> CostSinkhornResult:
     """Entropic OT with a given cost matrix, for one problem or a batch in one call.
 
     The problem of tcfa.sinkhorn (math and stopping rule there) with C_ij given: C is (n, m) for
@@ -116,9 +135,11 @@ def sinkhorn_cost(C, a=None, b=None, *, eps, x_offsets=None, y_offsets=None, max
     weights shaped like C's rows / columns ((n,), (B, n), or flat (sum n_k,)), None for uniform;
     normalised to mass 1 per problem. eps > 0 is in cost units. ``scaling`` in (0, 1) anneals
     eps from the largest cost range of the batch (max C - min C) down to eps by that factor per
-    iteration. f and g are shaped like a and b. fp16/bf16 costs are solved in fp32.
+    iteration. f and g are shaped like a and b. fp16/bf16 costs are solved in fp32. ``reach``:
+    unbalanced OT as in tcfa.sinkhorn (weights then used as given; tcfa/ot_unbalanced.py).
     """
-    _check_options("dense", max_iter, tol, scaling, None)
+    reach = check_reach(reach)
+    check_options("dense", max_iter, tol, scaling, None)
     eps = _validate.positive("eps", eps)
     flat, xo, yo, shape_x, shape_y = _layout(C, x_offsets, y_offsets)
     ct = _validate.compute_dtype(flat.dtype)
@@ -127,10 +148,10 @@ def sinkhorn_cost(C, a=None, b=None, *, eps, x_offsets=None, y_offsets=None, max
     if bool((rx.sizes == 0).any()) or bool((ry.sizes == 0).any()):
         raise ValueError("every problem needs at least one row and one column (x_offsets / y_offsets "
                          "may not repeat a value)")
-    a_n, b_n = _validate.weights("a", a, rx), _validate.weights("b", b, ry)
+    a_n, b_n = weights_pair(a, b, rx, ry, balanced=reach is None)
     _validate.same_device(C=flat, a=a_n, b=b_n)
     prob = _Problem(Ragged(rx.rows.to(ct), xo, shape_x), Ragged(ry.rows.to(ct), yo, shape_y),
-                    a_n.detach().to(ct), b_n.detach().to(ct), "given", eps, distributed.LOCAL)
+                    a_n.detach().to(ct), b_n.detach().to(ct), "given", eps, distributed.LOCAL, reach)
     cost = flat.detach().to(ct).contiguous()
     schedule = []
     if scaling is not None:

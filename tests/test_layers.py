@@ -18,7 +18,7 @@ MAX_LINES = 400
 # whose __init__ re-exports from every layer, so importing it is importing the top.
 LAYERS = {
     "op access and kernels": ("ops", "kernels", "ragged", "_version"),
-    "numerics": ("ot", "ot_grad", "ot_cost", "divergence", "stats", "linear_maps", "maps", "stitch", "distributed",
+    "numerics": ("ot", "ot_grad", "ot_cost", "ot_checks", "ot_unbalanced", "divergence", "stats", "linear_maps", "maps", "stitch", "distributed",
                  "artifacts", "similarity", "correspondence"),
     "model pipeline": ("pipeline",),
     "applications": ("cli", "bench", "__main__", ""),

@@ -1,0 +1,83 @@
+"""Checks of tcfa.sinkhorn's inputs and options, and the memory budget for stored costs and plans.
+
+Each check that a sharded solve must agree on returns, last, the values every rank must share.
+"""
+from __future__ import annotations
+
+from .ops import _validate
+
+DEFAULT_BUDGET_FRACTION = 0.25  # of available memory, for stored costs and plans
+
+
+def available_memory() -> int:
+    """Bytes of available memory (MemAvailable), 8 GiB when it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def budget(memory_budget) -> int:
+    if memory_budget is None:
+        return int(DEFAULT_BUDGET_FRACTION * available_memory())
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    return int(memory_budget)
+
+
+def weights_pair(a, b, rx, ry, balanced: bool = True, sharded: bool = False):
+    """The checked weights. Balanced: normalised to mass 1 per problem (a shard's a stays raw: its
+    mass is global, normalised over the ranks later). Unbalanced: as given (None: uniform 1/n),
+    each problem still with positive mass."""
+    a_n = _validate.weights("a", a, rx, normalise=not sharded and (balanced or a is None))
+    b_n = _validate.weights("b", b, ry, normalise=balanced or b is None)
+    if not balanced:
+        _validate.weights("a", a_n, rx)
+        _validate.weights("b", b_n, ry)
+    return a_n, b_n
+
+
+def check_inputs(x, y, a, b, eps, cost, x_offsets, y_offsets, comm, balanced: bool = True):
+    """The rank-local checks of _prepare; the last item is what every rank must share."""
+    eps = _validate.positive("eps", eps)
+    cost = _validate.choice("cost", cost, _validate.COSTS)
+    rx = _validate.ragged("x", x, x_offsets, "x_offsets", empty_problems=comm.sharded)  # a shard may lack a problem
+    ry = _validate.ragged("y", y, y_offsets, "y_offsets")
+    _validate.same_device(x=rx.rows, y=ry.rows)
+    _validate.same_dtype(x=rx.rows, y=ry.rows)
+    if rx.rows.shape[1] != ry.rows.shape[1]:
+        raise ValueError(f"x and y must have the same width, got {rx.rows.shape[1]} and {ry.rows.shape[1]}")
+    if rx.num_problems != ry.num_problems:
+        raise ValueError(f"x and y must hold the same number of problems, got {rx.num_problems} and {ry.num_problems}")
+    a_n, b_n = weights_pair(a, b, rx, ry, balanced, comm.sharded)
+    _validate.same_device(x=rx.rows, a=a_n, b=b_n)
+    # eps sets the stopping iteration and the eps-scaling schedule's length, cost
+    # whether the centring and diameter reductions run, dtype and shapes the
+    # size of every message: ranks that differ would wait on each other forever
+    shared = {"eps": eps, "cost": cost, "dtype": rx.rows.dtype, "number of problems": rx.num_problems,
+              "rows of y": ry.rows.shape[0], "width of x and y": ry.rows.shape[1]}
+    return eps, cost, rx, ry, a_n, b_n, shared
+
+
+def check_options(mode, max_iter, tol, scaling, memory_budget):
+    """Rank-local checks of the solver options; the last item is what every rank must share."""
+    mode = _validate.choice("mode", mode, ("auto", "dense", "online"))
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))
+                                or not 0 < scaling < 1):
+        raise ValueError(f"scaling must be in (0, 1) or None, got {scaling!r}")
+    # max_iter, tol and scaling set how many iterations (each a collective) run
+    # and when errors are reduced. The requested mode must match too, as a
+    # caller's slip; "auto" may still resolve to dense on one shard and online
+    # on another, which is safe: both half-steps issue the same collectives.
+    # memory_budget only feeds that per-shard choice, so it may differ.
+    shared = {"mode": mode, "max_iter": max_iter, "tol": float(tol),
+              "scaling": None if scaling is None else float(scaling)}
+    return mode, budget(memory_budget), shared
