@@ -20,7 +20,7 @@ LAYERS = {
     "op access and kernels": ("ops", "kernels", "ragged", "_version"),
     "numerics": ("ot", "ot_grad", "ot_cost", "ot_checks", "ot_unbalanced", "divergence", "stats", "linear_maps", "maps", "stitch", "distributed",
                  "artifacts", "similarity", "correspondence"),
-    "model pipeline": ("pipeline",),
+    "model pipeline": ("pipeline", "compat"),
     "applications": ("cli", "bench", "__main__", ""),
 }
 RANK = {head: rank for rank, heads in enumerate(LAYERS.values()) for head in heads}

@@ -1,0 +1,105 @@
+"""tcfa.compat.pot against POT itself on POT's documented examples and on random problems."""
+import numpy as np
+import pytest
+import torch
+
+import tcfa.compat.pot as tot
+
+ot = pytest.importorskip("ot")
+
+
+def samples(n=20, m=30, seed=0):
+    rng = np.random.default_rng(seed)
+    xs, xt = rng.normal(size=(n, 2)), rng.normal(size=(m, 2)) + 1.0
+    a, b = rng.random(n) + 0.1, rng.random(m) + 0.1
+    return xs, xt, a / a.sum(), b / b.sum()
+
+
+def test_pot_docstring_examples():
+    a, b, M = [0.5, 0.5], [0.5, 0.5], [[0.0, 1.0], [1.0, 0.0]]
+    for fn in ("sinkhorn", "sinkhorn2"):
+        got, want = getattr(tot, fn)(a, b, M, 1), getattr(ot, fn)(a, b, M, 1)
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_allclose(got, want, atol=1e-8)
+    np.testing.assert_allclose(tot.sinkhorn(a, b, M, 1), [[0.36552929, 0.13447071], [0.13447071, 0.36552929]],
+                               atol=1e-8)
+    for fn in ("sinkhorn_unbalanced", "sinkhorn_unbalanced2"):
+        got = getattr(tot, fn)(a, b, M, 1.0, 1.0, stopThr=1e-12)
+        np.testing.assert_allclose(got, getattr(ot.unbalanced, fn)(a, b, M, 1.0, 1.0, stopThr=1e-12), atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sinkhorn_log", "sinkhorn_stabilized"])
+def test_balanced_plans_losses_and_logs_match_pot(method):
+    xs, xt, a, b = samples()
+    M = ot.dist(xs, xt)
+    P, log = tot.sinkhorn(a, b, M, 0.5, method=method, stopThr=1e-12, log=True)
+    Pw, logw = ot.sinkhorn(a, b, M, 0.5, method="sinkhorn_log", stopThr=1e-12, numItermax=10000, log=True)
+    np.testing.assert_allclose(P, Pw, atol=1e-10)
+    # log_u and log_v are fixed up to a constant moving from one to the other: compare the plan they make
+    np.testing.assert_allclose(np.exp(log["log_u"][:, None] + log["log_v"][None, :] - M / 0.5), Pw, atol=1e-10)
+    assert {"err", "niter", "log_u", "log_v", "u", "v"} <= set(log)
+    assert tot.sinkhorn2(a, b, M, 0.5, stopThr=1e-12) == pytest.approx(ot.sinkhorn2(a, b, M, 0.5, stopThr=1e-12,
+                                                                                    numItermax=10000), abs=1e-10)
+    # equal masses other than 1 scale the plan, as in POT
+    np.testing.assert_allclose(tot.sinkhorn(2 * a, 2 * b, M, 0.5, stopThr=1e-12), 2 * Pw, atol=1e-9)
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+def test_empirical_functions_match_pot(metric):
+    xs, xt, a, b = samples(seed=1)
+    kw = dict(metric=metric, stopThr=1e-12)
+    np.testing.assert_allclose(tot.empirical_sinkhorn(xs, xt, 0.3, a, b, **kw),
+                               ot.bregman.empirical_sinkhorn(xs, xt, 0.3, a, b, **kw), atol=1e-9)
+    assert float(tot.empirical_sinkhorn2(xs, xt, 0.3, a, b, **kw)) == pytest.approx(
+        float(ot.bregman.empirical_sinkhorn2(xs, xt, 0.3, a, b, **kw)), abs=1e-9)
+    # at reg 0.3 the self-transport X_s -> X_s does not reach 1e-12 in 10000 iterations in either library
+    assert float(tot.empirical_sinkhorn_divergence(xs, xt, 1.0, a, b, **kw)) == pytest.approx(
+        float(ot.bregman.empirical_sinkhorn_divergence(xs, xt, 1.0, a, b, **kw)), abs=1e-9)
+
+
+@pytest.mark.parametrize("reg_m", [0.7, (0.4, 2.0), (0.5, float("inf"))])
+def test_unbalanced_matches_pot(reg_m):
+    xs, xt, a, b = samples(seed=2)
+    a = 1.3 * a
+    if isinstance(reg_m, tuple) and reg_m[1] == float("inf"):
+        b = 1.3 * b
+    M = ot.dist(xs, xt)
+    kw = dict(stopThr=1e-13, numItermax=20000)
+    P, log = tot.sinkhorn_unbalanced(a, b, M, 0.3, reg_m, log=True, **kw)
+    Pw, logw = ot.unbalanced.sinkhorn_unbalanced(a, b, M, 0.3, reg_m, log=True, **kw)
+    np.testing.assert_allclose(P, Pw, atol=1e-9)
+    np.testing.assert_allclose(log["logu"][:, None] + log["logv"][None, :], logw["logu"][:, None] + logw["logv"][None, :],
+                               atol=1e-7)
+    for cost in ("linear", "total"):
+        assert float(tot.sinkhorn_unbalanced2(a, b, M, 0.3, reg_m, returnCost=cost, **kw)) == pytest.approx(
+            float(ot.unbalanced.sinkhorn_unbalanced2(a, b, M, 0.3, reg_m, returnCost=cost, **kw)), abs=1e-9)
+
+
+def test_torch_in_torch_out_with_a_gradient_for_M():
+    xs, xt, a, b = samples(seed=3)
+    M = torch.tensor(ot.dist(xs, xt), requires_grad=True)
+    loss = tot.sinkhorn2(torch.tensor(a), torch.tensor(b), M, 0.5, stopThr=1e-12)
+    assert isinstance(loss, torch.Tensor)
+    (grad,) = torch.autograd.grad(loss, M)
+    np.testing.assert_allclose(grad.numpy(), tot.sinkhorn(a, b, M.detach().numpy(), 0.5, stopThr=1e-12), atol=1e-12)
+
+
+def test_unsupported_arguments_raise_naming_them():
+    xs, xt, a, b = samples(5, 6)
+    M = ot.dist(xs, xt)
+    with pytest.raises(ValueError, match="warmstart"):
+        tot.sinkhorn(a, b, M, 1.0, warmstart=(np.zeros(5), np.zeros(6)))
+    with pytest.raises(ValueError, match="method 'greenkhorn'"):
+        tot.sinkhorn(a, b, M, 1.0, method="greenkhorn")
+    with pytest.raises(ValueError, match="isLazy"):
+        tot.empirical_sinkhorn(xs, xt, 1.0, isLazy=True)
+    with pytest.raises(ValueError, match="metric 'cityblock'"):
+        tot.empirical_sinkhorn(xs, xt, 1.0, metric="cityblock")
+    with pytest.raises(ValueError, match="reg_type 'entropy'"):
+        tot.sinkhorn_unbalanced(a, b, M, 1.0, 1.0, reg_type="entropy")
+    with pytest.raises(ValueError, match="several histograms"):
+        tot.sinkhorn(a, np.stack([b, b], 1), M, 1.0)
+    with pytest.raises(ValueError, match="same total mass"):
+        tot.sinkhorn(a, 2 * b, M, 1.0)
+    with pytest.raises(ValueError, match=r"keyword\(s\) \['tau'\]"):
+        tot.sinkhorn(a, b, M, 1.0, tau=3)
