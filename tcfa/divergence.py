@@ -16,13 +16,26 @@ def sinkhorn_divergence(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offs
     """Debiased entropic OT per problem, (B,): S = OT(x, y) - OT(x, x)/2 - OT(y, y)/2.
 
     Non-negative, zero when the two measures coincide; differentiable like
-    :meth:`SinkhornResult.value`. kwargs go to :func:`sinkhorn`.
+    :meth:`SinkhornResult.value`. kwargs go to :func:`sinkhorn`. Unbalanced (``reach``): the
+    values are the unbalanced ones and S gains (eps/2) (m_a - m_b)^2, m the problems' masses
+    (Sejourne et al. 2019; GeomLoss's debiased unbalanced divergence).
     """
     common = dict(eps=eps, cost=cost, **kwargs)
-    xy = sinkhorn(x, y, a, b, x_offsets=x_offsets, y_offsets=y_offsets, **common).value()
+    res = sinkhorn(x, y, a, b, x_offsets=x_offsets, y_offsets=y_offsets, **common)
     xx = sinkhorn(x, x, a, a, x_offsets=x_offsets, y_offsets=x_offsets, **common).value()
     yy = sinkhorn(y, y, b, b, x_offsets=y_offsets, y_offsets=y_offsets, **common).value()
-    return xy - 0.5 * (xx + yy)
+    div = res.value() - 0.5 * (xx + yy)
+    if res._prob.reach is not None:
+        mass_a, mass_b = masses(res)
+        div = div + 0.5 * res._prob.eps * (mass_a - mass_b).square()
+    return div
+
+
+def masses(res) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each problem's total weight of x and of y, (B,) each, differentiable in the weights as given."""
+    p, (_, _, a_w, b_w) = res._prob, res._inputs
+    zeros = torch.zeros(p.num_problems, dtype=a_w.dtype, device=a_w.device)
+    return zeros.index_add(0, p.x_index, a_w), zeros.index_add(0, p.y_index, b_w)
 
 
 @dataclass
