@@ -18,17 +18,67 @@ def sinkhorn_divergence(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offs
     Non-negative, zero when the two measures coincide; differentiable like
     :meth:`SinkhornResult.value`. kwargs go to :func:`sinkhorn`. Unbalanced (``reach``): the
     values are the unbalanced ones and S gains (eps/2) (m_a - m_b)^2, m the problems' masses
-    (Sejourne et al. 2019; GeomLoss's debiased unbalanced divergence).
+    (Sejourne et al. 2019; GeomLoss's debiased unbalanced divergence). The 3B problems (x, y),
+    (x, x), (y, y) are solved in one ragged call (sharded x: three calls, y being whole).
     """
     common = dict(eps=eps, cost=cost, **kwargs)
-    res = sinkhorn(x, y, a, b, x_offsets=x_offsets, y_offsets=y_offsets, **common)
-    xx = sinkhorn(x, x, a, a, x_offsets=x_offsets, y_offsets=x_offsets, **common).value()
-    yy = sinkhorn(y, y, b, b, x_offsets=y_offsets, y_offsets=y_offsets, **common).value()
-    div = res.value() - 0.5 * (xx + yy)
+    if kwargs.get("process_group") is not None:
+        res = sinkhorn(x, y, a, b, x_offsets=x_offsets, y_offsets=y_offsets, **common)
+        xx = sinkhorn(x, x, a, a, x_offsets=x_offsets, y_offsets=x_offsets, **common).value()
+        yy = sinkhorn(y, y, b, b, x_offsets=y_offsets, y_offsets=y_offsets, **common).value()
+        return _debiased(res, res.value(), xx, yy, slice(None))
+    (xr, xo, a), (yr, yo, b) = _flat("x", x, x_offsets, a), _flat("y", y, y_offsets, b)
+    B = xo.numel() - 1
+    res = sinkhorn(torch.cat([xr, xr, yr]), torch.cat([yr, xr, yr]), _cat_weights(a, a, b, xo, xo, yo),
+                   _cat_weights(b, a, b, yo, xo, yo), x_offsets=_stacked(xo, xo, yo), y_offsets=_stacked(yo, xo, yo),
+                   **common)
+    v = res.value()
+    return _debiased(res, v[:B], v[B:2 * B], v[2 * B:], slice(0, B))
+
+
+def _debiased(res, xy, xx, yy, first):
+    """S from the three values; unbalanced: + (eps/2)(m_a - m_b)^2 of the (x, y) problems."""
+    div = xy - 0.5 * (xx + yy)
     if res._prob.reach is not None:
         mass_a, mass_b = masses(res)
-        div = div + 0.5 * res._prob.eps * (mass_a - mass_b).square()
+        div = div + 0.5 * res._prob.eps * (mass_a[first] - mass_b[first]).square()
     return div
+
+
+def _flat(name, t, offsets, w):
+    """(rows, offsets, weights) of a (N, d) or dense (B, n, d) input, as sinkhorn would see them."""
+    t = _validate.tensor(name, t, dim=(2, 3))
+    if t.dim() == 3:
+        if offsets is not None:
+            raise ValueError(f"{name}_offsets must be None for a dense (B, n, d) {name}")
+        B, n, d = t.shape
+        return t.reshape(B * n, d), torch.arange(B + 1, dtype=torch.int64) * n, None if w is None else w.reshape(-1)
+    if offsets is None:
+        offsets = torch.tensor([0, t.shape[0]], dtype=torch.int64)
+    return t, _validate.offsets(f"{name}_offsets", offsets, t.shape[0], torch.device("cpu")), w
+
+
+def _stacked(*offsets) -> torch.Tensor:
+    """Offsets of the problems of several ragged batches placed one after another."""
+    out, base = [offsets[0][:1]], 0
+    for o in offsets:
+        out.append(o[1:] + base)
+        base += int(o[-1])
+    return torch.cat(out)
+
+
+def _cat_weights(w1, w2, w3, o1, o2, o3):
+    """The three problems' weights of one side, uniform 1/n_k where a side has none."""
+    if w1 is None and w2 is None and w3 is None:
+        return None
+    parts = []
+    for w, o in ((w1, o1), (w2, o2), (w3, o3)):
+        if w is None:
+            sizes = (o[1:] - o[:-1]).to(torch.float64)
+            w = (1.0 / sizes).repeat_interleave(o[1:] - o[:-1])
+        parts.append(w)
+    like = next(w for w in (w1, w2, w3) if w is not None)
+    return torch.cat([p.to(like.dtype).to(like.device) for p in parts])
 
 
 def masses(res) -> tuple[torch.Tensor, torch.Tensor]:

@@ -286,3 +286,25 @@ def test_readme_api_example_runs():
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["out"].shape == (2000, 96)
     assert namespace["rb"].f.shape == (64, 256)
+
+
+@pytest.mark.parametrize("reach", [None, 0.8])
+def test_divergence_of_a_ragged_batch_equals_three_solves_per_problem(reach):
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(23, 3, generator=g, dtype=torch.float64), torch.randn(19, 3, generator=g, dtype=torch.float64)
+    a, b = torch.rand(23, generator=g, dtype=torch.float64) + 0.1, torch.rand(19, generator=g, dtype=torch.float64) + 0.1
+    xo, yo = torch.tensor([0, 10, 23]), torch.tensor([0, 12, 19])
+    kw = dict(eps=0.7, reach=reach, tol=1e-12, max_iter=5000)
+    xg = x.clone().requires_grad_()
+    div = tcfa.sinkhorn_divergence(xg, y, a, b, x_offsets=xo, y_offsets=yo, **kw)
+    (grad,) = torch.autograd.grad(div.sum(), xg)
+    for k in range(2):
+        xs, ys = slice(int(xo[k]), int(xo[k + 1])), slice(int(yo[k]), int(yo[k + 1]))
+        xk = x[xs].clone().requires_grad_()
+        want = (tcfa.sinkhorn(xk, y[ys], a[xs], b[ys], **kw).value()
+                - 0.5 * (tcfa.sinkhorn(xk, xk, a[xs], a[xs], **kw).value()
+                         + tcfa.sinkhorn(y[ys], y[ys], b[ys], b[ys], **kw).value()))
+        if reach is not None:
+            want = want + 0.35 * (a[xs].sum() - b[ys].sum()) ** 2
+        assert float(div[k]) == pytest.approx(float(want), abs=1e-10)
+        torch.testing.assert_close(grad[xs], torch.autograd.grad(want.sum(), xk)[0], atol=1e-9, rtol=0)
