@@ -149,7 +149,8 @@ class _HalfSteps:
     def loop(self, f, g, eps, iters, tol):
         """Up to ``iters`` whole iterations at one eps (fused steps only): f, g, n_iter, error."""
         p = self.p
-        return ops.sinkhorn_dense(self.cost, p.x.offsets, p.y.offsets, p.log_a, p.log_b, f, g, eps, iters, tol)
+        return ops.sinkhorn_dense(self.cost, p.x.offsets, p.y.offsets, p.log_a, p.log_b, f, g, eps, iters, tol,
+                                  relax(p.reach, "x", eps), relax(p.reach, "y", eps))
 
     def g_update(self, f, eps, active):
         """Reduces over x rows: with x sharded, each rank's partial soft-min is merged."""
@@ -183,7 +184,7 @@ def _iterate(prob: _Problem, steps: _HalfSteps, max_iter: int, tol: float, sched
     g = torch.zeros_like(prob.b) if g is None else g.clone()
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
     error = torch.full((B,), float("inf"), dtype=dt, device=dev)
-    if steps.fused and prob.reach is None:  # the same iterates and stopping rule, one call per eps stage
+    if steps.fused:  # the same iterates and stopping rule, one call per eps stage
         for eps in schedule[:max_iter]:
             f, g, it, _ = steps.loop(f, g, eps, 1, 0.0)
             n_iter += it

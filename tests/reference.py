@@ -53,7 +53,7 @@ def sinkhorn_plan(a, b, C, eps, iters=20000, tol=1e-14):
     return (a.log()[:, None] + b.log()[None, :] + (f[:, None] + g[None, :] - C) / eps).exp()
 
 
-def sinkhorn_loop(C_flat, xo, yo, log_a, log_b, f, g, eps, max_iter, tol):
+def sinkhorn_loop(C_flat, xo, yo, log_a, log_b, f, g, eps, max_iter, tol, tau_a=1.0, tau_b=1.0):
     """The iterations of ops.sinkhorn_dense, problem by problem, on explicit costs."""
     f, g = f.clone(), g.clone()
     B = len(xo) - 1
@@ -65,8 +65,8 @@ def sinkhorn_loop(C_flat, xo, yo, log_a, log_b, f, g, eps, max_iter, tol):
         C = C_flat[start:start + n * m].reshape(n, m)
         start += n * m
         for t in range(1, max_iter + 1):
-            g[sy] = -eps * torch.logsumexp(log_a[sx, None] + (f[sx, None] - C) / eps, dim=0)
-            f_new = -eps * torch.logsumexp(log_b[None, sy] + (g[None, sy] - C) / eps, dim=1)
+            g[sy] = -tau_b * eps * torch.logsumexp(log_a[sx, None] + (f[sx, None] - C) / eps, dim=0)
+            f_new = -tau_a * eps * torch.logsumexp(log_b[None, sy] + (g[None, sy] - C) / eps, dim=1)
             error[k] = (log_a[sx].exp() * torch.expm1((f[sx] - f_new) / eps).abs()).sum()
             f[sx] = f_new
             n_iter[k] = t

@@ -40,10 +40,10 @@ def problem(nx, ny, dtype, d=4, scale=1.0, zero_weights=True, seed=0):
     return cast(C), xo, yo, cast(la), cast(lb), torch.zeros(sum(nx), dtype=dtype), torch.zeros(sum(ny), dtype=dtype)
 
 
-def check(args, eps, max_iter, tol, dtype):
+def check(args, eps, max_iter, tol, dtype, taus=(1.0, 1.0)):
     C, xo, yo, la, lb, f, g = args
-    got = ops.sinkhorn_dense(C, xo, yo, la, lb, f, g, eps, max_iter, tol)
-    want = ref.sinkhorn_loop(*(t.double() if t.is_floating_point() else t for t in args), eps, max_iter, tol)
+    got = ops.sinkhorn_dense(C, xo, yo, la, lb, f, g, eps, max_iter, tol, *taus)
+    want = ref.sinkhorn_loop(*(t.double() if t.is_floating_point() else t for t in args), eps, max_iter, tol, *taus)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got[2], want[2])  # n_iter
     for a, b in zip((got[0], got[1], got[3]), (want[0], want[1], want[3])):
@@ -58,12 +58,13 @@ SHAPES = {  # which path of the kernel each batch takes
 }
 
 
+@pytest.mark.parametrize("taus", [(1.0, 1.0), (0.6, 0.85), (1.0, 0.7)], ids=["balanced", "unbalanced", "semi"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_matches_naive_loop(dtype, shape):
+def test_matches_naive_loop(dtype, shape, taus):
     nx, ny = SHAPES[shape]
     args = problem(nx, ny, dtype)
-    check(args, eps=0.5, max_iter=25, tol=0.0, dtype=dtype)
+    check(args, eps=0.5, max_iter=25, tol=0.0, dtype=dtype, taus=taus)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -77,16 +78,17 @@ def test_each_problem_stops_at_its_tolerance(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_tiny_eps_and_huge_costs_take_the_exact_fallback(dtype):
+@pytest.mark.parametrize("taus", [(1.0, 1.0), (0.9, 0.95)], ids=["balanced", "unbalanced"])
+def test_tiny_eps_and_huge_costs_take_the_exact_fallback(dtype, taus):
     # costs up to ~1e4, eps 1e-4 of the mean cost, from zero potentials: the
     # shifted exponents under- and overflow in the first iterations, so rows
     # and columns must fall back to the online max and still agree.
     args = problem([40, 33], [50, 29], dtype, scale=30.0, zero_weights=False, seed=2)
     eps = 1e-4 * float(args[0].double().mean())
     C, xo, yo, la, lb, f, g = args
-    got = ops.sinkhorn_dense(*args, eps, 30, 0.0)
+    got = ops.sinkhorn_dense(*args, eps, 30, 0.0, *taus)
     assert all(torch.isfinite(t).all() for t in got)
-    want = ref.sinkhorn_loop(*(t.double() if t.is_floating_point() else t for t in args), eps, 30, 0.0)
+    want = ref.sinkhorn_loop(*(t.double() if t.is_floating_point() else t for t in args), eps, 30, 0.0, *taus)
     # potentials are ~1e3-1e4 here: compare relative to that scale in fp32
     atol = 1e-8 if dtype == torch.float64 else 1e-5 * float(C.double().max())
     torch.testing.assert_close(got[0].double(), want[0], atol=atol, rtol=0)
@@ -106,6 +108,7 @@ def test_warm_start_g_only_shifts():
 def test_opcheck():
     args = problem([5, 9], [7, 4], torch.float64)
     torch.library.opcheck(torch.ops.tcfa.sinkhorn_dense.default, (*args, 0.5, 5, 1e-3))
+    torch.library.opcheck(torch.ops.tcfa.sinkhorn_dense.default, (*args, 0.5, 5, 1e-3, 0.7, 0.8))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -115,6 +118,7 @@ def test_opcheck():
     (dict(f=torch.zeros(3, dtype=torch.float64)), "f must have shape"),
     (dict(g=torch.zeros(3, dtype=torch.float64)), "g must have shape"),
     (dict(cost=torch.zeros(5, dtype=torch.float64)), "cost must hold"),
+    (dict(tau_a=1.5), "tau_a and tau_b must lie in"),
 ])
 def test_direct_calls_are_bounds_checked(bad, match):
     C, xo, yo, la, lb, f, g = problem([5, 9], [7, 4], torch.float64)

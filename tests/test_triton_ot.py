@@ -218,14 +218,15 @@ def test_softmin_dense(dtype, dim, active):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tol", [0.0, 1e-3])
+@pytest.mark.parametrize("taus", [(1.0, 1.0), (0.6, 0.85)], ids=["balanced", "unbalanced"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")  # problem 0, below
-def test_sinkhorn_dense(dtype, tol):
+def test_sinkhorn_dense(dtype, tol, taus):
     xo, yo = offsets(X_SIZES), offsets(Y_SIZES)
     blocks = ref_costs(points(X_SIZES, 5, dtype), points(Y_SIZES, 5, dtype), xo, yo, "sqeuclidean")
     cost = torch.cat([c.reshape(-1) for c in blocks]).to(dtype)
     log_a, log_b = log_weights(int(xo[-1]), dtype, zero_every=3), log_weights(int(yo[-1]), dtype)
     f, g = torch.zeros(int(xo[-1]), dtype=dtype), torch.zeros(int(yo[-1]), dtype=dtype)
-    args = (cost, xo, yo, log_a, log_b, f, g, 1.0, 8, tol)
+    args = (cost, xo, yo, log_a, log_b, f, g, 1.0, 8, tol, *taus)
     out = tk.sinkhorn_dense_forward(*args)
     want = torch.ops.tcfa.sinkhorn_dense(*args)
     torch.testing.assert_close(out[2], want[2])  # n_iter: the same stopping iteration per problem

@@ -11,6 +11,9 @@
 //       g'_j = g_j - eps (log acc_j - log b_j).
 //   So one read of the cost serves the f-update of iteration t and the
 //   g-update of iteration t+1, and the L1 marginal error is sum_i a_i |s_i - 1|.
+// * unbalanced OT (tau < 1, tcfa/ot_unbalanced.py) keeps the one read: f'_i =
+//   tau_a (f_i - eps log s_i) changes each row's weight in the column sums to
+//   a_i w_i, w_i = exp((f'_i - f_i)/eps), and g' = tau_b (g - eps (log acc - log b)).
 // * a problem whose cost fits in L2 runs all its iterations in one task, its
 //   cost read from cache instead of memory.
 // Rows or columns whose sums leave the range where the shifted exps are exact
@@ -63,6 +66,7 @@ template <typename T> struct Batch {
   T* u2;  // the same in base 2 (log2 e * u), finite: the one-exp path's terms
   T* up;  // scratch for the column fallback: log a_i + f_i / eps
   T eps;
+  T tau_a, tau_b;  // rho / (rho + eps) of unbalanced OT, 1 when balanced
 
   int64_t n(int64_t k) const { return rp.xo[k + 1] - rp.xo[k]; }
   int64_t m(int64_t k) const { return rp.yo[k + 1] - rp.yo[k]; }
@@ -172,19 +176,24 @@ PassResult sweep(const Batch<T>& b, int64_t k, int64_t r0, int64_t r1, bool upda
       T* e = ebuf + q * mp;
       const T s = sums[q];
       const bool exact = s >= S::row_lo && s <= S::row_hi;  // false for NaN too
-      const bool col_exact = exact && (!update_f || s >= S::col_row_lo);
-      coef[q] = col_exact ? (update_f ? b.a[i] / s : b.a[i]) : T(0);
+      // the row's weight in the next column sums: 1/s balanced, exp((f'_i - f_i)/eps) unbalanced
+      const T w = b.tau_a == T(1)
+                      ? T(1) / s
+                      : std::exp((b.tau_a - T(1)) * b.f[i] / b.eps - b.tau_a * std::log(s));
+      const bool col_exact =
+          exact && (!update_f || (s >= S::col_row_lo && w <= T(1) / S::col_row_lo));
+      coef[q] = col_exact ? (update_f ? b.a[i] * w : b.a[i]) : T(0);
       res.cols_ok = res.cols_ok && col_exact;
       if (update_f) {
         sbuf[i - r0] = s;
         if (!exact) {  // the online max: exact whatever the range
           LseState<T> st;
           st.add_affine(u, b.row(k, i), nie, m);
-          const T f_new = -b.eps * st.result();
+          const T f_new = -b.eps * st.result();  // relaxed by tau_a with the other rows below
           res.err += static_cast<double>(b.a[i]) *
-                     std::abs(std::expm1(static_cast<double>((b.f[i] - f_new) / b.eps)));
+                     std::abs(std::expm1(static_cast<double>((b.f[i] - b.tau_a * f_new) / b.eps)));
           b.f[i] = f_new;
-          sbuf[i - r0] = T(1);  // the vector pass below leaves f_i alone and adds no error
+          sbuf[i - r0] = T(-1);  // marks the row: the passes below neither shift it nor count it
         }
       }
       if (coef[q] == T(0)) std::fill(e, e + mp, T(0));  // may hold inf: keep 0 * e finite
@@ -192,9 +201,21 @@ PassResult sweep(const Batch<T>& b, int64_t k, int64_t r0, int64_t r1, bool upda
     if (accumulate && res.cols_ok) add_rows(acc, ebuf, coef, nq, mp);
   }
   if (update_f) {
-    for (int64_t i = r0; i < r1; ++i)
-      res.err += static_cast<double>(b.a[i]) * std::abs(static_cast<double>(sbuf[i - r0]) - 1.0);
+    for (int64_t i = r0; i < r1; ++i) {
+      const double s = sbuf[i - r0];
+      if (s < 0) {  // recomputed by the online max: counted already
+        sbuf[i - r0] = T(1);
+        continue;
+      }
+      // |exp((f_i - f'_i)/eps) - 1|: |s_i - 1| when balanced
+      const double d = b.tau_a == T(1)
+                           ? s - 1.0
+                           : std::expm1((1.0 - b.tau_a) * b.f[i] / b.eps + b.tau_a * std::log(s));
+      res.err += static_cast<double>(b.a[i]) * std::abs(d);
+    }
     sub_scaled_log<T>(b.f + r0, sbuf, nullptr, b.eps, r1 - r0);  // f_i -= eps log s_i
+    if (b.tau_a != T(1))
+      for (int64_t i = r0; i < r1; ++i) b.f[i] *= b.tau_a;
   }
   return res;
 }
@@ -208,12 +229,14 @@ void finish_columns(const Batch<T>& b, int64_t k, const T* acc, bool ok) {
   for (int64_t j = 0; ok && j < m; ++j) ok = acc[j] >= S::acc_lo && acc[j] <= S::acc_hi;
   if (ok) {
     sub_scaled_log<T>(b.g + y0, acc, b.log_b + y0, b.eps, m);
-    return;
+  } else {
+    for (int64_t i = b.rp.xo[k]; i < b.rp.xo[k + 1]; ++i) b.up[i] = b.log_a[i] + b.f[i] / b.eps;
+    std::vector<uint8_t> only(b.rp.B, 0);
+    only[k] = 1;
+    column_softmin<T>(b.cost, b.rp, only, b.up, b.eps, b.g);
   }
-  for (int64_t i = b.rp.xo[k]; i < b.rp.xo[k + 1]; ++i) b.up[i] = b.log_a[i] + b.f[i] / b.eps;
-  std::vector<uint8_t> only(b.rp.B, 0);
-  only[k] = 1;
-  column_softmin<T>(b.cost, b.rp, only, b.up, b.eps, b.g);
+  if (b.tau_b != T(1))
+    for (int64_t j = y0; j < y0 + m; ++j) b.g[j] *= b.tau_b;
 }
 
 // Whole loop of one cache-resident problem in the calling thread.
@@ -289,8 +312,10 @@ void solve_lockstep(const Batch<T>& b, std::vector<uint8_t> todo, int64_t max_it
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
     const at::Tensor& cost, const at::Tensor& x_offsets, const at::Tensor& y_offsets,
     const at::Tensor& log_a, const at::Tensor& log_b, const at::Tensor& f, const at::Tensor& g,
-    double eps, int64_t max_iter, double tol) {
+    double eps, int64_t max_iter, double tol, double tau_a, double tau_b) {
   check_eps(eps);
+  TORCH_CHECK_VALUE(tau_a > 0 && tau_a <= 1 && tau_b > 0 && tau_b <= 1,
+                    "tau_a and tau_b must lie in (0, 1], got ", tau_a, " and ", tau_b);
   TORCH_CHECK_VALUE(max_iter >= 1, "max_iter must be >= 1, got ", max_iter);
   TORCH_CHECK_VALUE(tol >= 0, "tol must be >= 0, got ", tol);
   const RaggedPair rp = ragged_cost(cost, x_offsets, y_offsets, log_a, log_b);
@@ -310,7 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
     using T = scalar_t;
     const Batch<T> b(rp, c.data_ptr<T>(), la.data_ptr<T>(), a.data_ptr<T>(), lb.data_ptr<T>(),
                      f_out.data_ptr<T>(), g_out.data_ptr<T>(), u.data_ptr<T>(), u2.data_ptr<T>(),
-                     up.data_ptr<T>(), static_cast<T>(eps));
+                     up.data_ptr<T>(), static_cast<T>(eps), static_cast<T>(tau_a),
+                     static_cast<T>(tau_b));
     int64_t* it = n_iter.data_ptr<int64_t>();
     double* err = error.data_ptr<double>();
     // Empty problems have nothing to iterate (the Python API rejects them).

@@ -234,7 +234,8 @@ def softmin_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim,
     return out.to(h.dtype)
 
 
-def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol=0.0):
+def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol=0.0, tau_a=1.0,
+                           tau_b=1.0):
     """tcfa::sinkhorn_dense on the GPU (math: tcfa.ops.sinkhorn_dense): the two
     dense soft-min kernels per iteration, problems masked out once converged.
 
@@ -248,6 +249,8 @@ def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, 
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if not (0 < tau_a <= 1 and 0 < tau_b <= 1):
+        raise ValueError(f"tau_a and tau_b must lie in (0, 1], got {tau_a!r} and {tau_b!r}")
     rg.check_rows("f", f, log_a.shape[0])
     rg.check_rows("g", g, log_b.shape[0])
     xo, yo = rg.check_pair(x_offsets, log_a.shape[0], y_offsets, log_b.shape[0])
@@ -266,8 +269,9 @@ def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, 
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        g = torch.where(active[y_index], softmin_dense_forward(cost, xo, yo, log_a, log_b, f, eps, 0, active), g)
-        f_new = softmin_dense_forward(cost, xo, yo, log_a, log_b, g, eps, 1, active)
+        g_new = tau_b * softmin_dense_forward(cost, xo, yo, log_a, log_b, f, eps, 0, active)
+        g = torch.where(active[y_index], g_new, g)
+        f_new = tau_a * softmin_dense_forward(cost, xo, yo, log_a, log_b, g, eps, 1, active)
         viol = a * torch.expm1((f - f_new) / eps).abs()
         error = torch.where(active, torch.zeros_like(error).index_add_(0, x_index, viol), error)
         f = torch.where(active[x_index], f_new, f)

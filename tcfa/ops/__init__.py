@@ -54,24 +54,28 @@ def softmin_dense(cost, x_offsets, y_offsets, log_a, log_b, h, eps: float, dim: 
     return torch.ops.tcfa.softmin_dense(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim, active)
 
 
-def sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps: float, max_iter: int, tol: float = 0.0):
+def sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps: float, max_iter: int, tol: float = 0.0,
+                   tau_a: float = 1.0, tau_b: float = 1.0):
     """Whole Sinkhorn loops at one eps on stored costs, every problem in one call.
 
     From the potentials (f, g), iteration t = 1, 2, ... of problem k is
 
-        g_j <- -eps * log sum_i exp(log_a_i + (f_i - C_ij) / eps)     (softmin_dense, dim=0)
-        f_i <- -eps * log sum_j exp(log_b_j + (g_j - C_ij) / eps)     (softmin_dense, dim=1)
+        g_j <- -tau_b eps * log sum_i exp(log_a_i + (f_i - C_ij) / eps)     (softmin_dense, dim=0)
+        f_i <- -tau_a eps * log sum_j exp(log_b_j + (g_j - C_ij) / eps)     (softmin_dense, dim=1)
         error_k = sum_i a_i |exp((f_i^{t-1} - f_i^t) / eps) - 1|
 
-    (error_k is the L1 violation of the row marginal of the plan (f^{t-1}, g^t),
-    whose column marginal is exact), stopping after the first iteration with
+    (balanced, tau = 1: error_k is the L1 violation of the row marginal of the
+    plan (f^{t-1}, g^t), whose column marginal is exact; unbalanced OT, tau =
+    rho / (rho + eps) in (0, 1) (tcfa/ot_unbalanced.py): the same fixed-point
+    residual), stopping after the first iteration with
     error_k < tol, or after max_iter (tol = 0 runs exactly max_iter). The input
     g only shifts the exponents of the first g-update (the previous g is a good
     one); results do not depend on it beyond rounding.
     Returns (f, g, n_iter (B,) int64, error (B,)). Empty problems are skipped
     (n_iter 0). Same cost layout as :func:`softmin_dense`.
     """
-    return torch.ops.tcfa.sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol)
+    return torch.ops.tcfa.sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol, tau_a,
+                                         tau_b)
 
 
 def cost_matrix(x, y, x_offsets, y_offsets, cost: str = "sqeuclidean"):
