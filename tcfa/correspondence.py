@@ -63,13 +63,15 @@ def pairwise_gw(xs, ys, *, eps: float = 0.05, max_iter: int = 200, tol: float = 
 
     Each layer's geometry is its matrix of squared distances between the n rows (anchors), divided
     by its mean so that layers of different scale compare; uniform weights; all L_A * L_B problems
-    are solved as one batch (tcfa.divergence.gw_batch).
+    are solved as one batch (tcfa.divergence.gw_batch), in fp64.
     """
     xs, ys = check_layer_pair(xs, ys, 2)
     eps = _validate.positive("eps", eps)
 
     def geometry(f):
-        f = f.to(_validate.compute_dtype(f.dtype))
+        # fp64: the entropic GW loop's Sinkhorn solves cannot reach their tolerance in fp32 (they ran
+        # to every iteration cap), and n (the anchors) is a few hundred, so the cost is small
+        f = f.double()
         d2 = torch.cdist(f, f).square()
         mean = d2.mean()
         return d2 / mean if mean > 0 else d2

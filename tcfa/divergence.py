@@ -27,7 +27,13 @@ def sinkhorn_divergence(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offs
         xx = sinkhorn(x, x, a, a, x_offsets=x_offsets, y_offsets=x_offsets, **common).value()
         yy = sinkhorn(y, y, b, b, x_offsets=y_offsets, y_offsets=y_offsets, **common).value()
         return _debiased(res, res.value(), xx, yy, slice(None))
-    (xr, xo, a), (yr, yo, b) = _flat("x", x, x_offsets, a), _flat("y", y, y_offsets, b)
+    (xr, xo, a), (yr, yo, b) = _flat("x", x, x_offsets, a, "a"), _flat("y", y, y_offsets, b, "b")
+    _validate.same_dtype(x=xr, y=yr)
+    _validate.same_device(x=xr, y=yr)
+    if xr.shape[1] != yr.shape[1]:
+        raise ValueError(f"x and y must have the same width, got {xr.shape[1]} and {yr.shape[1]}")
+    if xo.numel() != yo.numel():
+        raise ValueError(f"x and y must hold the same number of problems, got {xo.numel() - 1} and {yo.numel() - 1}")
     B = xo.numel() - 1
     res = sinkhorn(torch.cat([xr, xr, yr]), torch.cat([yr, xr, yr]), _cat_weights(a, a, b, xo, xo, yo),
                    _cat_weights(b, a, b, yo, xo, yo), x_offsets=_stacked(xo, xo, yo), y_offsets=_stacked(yo, xo, yo),
@@ -45,17 +51,25 @@ def _debiased(res, xy, xx, yy, first):
     return div
 
 
-def _flat(name, t, offsets, w):
+def _flat(name, t, offsets, w, wname):
     """(rows, offsets, weights) of a (N, d) or dense (B, n, d) input, as sinkhorn would see them."""
     t = _validate.tensor(name, t, dim=(2, 3))
     if t.dim() == 3:
         if offsets is not None:
             raise ValueError(f"{name}_offsets must be None for a dense (B, n, d) {name}")
         B, n, d = t.shape
-        return t.reshape(B * n, d), torch.arange(B + 1, dtype=torch.int64) * n, None if w is None else w.reshape(-1)
-    if offsets is None:
-        offsets = torch.tensor([0, t.shape[0]], dtype=torch.int64)
-    return t, _validate.offsets(f"{name}_offsets", offsets, t.shape[0], torch.device("cpu")), w
+        rows, offsets = t.reshape(B * n, d), torch.arange(B + 1, dtype=torch.int64) * n
+    else:
+        rows = t
+        offsets = torch.tensor([0, t.shape[0]], dtype=torch.int64) if offsets is None else offsets
+        offsets = _validate.offsets(f"{name}_offsets", offsets, t.shape[0], torch.device("cpu"))
+    if w is not None:
+        w = _validate.tensor(wname, w, dim=(1, 2), finite=True)
+        if w.numel() != rows.shape[0]:
+            raise ValueError(f"{wname} must hold one weight per row of {name} ({rows.shape[0]}), "
+                             f"got shape {tuple(w.shape)}")
+        w = w.reshape(-1)
+    return rows, offsets, w
 
 
 def _stacked(*offsets) -> torch.Tensor:
@@ -84,8 +98,8 @@ def _cat_weights(w1, w2, w3, o1, o2, o3):
 def masses(res) -> tuple[torch.Tensor, torch.Tensor]:
     """Each problem's total weight of x and of y, (B,) each, differentiable in the weights as given."""
     p, (_, _, a_w, b_w) = res._prob, res._inputs
-    zeros = torch.zeros(p.num_problems, dtype=a_w.dtype, device=a_w.device)
-    return zeros.index_add(0, p.x_index, a_w), zeros.index_add(0, p.y_index, b_w)
+    zeros = torch.zeros(p.num_problems, dtype=p.a.dtype, device=p.a.device)
+    return zeros.index_add(0, p.x_index, a_w.to(p.a.dtype)), zeros.index_add(0, p.y_index, b_w.to(p.a.dtype))
 
 
 @dataclass

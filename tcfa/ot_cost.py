@@ -105,7 +105,8 @@ def _layout(C, x_offsets, y_offsets):
             raise ValueError("a flat (1-D) C needs x_offsets and y_offsets: problem k is the row-major "
                              "(n_k, m_k) block at its place in C")
         # the offsets say how many rows there are: they are checked for shape, start and order
-        end = lambda off: int(off[-1]) if isinstance(off, torch.Tensor) and off.dim() == 1 and off.numel() else 0  # noqa: E731
+        x_offsets, y_offsets = torch.as_tensor(x_offsets), torch.as_tensor(y_offsets)
+        end = lambda off: int(off[-1]) if off.dim() == 1 and off.numel() else 0  # noqa: E731
         xo = _validate.offsets("x_offsets", x_offsets, end(x_offsets), C.device)
         yo = _validate.offsets("y_offsets", y_offsets, end(y_offsets), C.device)
         if xo.numel() != yo.numel():

@@ -199,6 +199,7 @@ def pairwise_cka(xs, ys, *, debiased: bool = False, route: str = "auto") -> torc
 
 def cka_of(p: PairedLayers, debiased: bool = False, route: str = "auto") -> torch.Tensor:
     """pairwise_cka of already paired layers (sharing p's cross-products with other metrics)."""
+    _validate.choice("route", route, ("auto", "features", "gram"))
     if debiased and p.n < 4:
         raise ValueError(f"xs and ys need at least 4 rows (samples) for debiased CKA, got {p.n}")
     use_gram = _use_gram(route, p.n, p.wa, p.wb) or (route == "auto" and not p.cross_fits())
@@ -255,8 +256,9 @@ class MinibatchCKA:
         return self
 
     def result(self) -> torch.Tensor:
-        """(C, L_A, L_B) CKA per condition; a condition that no batch reached gives 0."""
-        return _ratio(self.hxy, self.hxx[:, :, None], self.hyy[:, None, :])
+        """(C, L_A, L_B) CKA per condition; NaN for a condition no batch reached (too few rows)."""
+        out = _ratio(self.hxy, self.hxx[:, :, None], self.hyy[:, None, :])
+        return torch.where((self.batches > 0)[:, None, None], out, torch.full_like(out, float("nan")))
 
 
 # ------------------------------------------------------------------ CCA, Procrustes (from covariances)

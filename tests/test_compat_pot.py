@@ -103,3 +103,23 @@ def test_unsupported_arguments_raise_naming_them():
         tot.sinkhorn(a, 2 * b, M, 1.0)
     with pytest.raises(ValueError, match=r"keyword\(s\) \['tau'\]"):
         tot.sinkhorn(a, b, M, 1.0, tau=3)
+
+
+def test_pot_scalars_dtypes_and_named_errors():
+    xs, xt, a, b = samples(6, 7, seed=4)
+    M = ot.dist(xs, xt)
+    np.testing.assert_allclose(tot.sinkhorn(a, b, M, np.float32(0.5)), ot.sinkhorn(a, b, M, 0.5), atol=1e-8)
+    P32 = tot.sinkhorn(a.astype(np.float32), b.astype(np.float32), M.astype(np.float32), 0.5)
+    assert P32.dtype == np.float32
+    np.testing.assert_allclose(tot.sinkhorn_unbalanced(a, b, M, 0.5, np.array(1.0)),
+                               ot.unbalanced.sinkhorn_unbalanced(a, b, M, 0.5, 1.0), atol=1e-7)
+    with pytest.raises(ValueError, match="numItermax must be a positive int"):
+        tot.sinkhorn(a, b, M, 0.5, numItermax=0)
+    with pytest.raises(ValueError, match="reg must be > 0"):
+        tot.sinkhorn(a, b, M, 0.0)
+    with pytest.raises(ValueError, match="reg_m must be > 0"):
+        tot.sinkhorn_unbalanced(a, b, M, 0.5, 0.0)
+    bad = M.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="M must be finite"):
+        tot.sinkhorn(a, b, bad, 0.5)

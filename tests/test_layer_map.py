@@ -216,3 +216,29 @@ def test_bert_layers_by_pattern_and_default_blocks_with_dict_inputs():
     fa = tcfa.extract(a, "bert.encoder.layer.1", inputs).mean(1)  # pooled over tokens
     fb = tcfa.extract(b, "bert.encoder.layer.2", inputs).mean(1)
     assert float(lm.scores[1, 2]) == pytest.approx(kornblith_cka(fa.double().numpy(), fb.double().numpy()), abs=1e-5)
+
+
+def test_review_cases_mixed_dtypes_options_minibatch_batches_and_unreached_conditions():
+    b, x = mlp(5, depth=2, seed=3).float(), data(n=40)
+    # fp32 against fp32, bf16 against fp32: one compute dtype, no dtype error
+    xf = x.float()
+    a32 = mlp(6).float()
+    got = tcfa.layer_map(a32, ["1"], b, ["1"], xf, progress=False).scores
+    want = kornblith_cka(tcfa.extract(a32, "1", xf).double().numpy(), tcfa.extract(b, "1", xf).double().numpy())
+    assert float(got[0, 0]) == pytest.approx(want, abs=1e-5)
+    class ToBF16(nn.Module):
+        def forward(self, t):
+            return t.to(torch.bfloat16)
+
+    half = nn.Sequential(ToBF16(), *mlp(6).to(torch.bfloat16))  # a bf16 model taking the same fp32 inputs
+    got = tcfa.layer_map(half, ["2"], b, ["1"], xf, progress=False).scores
+    assert bool(got.isfinite().all())
+    for kwargs, name in ((dict(k=0, metric="cca"), "k"), (dict(reg=-0.5), "reg"), (dict(top_units=0), "top_units"),
+                         (dict(gw_eps=0.0, metric="gw"), "gw_eps"),
+                         (dict(estimator="minibatch", batch_size=3), "batch_size must be >= 4")):
+        with pytest.raises((ValueError, TypeError), match=name):
+            tcfa.layer_map(a32, ["1"], b, ["1"], xf, progress=False, **kwargs)
+    cond = torch.tensor([0] * 37 + [1] * 3)
+    mb = tcfa.layer_map(a32, ["0", "1"], b, ["1"], xf, estimator="minibatch", conditions=cond, batch_size=20,
+                        progress=False)
+    assert bool(mb.scores_per_condition[1].isnan().all()) and bool(mb.scores_per_condition[0].isfinite().all())

@@ -94,3 +94,19 @@ def test_bad_reach_names_the_argument():
             tcfa.sinkhorn(x, y, eps=1.0, reach=bad)
     with pytest.raises(ValueError, match="a is all zero in problem 0"):
         tcfa.sinkhorn(x, y, torch.zeros(5, dtype=torch.float64), eps=1.0, reach=1.0)
+
+
+def test_divergence_checks_its_inputs_and_mixed_weight_dtypes():
+    x, y, a, b = masses(5, 6)
+    with pytest.raises(TypeError, match="y has dtype"):
+        tcfa.sinkhorn_divergence(x, y.float(), eps=1.0)
+    with pytest.raises(ValueError, match="x and y must have the same width"):
+        tcfa.sinkhorn_divergence(x, y[:, :1], eps=1.0)
+    with pytest.raises(ValueError, match=r"a must hold one weight per row of x \(5\)"):
+        tcfa.sinkhorn_divergence(x, y, a[:4], b, eps=1.0)
+    mixed = tcfa.sinkhorn_divergence(x, y, a, b.float(), eps=1.0, reach=0.5, tol=1e-12)
+    same = tcfa.sinkhorn_divergence(x, y, a, b.float().double(), eps=1.0, reach=0.5, tol=1e-12)
+    torch.testing.assert_close(mixed, same)
+    C = torch.cdist(x, y) ** 2
+    r = tcfa.sinkhorn_cost(C.reshape(-1), eps=1.0, x_offsets=[0, 5], y_offsets=[0, 6])
+    torch.testing.assert_close(r.plan(), tcfa.sinkhorn_cost(C, eps=1.0).plan())

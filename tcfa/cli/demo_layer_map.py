@@ -30,7 +30,7 @@ def _stitch(model_a, path_a, model_b, path_b, x_tr, y_tr, x_te, rank, seed):
     per, special = layout_b.positions, layout_b.num_special
     is_special = torch.arange(rows_a.shape[0]) % per < special
     c = class_conditions(y_tr)
-    r = min(rank, act_a.shape[1], rows_b.shape[1])
+    r = min(rank, rows_a.shape[1], rows_b.shape[1])
     make = lambda: TCFA("cca", rank=r, conditions=c.num, seed=seed)  # noqa: E731
     stitch = make().fit(rows_a[~is_special], rows_b[~is_special], c.ids.repeat_interleave(per - special))
     cls_stitch = make().fit(rows_a[is_special], rows_b[is_special], c.ids.repeat_interleave(special)) if special else None

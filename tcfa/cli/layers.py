@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--estimator", default="full", choices=["full", "minibatch"])
     p.add_argument("--mode", default="pooled", choices=["pooled", "flatten", "tokens"],
                    help="rows: one per sample (pooled, or every position flattened) or one per position")
-    p.add_argument("--num-anchors", type=int, default=1024, help="samples the map is computed on")
+    p.add_argument("--num-anchors", type=int, default=None,
+                   help="samples the map is computed on (default: all; 256 for gw)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--top", type=int, default=5, help="how many best pairs to print")
     p.add_argument("--out", required=True, help="heatmap PNG")

@@ -40,11 +40,13 @@ METRICS = {"sqeuclidean": "sqeuclidean", "cosine": "cosine"}
 
 # ------------------------------------------------------------------ arrays in and out
 def _tensor(name: str, value):
-    """(tensor, came_from_numpy): lists and NumPy arrays become fp64 / their dtype tensors."""
+    """(tensor, came_from_numpy): NumPy arrays keep a floating dtype (fp32 stays fp32), lists and
+    integer arrays become fp64, as POT's NumPy backend computes them."""
     if isinstance(value, torch.Tensor):
         return value, False
-    if isinstance(value, (np.ndarray, list, tuple, float, int)):
-        return torch.as_tensor(np.asarray(value, dtype=np.result_type(np.asarray(value), np.float64))), True
+    if isinstance(value, (np.ndarray, np.generic, list, tuple, float, int)):
+        arr = np.asarray(value)
+        return torch.as_tensor(arr.astype(arr.dtype if arr.dtype.kind == "f" else np.float64)), True
     raise TypeError(f"{name} must be a torch.Tensor, a NumPy array or a list, got {type(value).__name__}")
 
 
@@ -72,6 +74,29 @@ def _unsupported(warmstart=None, verbose=False, kwargs=None, **flags) -> None:
             raise ValueError(f"{name} is not supported by tcfa.compat.pot")
     if kwargs:
         raise ValueError(f"tcfa.compat.pot does not support the keyword(s) {sorted(kwargs)}")
+
+
+def _scalar(name: str, value, positive: bool = True) -> float:
+    """POT's scalars (reg, reg_m entries) as floats: Python, NumPy or 0-d torch numbers."""
+    try:
+        v = float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if positive and not v > 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return v
+
+
+def _solver_options(numItermax, stopThr):
+    if isinstance(numItermax, bool) or not isinstance(numItermax, (int, np.integer)) or numItermax < 1:
+        raise ValueError(f"numItermax must be a positive int, got {numItermax!r}")
+    return int(numItermax), _scalar("stopThr", stopThr, positive=False)
+
+
+def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite")
+    return t
 
 
 def _warn(res, numIterMax, warn: bool) -> None:
@@ -112,9 +137,11 @@ def _balanced(a, b, M, reg, method, numItermax, stopThr, warn):
     M_t, numpy = _tensor("M", M)
     if M_t.dim() != 2:
         raise ValueError(f"M must be a (n, m) cost matrix, got shape {tuple(M_t.shape)}")
+    _finite("M", M_t)
     a_t, b_t = _hist("a", a, M_t.shape[0], M_t), _hist("b", b, M_t.shape[1], M_t)
     mass = _mass(a_t, b_t)
-    res = _sinkhorn_cost(M_t, a_t, b_t, eps=reg, max_iter=numItermax, tol=stopThr)
+    numItermax, stopThr = _solver_options(numItermax, stopThr)
+    res = _sinkhorn_cost(M_t, a_t, b_t, eps=_scalar("reg", reg), max_iter=numItermax, tol=stopThr)
     _warn(res, numItermax, warn)
     return res, M_t, a_t, b_t, mass, numpy
 
@@ -159,7 +186,9 @@ def _empirical(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, warn):
     xt, _ = _tensor("X_t", X_t)
     a_t, b_t = _hist("a", a, xs.shape[0], xs), _hist("b", b, xt.shape[0], xs)
     mass = _mass(a_t, b_t)
-    res = _sinkhorn_points(xs, xt, a_t, b_t, eps=reg, cost=METRICS[metric], max_iter=numIterMax, tol=stopThr)
+    numIterMax, stopThr = _solver_options(numIterMax, stopThr)
+    res = _sinkhorn_points(xs, xt, a_t, b_t, eps=_scalar("reg", reg), cost=METRICS[metric], max_iter=numIterMax,
+                           tol=stopThr)
     _warn(res, numIterMax, warn)
     return res, xs, xt, a_t, b_t, mass, numpy
 
@@ -201,10 +230,12 @@ def empirical_sinkhorn_divergence(X_s, X_t, reg, a=None, b=None, metric="sqeucli
 # ------------------------------------------------------------------ unbalanced (KL)
 def _reach(reg_m):
     """POT's reg_m (a number or a pair; inf keeps a marginal exact) as tcfa's reach."""
-    pair = tuple(reg_m) if isinstance(reg_m, (tuple, list, np.ndarray)) else (reg_m, reg_m)
+    many = isinstance(reg_m, (tuple, list)) or (hasattr(reg_m, "ndim") and reg_m.ndim > 0)
+    pair = tuple(reg_m) if many else (reg_m, reg_m)
     if len(pair) != 2:
         raise ValueError(f"reg_m must be a number or a pair, got {reg_m!r}")
-    return tuple(None if float(r) == float("inf") else float(r) for r in pair)
+    values = [_scalar("reg_m", r) for r in pair]
+    return tuple(None if v == float("inf") else v for v in values)
 
 
 def _unbalanced(a, b, M, reg, reg_m, method, reg_type, c, numItermax, stopThr):
@@ -216,8 +247,11 @@ def _unbalanced(a, b, M, reg, reg_m, method, reg_type, c, numItermax, stopThr):
     M_t, numpy = _tensor("M", M)
     if M_t.dim() != 2:
         raise ValueError(f"M must be a (n, m) cost matrix, got shape {tuple(M_t.shape)}")
+    _finite("M", M_t)
     a_t, b_t = _hist("a", a, M_t.shape[0], M_t), _hist("b", b, M_t.shape[1], M_t)
-    res = _sinkhorn_cost(M_t, a_t, b_t, eps=reg, reach=_reach(reg_m), max_iter=numItermax, tol=stopThr)
+    numItermax, stopThr = _solver_options(numItermax, stopThr)
+    res = _sinkhorn_cost(M_t, a_t, b_t, eps=_scalar("reg", reg), reach=_reach(reg_m), max_iter=numItermax,
+                         tol=stopThr)
     return res, M_t, a_t, b_t, numpy
 
 

@@ -152,12 +152,19 @@ def _tap_all(model, paths, inputs, name, checked):
     return [found[p] for p in paths]
 
 
-def _check_args(metric, estimator, mode, num_anchors, debiased):
+def _check_args(metric, estimator, mode, num_anchors, debiased, batch_size, k, reg, top_units, gw_eps):
     _validate.choice("metric", metric, tuple(METRICS))
     _validate.choice("estimator", estimator, ("full", "minibatch"))
     _validate.choice("mode", mode, ("pooled", "flatten", "tokens"))
     if estimator == "minibatch" and metric != "cka":
         raise ValueError(f"estimator='minibatch' is for metric='cka' only, got metric={metric!r}")
+    if estimator == "minibatch" and _validate.integer("batch_size", batch_size, 1) < 4:
+        raise ValueError(f"batch_size must be >= 4 for the minibatch estimator (its HSIC needs 4 rows), got {batch_size}")
+    if k is not None:
+        _validate.integer("k", k, 1)
+    _validate.nonnegative("reg", reg)
+    _validate.integer("top_units", top_units, 1)
+    _validate.positive("gw_eps", gw_eps)
     least = 4 if (debiased or estimator == "minibatch") else 2
     if num_anchors is not None and _validate.integer("num_anchors", num_anchors, 1) < least:
         raise ValueError(f"num_anchors must be >= {least} for {metric} ({estimator}), got {num_anchors}")
@@ -185,7 +192,7 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     the data size. ``conditions``: one id per sample of ``data`` (an int64 tensor or tcfa
     Conditions) adds ``scores_per_condition``. Memory of "full": n * (sum of widths).
     """
-    _check_args(metric, estimator, mode, num_anchors, debiased)
+    _check_args(metric, estimator, mode, num_anchors, debiased, batch_size, k, reg, top_units, gw_eps)
     la = default_layers(model_a) if layers_a == "auto" else resolve_layers("layers_a", model_a, layers_a)
     lb = default_layers(model_b) if layers_b == "auto" else resolve_layers("layers_b", model_b, layers_b)
     if num_anchors is None and metric == "gw":
@@ -206,6 +213,9 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
             acts_a = [t[:take] for t in _tap_all(model_a, la, inputs, "layers_a", seen > 0)]
             xb = to_rows("b", [t[:take] for t in _tap_all(model_b, lb, inputs, "layers_b", seen > 0)])
             xa = to_rows("a", acts_a)
+            # one compute dtype for both models (an fp32 model against a bf16 one): fp64 if either is
+            ct = torch.float64 if any(t.dtype == torch.float64 for t in xa + xb) else torch.float32
+            xa, xb = [t.to(ct) for t in xa], [t.to(ct) for t in xb]
             y = None if y is None else y[:take].repeat_interleave(to_rows.per_sample())
             seen += take
             if minibatch is not None:
@@ -221,7 +231,11 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     least = 4 if (debiased or estimator == "minibatch") else 2
     if seen < least:
         raise ValueError(f"data gave {seen} samples; {metric} ({estimator}) needs at least {least} anchors")
-    config = dict(estimator=estimator, mode=mode, debiased=debiased, num_anchors=seen, batch_size=batch_size,
+    if minibatch is not None and int(minibatch.batches.sum()) == 0:
+        raise ValueError("no batch of data held 4 samples: the minibatch estimator needs batches of at least 4")
+    # the minibatch estimator is the unbiased HSIC (torch-cka's) whatever ``debiased`` says
+    config = dict(estimator=estimator, mode=mode, debiased=debiased or minibatch is not None, num_anchors=seen,
+                  batch_size=batch_size,
                   k=k, reg=reg, top_units=top_units, gw_eps=gw_eps)
     if minibatch is not None:
         per_cond = per_condition.result() if per_condition is not None else None
@@ -266,6 +280,7 @@ def _on_rows(score, xa, xb, rows, least, na, nb):
     """The metric on one condition's rows; NaN when it has fewer than ``least``."""
     if rows.numel() < least:
         return torch.full((na, nb), float("nan"), dtype=torch.float64)
+    rows = rows.to(xa[0].device)
     return score(similarity.PairedLayers([x.index_select(0, rows) for x in xa], [y.index_select(0, rows) for y in xb],
                                          least))
 

@@ -30,22 +30,22 @@ def _panel(ax, scores, lm, title, steps, labels: bool):
 
 
 def plot_layer_map(lm, file: str, path: bool = True) -> str:
-    """Writes ``file`` (PNG): the overall map large, each condition's map small beside it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Writes ``file`` (PNG): the overall map large, each condition's map small beside it. Draws on
+    its own Agg canvas: the caller's pyplot backend and figures are left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from ..correspondence import monotone_path
 
     if not isinstance(file, (str, os.PathLike)):
         raise TypeError(f"file must be a path, got {type(file).__name__}")
-    steps = monotone_path(lm.scores, lm.larger_is_better) if path else None
+    steps = monotone_path(lm.scores, lm.larger_is_better) if path and bool(lm.scores.isfinite().all()) else None
     per = lm.scores_per_condition
     conds = 0 if per is None else per.shape[0]
     cols = math.ceil(math.sqrt(conds)) if conds else 0
     rows = math.ceil(conds / cols) if conds else 1
-    fig = plt.figure(figsize=(5.5 + 1.6 * cols, max(4.5, 1.6 * rows)), dpi=110)
+    fig = Figure(figsize=(5.5 + 1.6 * cols, max(4.5, 1.6 * rows)), dpi=110)
+    FigureCanvasAgg(fig)
     grid = fig.add_gridspec(rows, 2 + cols, width_ratios=[3.2, 0.15] + [1.0] * cols)
     main = fig.add_subplot(grid[:, 0])
     image = _panel(main, lm.scores, lm, f"{lm.metric}, all samples", steps, labels=True)
@@ -57,5 +57,4 @@ def plot_layer_map(lm, file: str, path: bool = True) -> str:
         _panel(ax, per[c], lm, f"condition {c}", cond_steps, labels=False)
     fig.tight_layout()
     fig.savefig(file)
-    plt.close(fig)
     return os.fspath(file)
