@@ -61,6 +61,9 @@ def case_a(x, y):
     run_online = lambda k: tcfa.sinkhorn(x, y, eps=EPS_A, tol=0, max_iter=k, mode="online")  # noqa: E731
     record(case, "tcfa dense", per_iteration(run_dense, 10, 60))
     record(case, "tcfa online", per_iteration(run_online, 2, 7))
+    # unbalanced OT (reach): the same fused loop with each half-step relaxed; goal within 10 % of balanced
+    run_unbalanced = lambda k: tcfa.sinkhorn(x, y, eps=EPS_A, tol=0, max_iter=k, mode="dense", reach=10 * EPS_A)  # noqa: E731
+    record(case, "tcfa dense unbalanced", per_iteration(run_unbalanced, 10, 60))
     if has("ot"):
         import ot
 
