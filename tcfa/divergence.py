@@ -5,10 +5,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from . import distributed, ops
 from .ops import _validate
 from .ragged import Ragged
 from .ot import _HalfSteps, _iterate, _prepare, sinkhorn
+from .ot_checks import check_inputs
+from .ot_unbalanced import check_reach
 
 
 def sinkhorn_divergence(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y_offsets=None,
@@ -27,17 +29,14 @@ def sinkhorn_divergence(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offs
         xx = sinkhorn(x, x, a, a, x_offsets=x_offsets, y_offsets=x_offsets, **common).value()
         yy = sinkhorn(y, y, b, b, x_offsets=y_offsets, y_offsets=y_offsets, **common).value()
         return _debiased(res, res.value(), xx, yy, slice(None))
-    (xr, xo, a), (yr, yo, b) = _flat("x", x, x_offsets, a, "a"), _flat("y", y, y_offsets, b, "b")
-    _validate.same_dtype(x=xr, y=yr)
-    _validate.same_device(x=xr, y=yr)
-    if xr.shape[1] != yr.shape[1]:
-        raise ValueError(f"x and y must have the same width, got {xr.shape[1]} and {yr.shape[1]}")
-    if xo.numel() != yo.numel():
-        raise ValueError(f"x and y must hold the same number of problems, got {xo.numel() - 1} and {yo.numel() - 1}")
-    B = xo.numel() - 1
-    res = sinkhorn(torch.cat([xr, xr, yr]), torch.cat([yr, xr, yr]), _cat_weights(a, a, b, xo, xo, yo),
-                   _cat_weights(b, a, b, yo, xo, yo), x_offsets=_stacked(xo, xo, yo), y_offsets=_stacked(yo, xo, yo),
-                   **common)
+    # the checks tcfa.sinkhorn makes, once, before the three problems are laid side by side
+    _, _, rx, ry, a_w, b_w, _ = check_inputs(x, y, a, b, eps, cost, x_offsets, y_offsets, distributed.LOCAL,
+                                             check_reach(kwargs.get("reach")) is None)
+    B = rx.num_problems
+    res = sinkhorn(torch.cat([rx.rows, rx.rows, ry.rows]), torch.cat([ry.rows, rx.rows, ry.rows]),
+                   torch.cat([a_w, a_w, b_w]), torch.cat([b_w, a_w, b_w]),
+                   x_offsets=_stacked(rx.offsets, rx.offsets, ry.offsets),
+                   y_offsets=_stacked(ry.offsets, rx.offsets, ry.offsets), **common)
     v = res.value()
     return _debiased(res, v[:B], v[B:2 * B], v[2 * B:], slice(0, B))
 
@@ -51,27 +50,6 @@ def _debiased(res, xy, xx, yy, first):
     return div
 
 
-def _flat(name, t, offsets, w, wname):
-    """(rows, offsets, weights) of a (N, d) or dense (B, n, d) input, as sinkhorn would see them."""
-    t = _validate.tensor(name, t, dim=(2, 3))
-    if t.dim() == 3:
-        if offsets is not None:
-            raise ValueError(f"{name}_offsets must be None for a dense (B, n, d) {name}")
-        B, n, d = t.shape
-        rows, offsets = t.reshape(B * n, d), torch.arange(B + 1, dtype=torch.int64) * n
-    else:
-        rows = t
-        offsets = torch.tensor([0, t.shape[0]], dtype=torch.int64) if offsets is None else offsets
-        offsets = _validate.offsets(f"{name}_offsets", offsets, t.shape[0], torch.device("cpu"))
-    if w is not None:
-        w = _validate.tensor(wname, w, dim=(1, 2), finite=True)
-        if w.numel() != rows.shape[0]:
-            raise ValueError(f"{wname} must hold one weight per row of {name} ({rows.shape[0]}), "
-                             f"got shape {tuple(w.shape)}")
-        w = w.reshape(-1)
-    return rows, offsets, w
-
-
 def _stacked(*offsets) -> torch.Tensor:
     """Offsets of the problems of several ragged batches placed one after another."""
     out, base = [offsets[0][:1]], 0
@@ -79,20 +57,6 @@ def _stacked(*offsets) -> torch.Tensor:
         out.append(o[1:] + base)
         base += int(o[-1])
     return torch.cat(out)
-
-
-def _cat_weights(w1, w2, w3, o1, o2, o3):
-    """The three problems' weights of one side, uniform 1/n_k where a side has none."""
-    if w1 is None and w2 is None and w3 is None:
-        return None
-    parts = []
-    for w, o in ((w1, o1), (w2, o2), (w3, o3)):
-        if w is None:
-            sizes = (o[1:] - o[:-1]).to(torch.float64)
-            w = (1.0 / sizes).repeat_interleave(o[1:] - o[:-1])
-        parts.append(w)
-    like = next(w for w in (w1, w2, w3) if w is not None)
-    return torch.cat([p.to(like.dtype).to(like.device) for p in parts])
 
 
 def masses(res) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,9 +129,14 @@ def _eps_schedule(prob: _Problem, scaling) -> list[float]:
         both = torch.cat([prob.x.rows, prob.y.rows])  # never empty: y is whole on every rank
         hi, lo = prob.comm.max(both.amax(0)), -prob.comm.max(-both.amin(0))
         top = float(((hi - lo) ** 2).sum())  # squared diameter
-    if top <= prob.eps:
+    return annealing(top, prob.eps, scaling)
+
+
+def annealing(top: float, eps: float, scaling: float) -> list[float]:
+    """top, top * scaling, ... while above eps: the eps values run before the target eps."""
+    if top <= eps:
         return []
-    steps = int(math.ceil(math.log(prob.eps / top) / math.log(scaling)))
+    steps = int(math.ceil(math.log(eps / top) / math.log(scaling)))
     return [top * scaling**k for k in range(steps)]
 
 

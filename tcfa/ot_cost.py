@@ -6,13 +6,11 @@ loop (tcfa.ops.sinkhorn_dense) runs on it, so a batch of problems is one call pe
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import distributed
 from .ops import _validate
-from .ot import SinkhornResult, _HalfSteps, _iterate, _Problem
+from .ot import SinkhornResult, _HalfSteps, _iterate, _Problem, annealing
 from .ot_checks import check_options, weights_pair
 from .ot_grad import dual_value, weight_grads
 from .ot_unbalanced import check_reach, phi
@@ -29,14 +27,20 @@ class CostSinkhornResult(SinkhornResult):
         super().__init__(prob, f, g, n_iter, error, converged, inputs)
         self._cost = cost  # flat, compute dtype, no autograd
 
+    def _problems(self, flat: torch.Tensor):
+        """(problem, its x rows, its y rows, its (n_k, m_k) block of the flat cost) per problem."""
+        p = self._prob
+        n, m = p.x.sizes.tolist(), p.y.sizes.tolist()
+        for k, block in enumerate(torch.split(flat, [nk * mk for nk, mk in zip(n, m)])):
+            xs, ys = slice(p.x.offsets[k], p.x.offsets[k + 1]), slice(p.y.offsets[k], p.y.offsets[k + 1])
+            yield k, xs, ys, block.view(n[k], m[k])
+
     def _blocks(self):
         """(problem, log P_k as an (n_k, m_k) tensor) per problem."""
         p = self._prob
-        n, m = p.x.sizes.tolist(), p.y.sizes.tolist()
-        for k, block in enumerate(torch.split(self._cost, [nk * mk for nk, mk in zip(n, m)])):
-            xs, ys = slice(p.x.offsets[k], p.x.offsets[k + 1]), slice(p.y.offsets[k], p.y.offsets[k + 1])
+        for k, xs, ys, block in self._problems(self._cost):
             yield k, ((p.log_a[xs] + self._f[xs] / p.eps).unsqueeze(1) + (p.log_b[ys] + self._g[ys] / p.eps)
-                      - block.view(n[k], m[k]) / p.eps)
+                      - block / p.eps)
 
     def plan(self, memory_budget=None):
         """Dense plan(s) P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps), shaped like the cost: (n, m),
@@ -70,12 +74,10 @@ class CostSinkhornResult(SinkhornResult):
         potentials held fixed: by the envelope theorem its autograd gradients are the value's."""
         p = self._prob
         f, g, eps = self._f, self._g, p.eps
-        flat, a, b = cost.reshape(-1).to(f.dtype), a.to(f.dtype), b.to(f.dtype)
-        n, m = p.x.sizes.tolist(), p.y.sizes.tolist()
+        a, b = a.to(f.dtype), b.to(f.dtype)
         out = []
-        for k, block in enumerate(torch.split(flat, [nk * mk for nk, mk in zip(n, m)])):
-            xs, ys = slice(p.x.offsets[k], p.x.offsets[k + 1]), slice(p.y.offsets[k], p.y.offsets[k + 1])
-            e = torch.expm1((f[xs, None] + g[None, ys] - block.view(n[k], m[k])) / eps)
+        for _, xs, ys, block in self._problems(cost.reshape(-1).to(f.dtype)):
+            e = torch.expm1((f[xs, None] + g[None, ys] - block) / eps)
             out.append((a[xs] * phi(f[xs], p.reach[0])).sum() + (b[ys] * phi(g[ys], p.reach[1])).sum()
                        - eps * (a[xs, None] * b[None, ys] * e).sum())
         return torch.stack(out)
@@ -154,11 +156,7 @@ def sinkhorn_cost(C, a=None, b=None, *, eps, x_offsets=None, y_offsets=None, max
     prob = _Problem(Ragged(rx.rows.to(ct), xo, shape_x), Ragged(ry.rows.to(ct), yo, shape_y),
                     a_n.detach().to(ct), b_n.detach().to(ct), "given", eps, distributed.LOCAL, reach)
     cost = flat.detach().to(ct).contiguous()
-    schedule = []
-    if scaling is not None:
-        top = float(cost.max() - cost.min())
-        if top > eps:
-            schedule = [top * scaling**k for k in range(int(math.ceil(math.log(eps / top) / math.log(scaling))))]
+    schedule = [] if scaling is None else annealing(float(cost.max() - cost.min()), eps, scaling)
     with torch.no_grad():
         steps = _HalfSteps(prob, dense=False)
         steps.cost, steps.fused = cost, True  # the fused dense loop on the caller's cost

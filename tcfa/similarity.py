@@ -193,7 +193,6 @@ def pairwise_cka(xs, ys, *, debiased: bool = False, route: str = "auto") -> torc
     Gram of every layer and one product of the flattened Grams (n^2 (sum d + sum e + L_A L_B));
     "auto" takes the cheaper. Needs n >= 4 when debiased, else n >= 2.
     """
-    _validate.choice("route", route, ("auto", "features", "gram"))
     return cka_of(PairedLayers(xs, ys, 4 if debiased else 2), debiased, route)
 
 
@@ -323,10 +322,10 @@ def pairwise_procrustes(xs, ys) -> torch.Tensor:
 
 
 def procrustes_of(p: PairedLayers) -> torch.Tensor:
-    """pairwise_procrustes of already paired layers."""
-    sxx, syy, cross = p.covariances()
-    na = torch.stack([s.diagonal().sum() for s in sxx])
-    nb = torch.stack([s.diagonal().sum() for s in syy])
-    nuclear = _batched_over_shapes(pair_blocks(cross, p.wa, p.wb),
+    """pairwise_procrustes of already paired layers. |X_c|_F^2 is a sum of squares: no layer's
+    covariance is formed (the 1/(n-1) of a covariance would cancel in the ratio anyway)."""
+    na = torch.stack([x.double().square().sum() for x in p.xc])
+    nb = torch.stack([y.double().square().sum() for y in p.yc])
+    nuclear = _batched_over_shapes(pair_blocks(p.cross().double(), p.wa, p.wb),
                                    lambda stack, keys: torch.linalg.svdvals(stack).sum(1), p.shape)
     return _ratio(nuclear, na[:, None].cpu(), nb[None, :].cpu())

@@ -102,7 +102,7 @@ def test_divergence_checks_its_inputs_and_mixed_weight_dtypes():
         tcfa.sinkhorn_divergence(x, y.float(), eps=1.0)
     with pytest.raises(ValueError, match="x and y must have the same width"):
         tcfa.sinkhorn_divergence(x, y[:, :1], eps=1.0)
-    with pytest.raises(ValueError, match=r"a must hold one weight per row of x \(5\)"):
+    with pytest.raises(ValueError, match=r"a must hold one weight per row \(5\), got shape \(4,\)"):
         tcfa.sinkhorn_divergence(x, y, a[:4], b, eps=1.0)
     mixed = tcfa.sinkhorn_divergence(x, y, a, b.float(), eps=1.0, reach=0.5, tol=1e-12)
     same = tcfa.sinkhorn_divergence(x, y, a, b.float().double(), eps=1.0, reach=0.5, tol=1e-12)

@@ -131,14 +131,19 @@ def _log(res, a, b, reg, mass, unbalanced=False) -> dict:
 
 
 # ------------------------------------------------------------------ balanced, given M
-def _balanced(a, b, M, reg, method, numItermax, stopThr, warn):
+def _given_cost(a, b, M, method):
+    """(M, came_from_numpy, a, b) checked for the solvers on a given cost, balanced or not."""
     if method.lower() not in BALANCED_METHODS:
         raise ValueError(f"method {method!r} is not supported by tcfa.compat.pot (supported: {list(BALANCED_METHODS)})")
     M_t, numpy = _tensor("M", M)
     if M_t.dim() != 2:
         raise ValueError(f"M must be a (n, m) cost matrix, got shape {tuple(M_t.shape)}")
     _finite("M", M_t)
-    a_t, b_t = _hist("a", a, M_t.shape[0], M_t), _hist("b", b, M_t.shape[1], M_t)
+    return M_t, numpy, _hist("a", a, M_t.shape[0], M_t), _hist("b", b, M_t.shape[1], M_t)
+
+
+def _balanced(a, b, M, reg, method, numItermax, stopThr, warn):
+    M_t, numpy, a_t, b_t = _given_cost(a, b, M, method)
     mass = _mass(a_t, b_t)
     numItermax, stopThr = _solver_options(numItermax, stopThr)
     res = _sinkhorn_cost(M_t, a_t, b_t, eps=_scalar("reg", reg), max_iter=numItermax, tol=stopThr)
@@ -239,16 +244,10 @@ def _reach(reg_m):
 
 
 def _unbalanced(a, b, M, reg, reg_m, method, reg_type, c, numItermax, stopThr):
-    if method.lower() not in BALANCED_METHODS:
-        raise ValueError(f"method {method!r} is not supported by tcfa.compat.pot (supported: {list(BALANCED_METHODS)})")
     if reg_type.lower() != "kl":
         raise ValueError(f"reg_type {reg_type!r} is not supported by tcfa.compat.pot: only 'kl' (POT's default)")
     _unsupported(c=c is not None)
-    M_t, numpy = _tensor("M", M)
-    if M_t.dim() != 2:
-        raise ValueError(f"M must be a (n, m) cost matrix, got shape {tuple(M_t.shape)}")
-    _finite("M", M_t)
-    a_t, b_t = _hist("a", a, M_t.shape[0], M_t), _hist("b", b, M_t.shape[1], M_t)
+    M_t, numpy, a_t, b_t = _given_cost(a, b, M, method)
     numItermax, stopThr = _solver_options(numItermax, stopThr)
     res = _sinkhorn_cost(M_t, a_t, b_t, eps=_scalar("reg", reg), reach=_reach(reg_m), max_iter=numItermax,
                          tol=stopThr)
@@ -275,7 +274,7 @@ def sinkhorn_unbalanced2(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", 
     cost = (M_t * P).sum()
     if returnCost == "total":  # POT 0.9's formula: its KL has no mass terms (see the module docstring)
         kl = lambda p, q: (p * torch.log(p / q + 1e-16)).sum()  # noqa: E731
-        rho_a, rho_b = _reach(reg_m)
+        rho_a, rho_b = res._prob.reach
         cost = cost + reg * kl(P, a_t[:, None] * b_t[None, :])
         cost = cost + (rho_a * kl(P.sum(1), a_t) if rho_a is not None else 0) + (
             rho_b * kl(P.sum(0), b_t) if rho_b is not None else 0)

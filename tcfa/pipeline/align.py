@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..ops import _validate
-from .data import Conditions
+from .data import condition_ids as _condition_ids
 from ..maps import LowRankMaps
 from ..ragged import sort_by_labels
 from ..ot import barycentric_map, sinkhorn
@@ -39,21 +39,6 @@ from ..stats import segment_moments
 from ..stitch import GatedMultiStitch
 
 METHODS = ("cca", "ot", "ridge", "procrustes")
-
-
-def _condition_ids(name: str, cond, n: int, num: int | None):
-    """(ids, num_conditions) from a Conditions, an int64 tensor, or None (one condition)."""
-    if cond is None:
-        return torch.zeros(n, dtype=torch.int64), 1 if num is None else num
-    if isinstance(cond, Conditions):
-        ids, num = cond.ids, cond.num if num is None else num
-    else:
-        ids = cond
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"{name} must be a tcfa.data.Conditions, an int64 tensor or None, got {type(cond).__name__}")
-        if num is None:
-            num = int(ids.max()) + 1 if ids.numel() else 1
-    return _validate.labels(name, ids, n, num), num
 
 
 class TCFA:

@@ -89,6 +89,25 @@ class Conditions:
         return Conditions(self.ids[index], self.names)
 
 
+def condition_ids(name: str, cond, n: int | None, num: int | None):
+    """(ids, num_conditions) from a Conditions, an int64 tensor, or None (one condition over n rows).
+
+    ``n`` is the number of rows the ids must cover; None takes the ids' own length. ``num`` None
+    takes the Conditions' count, or max id + 1.
+    """
+    if cond is None:
+        return torch.zeros(n, dtype=torch.int64), 1 if num is None else num
+    if isinstance(cond, Conditions):
+        ids, num = cond.ids, cond.num if num is None else num
+    else:
+        ids = cond
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{name} must be a tcfa.data.Conditions, an int64 tensor or None, got {type(cond).__name__}")
+        if num is None:
+            num = int(ids.max()) + 1 if ids.numel() else 1
+    return _validate.labels(name, ids, ids.numel() if n is None else n, num), num
+
+
 def no_conditions(n: int) -> Conditions:
     """One condition for all n samples: the unconditioned baseline."""
     return Conditions(torch.zeros(_validate.integer("n", n, lo=1), dtype=torch.int64), ["all"])

@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import artifacts, correspondence, similarity
 from ..ops import _validate
+from .data import condition_ids
 from .layer_names import default_layers, resolve_layers
 from .layouts import _pooled, _source, layout_of
 from .models import _batch_len, _batches, _inference, _labelled_batches, _progress, capture
@@ -136,8 +137,7 @@ class _Rows:
             self.layouts[side] = [layout_of(a, model=self.models[side]) for a in acts]
             if side == "b":
                 self.ref = self.layouts["b"][0]
-        return [_source(a, lay, self.ref, "tokens")[0].reshape(-1, a.shape[1] if lay.kind == "map" else a.shape[2])
-                for a, lay in zip(acts, self.layouts[side])]
+        return [_source(a, lay, self.ref, "tokens")[0].reshape(-1, lay.width) for a, lay in zip(acts, self.layouts[side])]
 
     def per_sample(self) -> int:
         return 1 if self.mode != "tokens" else self.ref.positions
@@ -150,6 +150,11 @@ def _tap_all(model, paths, inputs, name, checked):
         raise ValueError(f"{name} must be in depth order (the order the forward pass reaches them): got {paths}, "
                          f"the forward of {type(model).__name__} reached them as {list(found)}")
     return [found[p] for p in paths]
+
+
+def _least_anchors(debiased: bool, estimator: str) -> int:
+    """Samples an estimator needs: the unbiased HSIC (debiased, minibatch) divides by n - 3."""
+    return 4 if (debiased or estimator == "minibatch") else 2
 
 
 def _check_args(metric, estimator, mode, num_anchors, debiased, batch_size, k, reg, top_units, gw_eps):
@@ -165,7 +170,7 @@ def _check_args(metric, estimator, mode, num_anchors, debiased, batch_size, k, r
     _validate.nonnegative("reg", reg)
     _validate.integer("top_units", top_units, 1)
     _validate.positive("gw_eps", gw_eps)
-    least = 4 if (debiased or estimator == "minibatch") else 2
+    least = _least_anchors(debiased, estimator)
     if num_anchors is not None and _validate.integer("num_anchors", num_anchors, 1) < least:
         raise ValueError(f"num_anchors must be >= {least} for {metric} ({estimator}), got {num_anchors}")
 
@@ -197,7 +202,7 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     lb = default_layers(model_b) if layers_b == "auto" else resolve_layers("layers_b", model_b, layers_b)
     if num_anchors is None and metric == "gw":
         num_anchors = GW_ANCHORS
-    ids, num = _condition_tensor(conditions)
+    ids, num = (None, None) if conditions is None else condition_ids("conditions", conditions, None, None)
     feats_a, feats_b, labels, minibatch, per_condition = [], [], [], None, None
     if estimator == "minibatch":  # all rows of each batch, and (with conditions) each condition's rows
         minibatch = similarity.MinibatchCKA(len(la), len(lb))
@@ -211,6 +216,7 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
         for inputs, y in _progress(batches, progress, f"layer map {len(la)}x{len(lb)}"):
             take = _batch_len(inputs) if num_anchors is None else min(_batch_len(inputs), num_anchors - seen)
             acts_a = [t[:take] for t in _tap_all(model_a, la, inputs, "layers_a", seen > 0)]
+            # B first: in tokens mode A's rows are laid on the positions of B's first layer
             xb = to_rows("b", [t[:take] for t in _tap_all(model_b, lb, inputs, "layers_b", seen > 0)])
             xa = to_rows("a", acts_a)
             # one compute dtype for both models (an fp32 model against a bf16 one): fp64 if either is
@@ -228,15 +234,14 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
                 labels.append(y)
             if num_anchors is not None and seen >= num_anchors:
                 break
-    least = 4 if (debiased or estimator == "minibatch") else 2
+    least = _least_anchors(debiased, estimator)
     if seen < least:
         raise ValueError(f"data gave {seen} samples; {metric} ({estimator}) needs at least {least} anchors")
     if minibatch is not None and int(minibatch.batches.sum()) == 0:
         raise ValueError("no batch of data held 4 samples: the minibatch estimator needs batches of at least 4")
     # the minibatch estimator is the unbiased HSIC (torch-cka's) whatever ``debiased`` says
     config = dict(estimator=estimator, mode=mode, debiased=debiased or minibatch is not None, num_anchors=seen,
-                  batch_size=batch_size,
-                  k=k, reg=reg, top_units=top_units, gw_eps=gw_eps)
+                  batch_size=batch_size, k=k, reg=reg, top_units=top_units, gw_eps=gw_eps)
     if minibatch is not None:
         per_cond = per_condition.result() if per_condition is not None else None
         return LayerMap(minibatch.result()[0], la, lb, metric, per_cond, {}, config)
@@ -252,17 +257,6 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     # the diagnostics need the cross-covariance of every pair of units: skipped where it would not fit
     diagnostics = correspondence.intersection_of(paired, top_units) if metric != "gw" and paired.cross_fits() else {}
     return LayerMap(score(paired), la, lb, metric, per_cond, diagnostics, config)
-
-
-def _condition_tensor(conditions):
-    """(ids, num) from a Conditions / int64 tensor, or (None, None)."""
-    if conditions is None:
-        return None, None
-    ids, num = getattr(conditions, "ids", conditions), getattr(conditions, "num", None)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.int64:
-        raise TypeError(f"conditions must be a tcfa Conditions or a 1-D int64 tensor, got {conditions!r:.60}")
-    num = num if num is not None else (int(ids.max()) + 1 if ids.numel() else 1)
-    return _validate.labels("conditions", ids, ids.shape[0], num), num
 
 
 def _scorer(metric, debiased, k, reg, gw_eps):
