@@ -140,7 +140,7 @@ def _gw_solve(C1, C2, prob, max_iter, tol, inner_max_iter, inner_tol):
     while it < max_iter and bool((err >= tol).any()):
         L = 2 * (constC - 2 * C1 @ T @ C2.mT)
         steps.cost = L.reshape(-1).contiguous()
-        f, g, _, _, _ = _iterate(prob, steps, inner_max_iter, inner_tol, [], f, g)
+        f, g, _, _, _ = _iterate(prob, steps, inner_max_iter, inner_tol, [], f=f, g=g)
         log_u = (prob.log_a + f / prob.eps).view(P, n, 1)
         log_v = (prob.log_b + g / prob.eps).view(P, 1, m)
         T_new = (log_u + log_v - L / prob.eps).exp()

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed, ops
-from .ot_checks import budget as _budget, check_inputs, check_options
+from .ot_checks import DEFAULT_OMEGA, budget as _budget, check_inputs, check_options
 from .ot_grad import OTValue
+from .ops.relaxation import relaxed_update
 from .ot_unbalanced import check_reach, relax
 from .ragged import Ragged, flat_rows
 from .ops import _validate
@@ -151,11 +152,11 @@ class _HalfSteps:
         # from cache). A sharded x needs a merge between half-steps, so it cannot.
         self.fused = dense and prob.comm is distributed.LOCAL
 
-    def loop(self, f, g, eps, iters, tol):
-        """Up to ``iters`` whole iterations at one eps (fused steps only): f, g, n_iter, error."""
+    def loop(self, f, g, max_iter, tol, schedule, omega):
+        """The whole solve in one call (fused steps only): f, g, n_iter, error."""
         p = self.p
-        return ops.sinkhorn_dense(self.cost, p.x.offsets, p.y.offsets, p.log_a, p.log_b, f, g, eps, iters, tol,
-                                  relax(p.reach, "x", eps), relax(p.reach, "y", eps))
+        return ops.sinkhorn_dense(self.cost, p.x.offsets, p.y.offsets, p.log_a, p.log_b, f, g, p.eps, max_iter, tol,
+                                  relax(p.reach, "x", p.eps), relax(p.reach, "y", p.eps), schedule, omega)
 
     def g_update(self, f, eps, active):
         """Reduces over x rows: with x sharded, each rank's partial soft-min is merged."""
@@ -173,48 +174,61 @@ class _HalfSteps:
         return ops.softmin(p.x.rows, p.y.rows, p.x.offsets, p.y.offsets, g, p.log_b, eps, p.cost, active)
 
 
-def _iterate(prob: _Problem, steps: _HalfSteps, max_iter: int, tol: float, schedule: list[float], f=None, g=None):
-    """Alternating log-domain updates; returns f, g, n_iter, error, converged.
+def _iterate(prob: _Problem, steps: _HalfSteps, max_iter: int, tol: float, schedule: list[float], omega: float = 1.0,
+             f=None, g=None):
+    """The iterations of tcfa.ops.sinkhorn_dense (its docstring states them); returns f, g, n_iter, error, converged.
 
-    The L1 marginal error of problem k is measured without another pass over
-    the cost: after g is updated from f, the plan (f, g) has exact column sums,
-    and its row sums are a_i exp((f_i - f_new_i)/eps), where f_new is the next
-    f-update. A problem stops costing work once its error is below tol; its
-    potentials are those of its last update. With x sharded over ranks the
-    errors are global sums, so every rank stops the same problems at the same
-    iteration and issues the same collectives.
+    A problem stops costing work once its error is below tol; its potentials
+    are those of its last update. The stored-cost path is one call to the
+    fused loop. The half-step path measures the same error without another
+    pass over the cost: the row part from the f-update's target, the column
+    part from the g-update's. With x sharded over ranks the errors are global
+    sums, so every rank stops the same problems at the same iteration and
+    issues the same collectives.
     """
     B, dev, dt = prob.num_problems, prob.a.device, prob.a.dtype
     f = torch.zeros_like(prob.a) if f is None else f.clone()
     g = torch.zeros_like(prob.b) if g is None else g.clone()
+    S = len(schedule)
+    if steps.fused:
+        f, g, n_iter, error = steps.loop(f, g, max_iter, tol, schedule[:max_iter], omega)
+    else:
+        f, g, n_iter, error = _half_step_loop(prob, steps, f, g, max_iter, tol, schedule, omega)
+    if max_iter <= S:  # never reached the target eps: no error to report
+        error = torch.full((B,), float("inf"), dtype=dt, device=dev)
+    return f, g, n_iter, error, error < tol
+
+
+def _half_step_loop(prob, steps, f, g, max_iter, tol, schedule, omega):
+    B, dev, dt = prob.num_problems, prob.a.device, prob.a.dtype
+    S = len(schedule)
+    eps_at = lambda t: schedule[max(t, 1) - 1] if max(t, 1) <= S else prob.eps  # noqa: E731
+    rho_a, rho_b = prob.reach if prob.reach is not None else (None, None)
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
     error = torch.full((B,), float("inf"), dtype=dt, device=dev)
-    if steps.fused:  # the same iterates and stopping rule, one call per eps stage
-        for eps in schedule[:max_iter]:
-            f, g, it, _ = steps.loop(f, g, eps, 1, 0.0)
-            n_iter += it
-        if max_iter > len(schedule):
-            f, g, it, error = steps.loop(f, g, prob.eps, max_iter - len(schedule), tol)
-            n_iter += it
-        return f, g, n_iter, error, error < tol
     active = torch.ones(B, dtype=torch.bool, device=dev)
-    for it in range(max_iter):
-        eps = schedule[it] if it < len(schedule) else prob.eps
+    for t in range(1, max_iter + 1):
+        e_g, e_f = eps_at(t - 1), eps_at(t)
+        w = omega if t > S + 1 else 1.0
         mask = None if bool(active.all()) else active  # the kernels skip inactive problems
-        g_new = steps.g_update(f, eps, mask) * relax(prob.reach, "y", eps)
+        g_new, g_gap = relaxed_update(g, steps.g_update(f, e_g, mask), e_g, rho_b, w)
         g = g_new if mask is None else torch.where(active[prob.y_index], g_new, g)
-        f_new = steps.f_update(g, eps, mask) * relax(prob.reach, "x", eps)
+        f_plain = steps.f_update(g, e_f, mask)
+        f_new, _ = relaxed_update(f, f_plain, e_f, rho_a, w)
+        f_T = f_plain * relax(prob.reach, "x", e_f)
         # errors are only meaningful at the target eps, and needed only to stop or to report
-        if it >= len(schedule) and (tol > 0 or it == max_iter - 1):
-            viol = prob.a * torch.expm1((f - f_new) / eps).abs()
-            error = torch.where(active, prob.segment_sum(viol, "x"), error)
+        if t > S and (tol > 0 or t == max_iter):
+            viol = prob.segment_sum(prob.a * torch.expm1((f - f_T) / e_f).abs(), "x")
+            if w != 1.0:  # the g-update missed its target: the columns' violation counts too
+                viol = viol + prob.segment_sum(prob.b * torch.expm1(g_gap).abs(), "y")
+            error = torch.where(active, viol, error)
         f = f_new if mask is None else torch.where(active[prob.x_index], f_new, f)
         n_iter += active
-        if tol > 0 and it >= len(schedule):
+        if tol > 0 and t > S:
             active &= ~(error < tol)
             if not bool(active.any()):
                 break
-    return f, g, n_iter, error, error < tol
+    return f, g, n_iter, error
 
 
 class SinkhornResult:
@@ -287,7 +301,8 @@ class SinkhornResult:
 
 
 def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y_offsets=None, max_iter=1000,
-             tol=1e-6, scaling=None, mode="auto", memory_budget=None, process_group=None, reach=None) -> SinkhornResult:
+             tol=1e-6, scaling=None, mode="auto", memory_budget=None, process_group=None, reach=None,
+             omega=DEFAULT_OMEGA) -> SinkhornResult:
     """Entropic OT between the rows of x and y for a batch of problems in one call.
 
     x, y: (N, d) rows with int64 offsets (B+1,) (None: one problem), or dense
@@ -299,6 +314,9 @@ def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y
     runs exactly ``max_iter`` iterations; ε-scaling iterations count).
     ``scaling`` in (0, 1) anneals eps from the squared diameter down to
     ``eps`` by that factor per iteration (GeomLoss-style); None runs at eps.
+    ``omega`` in (0, 2) over-relaxes the iterations at the target eps
+    (1: plain Sinkhorn); each relaxed step is kept only where it does not
+    lower the dual objective. Iterations and errors: tcfa.ops.sinkhorn_dense.
     ``mode``: "dense" stores every problem's cost, "online" recomputes it in
     tiles each half-step (memory O(N + M)), "auto" stores it when all costs
     fit ``memory_budget`` bytes (default: a quarter of available memory).
@@ -317,7 +335,7 @@ def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y
     given, not normalised. Math and the peers' conventions: tcfa/ot_unbalanced.py.
     """
     comm = distributed.communicator(process_group)
-    mode, budget = comm.agree(check_options, mode, max_iter, tol, scaling, memory_budget)
+    mode, budget, omega = comm.agree(check_options, mode, max_iter, tol, scaling, memory_budget, omega)
     reach = check_reach(reach, comm.sharded)
     prob, a_n, b_n = _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets, comm, reach)
     # a shard decides for itself whether its own costs fit: ranks may differ in mode
@@ -325,7 +343,7 @@ def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y
     schedule = _eps_schedule(prob, scaling)
     with torch.no_grad():
         steps = _HalfSteps(prob, dense)
-        f, g, n_iter, error, converged = _iterate(prob, steps, max_iter, float(tol), schedule)
+        f, g, n_iter, error, converged = _iterate(prob, steps, max_iter, float(tol), schedule, omega)
     return SinkhornResult(prob, f, g, n_iter, error, converged, (flat_rows(x), flat_rows(y), a_n, b_n))
 
 

@@ -11,7 +11,7 @@ import torch
 from . import distributed
 from .ops import _validate
 from .ot import SinkhornResult, _HalfSteps, _iterate, _Problem, annealing
-from .ot_checks import check_options, weights_pair
+from .ot_checks import DEFAULT_OMEGA, check_options, weights_pair
 from .ot_grad import dual_value, weight_grads
 from .ot_unbalanced import check_reach, phi
 from .ragged import Ragged, block_offsets
@@ -129,7 +129,7 @@ def _layout(C, x_offsets, y_offsets):
 
 
 def sinkhorn_cost(C, a=None, b=None, *, eps, x_offsets=None, y_offsets=None, max_iter: int = 1000, tol=1e-6,
-                  scaling=None, reach=None) -> CostSinkhornResult:
+                  scaling=None, reach=None, omega=DEFAULT_OMEGA) -> CostSinkhornResult:
     """Entropic OT with a given cost matrix, for one problem or a batch in one call.
 
     The problem of tcfa.sinkhorn (math and stopping rule there) with C_ij given: C is (n, m) for
@@ -140,9 +140,10 @@ def sinkhorn_cost(C, a=None, b=None, *, eps, x_offsets=None, y_offsets=None, max
     eps from the largest cost range of the batch (max C - min C) down to eps by that factor per
     iteration. f and g are shaped like a and b. fp16/bf16 costs are solved in fp32. ``reach``:
     unbalanced OT as in tcfa.sinkhorn (weights then used as given; tcfa/ot_unbalanced.py).
+    ``omega``: over-relaxation as in tcfa.sinkhorn.
     """
     reach = check_reach(reach)
-    check_options("dense", max_iter, tol, scaling, None)
+    _, _, omega, _ = check_options("dense", max_iter, tol, scaling, None, omega)
     eps = _validate.positive("eps", eps)
     flat, xo, yo, shape_x, shape_y = _layout(C, x_offsets, y_offsets)
     ct = _validate.compute_dtype(flat.dtype)
@@ -160,5 +161,5 @@ def sinkhorn_cost(C, a=None, b=None, *, eps, x_offsets=None, y_offsets=None, max
     with torch.no_grad():
         steps = _HalfSteps(prob, dense=False)
         steps.cost, steps.fused = cost, True  # the fused dense loop on the caller's cost
-        f, g, n_iter, error, converged = _iterate(prob, steps, max_iter, float(tol), schedule)
+        f, g, n_iter, error, converged = _iterate(prob, steps, max_iter, float(tol), schedule, omega)
     return CostSinkhornResult(prob, f, g, n_iter, error, converged, cost, (C, a_n, b_n))

@@ -3,6 +3,7 @@
 They loop over problems and build every cost matrix explicitly: slow and
 obviously right, which is the point.
 """
+import math
 import torch
 
 
@@ -53,23 +54,54 @@ def sinkhorn_plan(a, b, C, eps, iters=20000, tol=1e-14):
     return (a.log()[:, None] + b.log()[None, :] + (f[:, None] + g[None, :] - C) / eps).exp()
 
 
-def sinkhorn_loop(C_flat, xo, yo, log_a, log_b, f, g, eps, max_iter, tol, tau_a=1.0, tau_b=1.0):
+def guarded(v, v_plain, eps, tau, rho, w):
+    """v + w (v_T - v), v_T = tau v_plain, entry by entry where it does not lower the dual objective, else v_T.
+
+    The dual objective as a function of one potential entry v (the others fixed, s = e^{(v - v_plain)/eps}
+    its marginal ratio): phi(v) - eps s e^{(v' - v)/eps} up to constants, phi(v) = v for an exact
+    marginal, rho (1 - e^{-v/rho}) for a KL-relaxed one.
+    """
+    v_T = tau * v_plain
+    v_new = v + w * (v_T - v)
+    # phi(v_new) - phi(v), for KL as rho e^{-v/rho} (1 - e^{-(v_new - v)/rho}): differences of phi
+    # values cancel, both when v >> rho and when v_new is close to v (a flipped decision there
+    # moved a potential by 6e-10 in fp64)
+    dphi = v_new - v if math.isinf(rho) else -rho * torch.exp(-v / rho) * torch.expm1(-(v_new - v) / rho)
+    s = torch.exp((v - v_plain) / eps)
+    change = dphi - eps * s * torch.expm1((v_new - v) / eps)
+    return torch.where(change >= 0, v_new, v_T)
+
+
+def sinkhorn_loop(C_flat, xo, yo, log_a, log_b, f, g, eps, max_iter, tol, tau_a=1.0, tau_b=1.0, schedule=(),
+                  omega=1.0):
     """The iterations of ops.sinkhorn_dense, problem by problem, on explicit costs."""
     f, g = f.clone(), g.clone()
-    B = len(xo) - 1
+    B, S = len(xo) - 1, len(schedule)
     n_iter = torch.zeros(B, dtype=torch.int64)
     error = torch.zeros(B, dtype=f.dtype)
+    rho = [math.inf if tau == 1 else eps * tau / (1 - tau) for tau in (tau_a, tau_b)]
+
+    def stage(t, side):  # (eps, tau) of iteration t >= 0 on side 0 (f) or 1 (g)
+        e = schedule[max(t, 1) - 1] if max(t, 1) <= S else eps
+        return e, 1.0 if math.isinf(rho[side]) else rho[side] / (rho[side] + e)
+
     start = 0
     for k, sx, sy in problems(xo, yo):
         n, m = sx.stop - sx.start, sy.stop - sy.start
         C = C_flat[start:start + n * m].reshape(n, m)
         start += n * m
         for t in range(1, max_iter + 1):
-            g[sy] = -tau_b * eps * torch.logsumexp(log_a[sx, None] + (f[sx, None] - C) / eps, dim=0)
-            f_new = -tau_a * eps * torch.logsumexp(log_b[None, sy] + (g[None, sy] - C) / eps, dim=1)
-            error[k] = (log_a[sx].exp() * torch.expm1((f[sx] - f_new) / eps).abs()).sum()
-            f[sx] = f_new
+            w = omega if t > S + 1 else 1.0
+            e, tau = stage(t - 1, 1)
+            g_plain = -e * torch.logsumexp(log_a[sx, None] + (f[sx, None] - C) / e, dim=0)
+            g_new = guarded(g[sy], g_plain, e, tau, rho[1], w)
+            col = (log_b[sy].exp() * torch.expm1((g_new - tau * g_plain) / e).abs()).sum()
+            g[sy] = g_new
+            e, tau = stage(t, 0)
+            f_plain = -e * torch.logsumexp(log_b[None, sy] + (g[None, sy] - C) / e, dim=1)
+            error[k] = (log_a[sx].exp() * torch.expm1((f[sx] - tau * f_plain) / e).abs()).sum() + col
+            f[sx] = guarded(f[sx], f_plain, e, tau, rho[0], w)
             n_iter[k] = t
-            if error[k] < tol:
+            if t > S and error[k] < tol:
                 break
     return f, g, n_iter, error

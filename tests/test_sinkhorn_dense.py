@@ -40,10 +40,11 @@ def problem(nx, ny, dtype, d=4, scale=1.0, zero_weights=True, seed=0):
     return cast(C), xo, yo, cast(la), cast(lb), torch.zeros(sum(nx), dtype=dtype), torch.zeros(sum(ny), dtype=dtype)
 
 
-def check(args, eps, max_iter, tol, dtype, taus=(1.0, 1.0)):
+def check(args, eps, max_iter, tol, dtype, taus=(1.0, 1.0), schedule=(), omega=1.0):
     C, xo, yo, la, lb, f, g = args
-    got = ops.sinkhorn_dense(C, xo, yo, la, lb, f, g, eps, max_iter, tol, *taus)
-    want = ref.sinkhorn_loop(*(t.double() if t.is_floating_point() else t for t in args), eps, max_iter, tol, *taus)
+    got = ops.sinkhorn_dense(C, xo, yo, la, lb, f, g, eps, max_iter, tol, *taus, schedule, omega)
+    want = ref.sinkhorn_loop(*(t.double() if t.is_floating_point() else t for t in args), eps, max_iter, tol, *taus,
+                             schedule, omega)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got[2], want[2])  # n_iter
     for a, b in zip((got[0], got[1], got[3]), (want[0], want[1], want[3])):
@@ -65,6 +66,61 @@ def test_matches_naive_loop(dtype, shape, taus):
     nx, ny = SHAPES[shape]
     args = problem(nx, ny, dtype)
     check(args, eps=0.5, max_iter=25, tol=0.0, dtype=dtype, taus=taus)
+
+
+@pytest.mark.parametrize("taus", [(1.0, 1.0), (0.6, 0.85)], ids=["balanced", "unbalanced"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_annealing_and_over_relaxation_match_naive_loop(dtype, shape, taus):
+    # the stages run in the same call (each g-update at the previous stage's eps), then
+    # over-relaxed target iterations with the per-problem fallback
+    nx, ny = SHAPES[shape]
+    args = problem(nx, ny, dtype, seed=4)
+    check(args, eps=0.2, max_iter=30, tol=0.0, dtype=dtype, taus=taus, schedule=(6.4, 1.6, 0.4), omega=1.6)
+
+
+@pytest.mark.parametrize("shape", ["resident", "lockstep"])
+def test_over_relaxed_problems_stop_at_their_tolerance_in_fewer_iterations(shape):
+    nx, ny = SHAPES[shape]
+    args = problem(nx, ny, torch.float64, seed=5)
+    plain = ops.sinkhorn_dense(*args, 0.3, 3000, 1e-10)
+    fast = ops.sinkhorn_dense(*args, 0.3, 3000, 1e-10, omega=1.5)
+    assert (fast[3] < 1e-10).all() and (plain[3] < 1e-10).all()
+    assert fast[2].sum() < plain[2].sum()
+    check(args, eps=0.3, max_iter=3000, tol=1e-8, dtype=torch.float64, omega=1.5)  # n_iter: away from rounding
+    # the error is the L1 marginal violation of the plan (f^{t-1}, g^t): with both
+    # updates over-relaxed it counts the columns too; the solutions agree up to
+    # the constant (f + c, g - c) that leaves every balanced plan unchanged
+    assert_same_plans(args, fast, plain, atol=1e-6)
+
+
+def assert_same_plans(args, got, want, atol):
+    """Potentials equal up to the constant (f + c, g - c) of each problem (same balanced plan)."""
+    xo, yo = args[1], args[2]
+    for k in range(len(xo) - 1):
+        fx, fy = slice(xo[k], xo[k + 1]), slice(yo[k], yo[k + 1])
+        shift = (want[0][fx] - got[0][fx]).mean()
+        torch.testing.assert_close(got[0][fx] + shift, want[0][fx], atol=atol, rtol=0)
+        torch.testing.assert_close(got[1][fy] - shift, want[1][fy], atol=atol, rtol=0)
+
+
+def test_too_much_over_relaxation_falls_back():
+    # omega close to 2 overshoots: the guard takes the plain update wherever the relaxed one
+    # would lower the dual objective, and the solve still converges
+    args = problem([40, 7], [35, 9], torch.float64, seed=6)
+    # (near omega = 2 most relaxed steps sit close to the guard's boundary, where rounding
+    # picks a side: the trajectory is compared through its limit, not step by step)
+    out = ops.sinkhorn_dense(*args, 0.1, 3000, 1e-11, omega=1.99)
+    plain = ops.sinkhorn_dense(*args, 0.1, 3000, 1e-11)
+    assert (out[3] < 1e-11).all() and (plain[3] < 1e-11).all()
+    assert_same_plans(args, out, plain, atol=1e-7)
+
+
+def test_a_schedule_longer_than_max_iter_stops_inside_it():
+    args = problem([9, 4], [6, 8], torch.float64, seed=7)
+    out = ops.sinkhorn_dense(*args, 0.5, 2, 1e-3, schedule=[8.0, 4.0, 2.0])
+    assert out[2].tolist() == [2, 2]  # no stopping test before the target eps
+    check(args, eps=0.5, max_iter=2, tol=1e-3, dtype=torch.float64, schedule=(8.0, 4.0, 2.0))
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -109,6 +165,7 @@ def test_opcheck():
     args = problem([5, 9], [7, 4], torch.float64)
     torch.library.opcheck(torch.ops.tcfa.sinkhorn_dense.default, (*args, 0.5, 5, 1e-3))
     torch.library.opcheck(torch.ops.tcfa.sinkhorn_dense.default, (*args, 0.5, 5, 1e-3, 0.7, 0.8))
+    torch.library.opcheck(torch.ops.tcfa.sinkhorn_dense.default, (*args, 0.5, 5, 1e-3, 0.7, 0.8, [2.0, 1.0], 1.5))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -119,6 +176,8 @@ def test_opcheck():
     (dict(g=torch.zeros(3, dtype=torch.float64)), "g must have shape"),
     (dict(cost=torch.zeros(5, dtype=torch.float64)), "cost must hold"),
     (dict(tau_a=1.5), "tau_a and tau_b must lie in"),
+    (dict(omega=2.0), "omega must lie in"),
+    (dict(schedule=[1.0, -1.0]), "eps must be > 0"),
 ])
 def test_direct_calls_are_bounds_checked(bad, match):
     C, xo, yo, la, lb, f, g = problem([5, 9], [7, 4], torch.float64)

@@ -219,21 +219,26 @@ def test_softmin_dense(dtype, dim, active):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tol", [0.0, 1e-3])
 @pytest.mark.parametrize("taus", [(1.0, 1.0), (0.6, 0.85)], ids=["balanced", "unbalanced"])
+@pytest.mark.parametrize("schedule, omega", [((), 1.0), ((8.0, 4.0, 2.0), 1.6)], ids=["plain", "annealed-relaxed"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")  # problem 0, below
-def test_sinkhorn_dense(dtype, tol, taus):
+def test_sinkhorn_dense(dtype, tol, taus, schedule, omega):
     xo, yo = offsets(X_SIZES), offsets(Y_SIZES)
     blocks = ref_costs(points(X_SIZES, 5, dtype), points(Y_SIZES, 5, dtype), xo, yo, "sqeuclidean")
     cost = torch.cat([c.reshape(-1) for c in blocks]).to(dtype)
     log_a, log_b = log_weights(int(xo[-1]), dtype, zero_every=3), log_weights(int(yo[-1]), dtype)
     f, g = torch.zeros(int(xo[-1]), dtype=dtype), torch.zeros(int(yo[-1]), dtype=dtype)
-    args = (cost, xo, yo, log_a, log_b, f, g, 1.0, 8, tol, *taus)
+    args = (cost, xo, yo, log_a, log_b, f, g, 1.0, 8 + len(schedule), tol, *taus, list(schedule), omega)
     out = tk.sinkhorn_dense_forward(*args)
     want = torch.ops.tcfa.sinkhorn_dense(*args)
     torch.testing.assert_close(out[2], want[2])  # n_iter: the same stopping iteration per problem
     # potentials after 8 iterations carry the half-step tolerance of each iteration;
     # problem 0's only x row is weightless (no mass): its error is 0/0 = NaN in both
-    for a, b in zip((out[0], out[1], out[3]), (want[0], want[1], want[3])):
+    for a, b in zip((out[0], out[1]), (want[0], want[1])):
         assert_close(a, b, VS_REF[dtype], equal_nan=True)
+    # the error is a residual f - f_T of potentials up to ~50 here: the launcher forms it in fp32
+    # (ulp(50) = 4e-6), the C++ loop in fp64 from the same fp32 potentials
+    err_tol = (dtype, 1e-5, 1e-5) if dtype == torch.float32 else VS_REF[dtype]
+    assert_close(out[3], want[3], err_tol, equal_nan=True)
 
 
 @pytest.mark.interpreter

@@ -2,7 +2,9 @@
 
 Cases (issue 2, fp32, all threads):
   A. N=M=4096, d=64: time per iteration (tcfa dense and online; peers)
-  B. the same problem solved to L1 marginal error 1e-4 with eps-scaling
+  B. the same problem solved to L1 marginal error 1e-4 with eps-scaling, against the loop as it was
+     before over-relaxation (legacy_solve), GeomLoss and OTT-JAX's whole solve with its defaults
+  E. the debiased divergence of case B in one call, against three solves of the old loop
   C. 64 problems 256x256, d=256, 100 iterations in one call vs a POT loop and ot.batch
   D. online mode N=M=30,000, d=64: time per iteration vs the GEMM bound, peak extra memory
   sweep: time per iteration and peak extra memory vs N, dense and online (one subprocess each,
@@ -100,27 +102,103 @@ def case_a(x, y):
     ratios(case, "tcfa dense")
 
 
+def legacy_solve(x, y, eps, tol, scaling, max_iter=10000):
+    """The solver as it was before the annealing stages moved into the kernel (commit 2cab5d1):
+    one ops.sinkhorn_dense call per eps stage, each opening with its own column pass, then
+    plain (omega 1) iterations at eps. Same kernel passes as that commit's _iterate."""
+    from tcfa import ops
+    from tcfa.ot import _eps_schedule, _HalfSteps, _prepare
+
+    prob, _, _ = _prepare(x, y, None, None, eps, "sqeuclidean", None, None)
+    cost = _HalfSteps(prob, dense=True).cost
+    f, g = torch.zeros_like(prob.a), torch.zeros_like(prob.b)
+    args = (cost, prob.x.offsets, prob.y.offsets, prob.log_a, prob.log_b)
+    schedule = _eps_schedule(prob, scaling)
+    n = 0
+    for e in schedule:
+        f, g, it, _ = ops.sinkhorn_dense(*args, f, g, e, 1, 0.0)
+        n += int(it.max())
+    f, g, it, err = ops.sinkhorn_dense(*args, f, g, eps, max_iter - len(schedule), tol)
+    return prob, f, g, n + int(it.max()), float(err.max())
+
+
+def plan_error(x, y, f, g, eps) -> float:
+    """|P 1 - a|_1 + |P^T 1 - b|_1 of the plan of potentials (f, g), uniform weights, fp64."""
+    x, y, f, g = x.double(), y.double(), f.double().reshape(-1), g.double().reshape(-1)
+    C = torch.cdist(x - x.mean(0), y - x.mean(0)) ** 2
+    n, m = C.shape
+    P = torch.exp((f[:, None] + g[None, :] - C) / eps) / (n * m)
+    return float((P.sum(1) - 1 / n).abs().sum() + (P.sum(0) - 1 / m).abs().sum())
+
+
 def case_b(x, y):
     eps, tol = 0.05, 1e-4
     xs, ys = x / 8, y / 8  # |x - y|^2 averages 2: eps is 1/40 of the mean cost
-    res = {}
+    case = "B solve to 1e-4"
+    for scaling in (0.5, None):
+        res = {}
 
-    def solve():
-        res["r"] = tcfa.sinkhorn(xs, ys, eps=eps, tol=tol, scaling=0.5, max_iter=10000, mode="auto")
+        def solve():
+            res["r"] = tcfa.sinkhorn(xs, ys, eps=eps, tol=tol, scaling=scaling, max_iter=10000, mode="auto")
 
-    t = bc.timeit(solve, repeat=3)
-    r = res["r"]
-    record("B solve to 1e-4", "tcfa (scaling 0.5)", t, unit="ms", note=f"{int(r.n_iter[0])} iters, err {float(r.error[0]):.1e}")
+        t = bc.timeit(solve, repeat=5)
+        r = res["r"]
+        record(case, f"tcfa (scaling {scaling}, omega {r_omega()})", t, unit="ms",
+               note=f"{int(r.n_iter[0])} iters, err {float(r.error[0]):.1e}, "
+                    f"plan error {plan_error(xs, ys, r.f, r.g, eps):.1e}")
+    out = {}
+    t = bc.timeit(lambda: out.update(r=legacy_solve(xs, ys, eps, tol, 0.5)), repeat=5)
+    prob, f, g, n, err = out["r"]
+    record(case, "tcfa before (2cab5d1 loop: a call per eps stage, omega 1; scaling 0.5)", t, unit="ms",
+           note=f"{n} iters, err {err:.1e}, plan error {plan_error(xs, ys, f, g, eps):.1e}")
     if has("geomloss"):
         from geomloss import SamplesLoss
 
         # GeomLoss p=2 uses |x-y|^2 / 2 and blur^p = eps: the same problem with eps/2
         loss = SamplesLoss("sinkhorn", p=2, blur=(eps / 2) ** 0.5, scaling=0.9, backend="tensorized", debias=False)
-        record("B solve to 1e-4", "GeomLoss tensorized (scaling 0.9)", bc.timeit(lambda: loss(xs, ys), repeat=1), unit="ms",
+        record(case, "GeomLoss tensorized (scaling 0.9)", bc.timeit(lambda: loss(xs, ys), repeat=1), unit="ms",
                note="its own stopping rule (annealing schedule)")
     else:
-        record("B solve to 1e-4", "GeomLoss", float("nan"), unit="ms", note="not installed")
-    ratios("B solve to 1e-4", "tcfa (scaling 0.5)")
+        record(case, "GeomLoss", float("nan"), unit="ms", note="not installed")
+    if has("ott"):
+        import jax
+        import jax.numpy as jnp
+        from ott.geometry import pointcloud
+        from ott.problems.linear import linear_problem
+        from ott.solvers.linear import sinkhorn as ott_sinkhorn
+
+        xj, yj = jnp.asarray(xs.numpy()), jnp.asarray(ys.numpy())
+        for label, solver in (("OTT-JAX Sinkhorn() defaults (threshold 1e-3)", ott_sinkhorn.Sinkhorn()),
+                              ("OTT-JAX Sinkhorn(threshold=1e-4)", ott_sinkhorn.Sinkhorn(threshold=tol))):
+            run = jax.jit(lambda a, b, solver=solver: solver(linear_problem.LinearProblem(
+                pointcloud.PointCloud(a, b, epsilon=eps))))
+            o = run(xj, yj)
+            o.f.block_until_ready()  # compile
+            t = bc.timeit(lambda: run(xj, yj).f.block_until_ready(), repeat=3)
+            perr = float(np.abs(np.asarray(o.matrix).sum(1) - 1 / len(xs)).sum() +
+                         np.abs(np.asarray(o.matrix).sum(0) - 1 / len(ys)).sum())
+            record(case, label, t, unit="ms", note=f"{int(o.n_iters)} iters, plan error {perr:.1e} (jit, compile excluded)")
+    else:
+        record(case, "OTT-JAX", float("nan"), unit="ms", note="not installed")
+    ratios(case, f"tcfa (scaling 0.5, omega {r_omega()})")
+
+
+def r_omega():
+    from tcfa.ot_checks import DEFAULT_OMEGA
+
+    return DEFAULT_OMEGA
+
+
+def case_divergence(x, y):
+    """The debiased divergence: one ragged call (xy, xx, yy) against three solves of the old loop."""
+    eps, tol = 0.05, 1e-4
+    xs, ys = x / 8, y / 8
+    case = "E divergence to 1e-4"
+    t = bc.timeit(lambda: tcfa.sinkhorn_divergence(xs, ys, eps=eps, tol=tol, scaling=0.5, max_iter=10000), repeat=3)
+    record(case, f"tcfa sinkhorn_divergence (one call, omega {r_omega()})", t, unit="ms")
+    t = bc.timeit(lambda: [legacy_solve(p, q, eps, tol, 0.5) for p, q in ((xs, ys), (xs, xs), (ys, ys))], repeat=3)
+    record(case, "tcfa before (three solves of the 2cab5d1 loop)", t, unit="ms")
+    ratios(case, f"tcfa sinkhorn_divergence (one call, omega {r_omega()})")
 
 
 def case_c():
@@ -210,6 +288,7 @@ def main():
     y = torch.randn(N_A, D)
     case_a(x, y)
     case_b(x, y)
+    case_divergence(x, y)
     case_c()
     print(bc.table(rows, ["case", "impl", "value", "unit", "tcfa_speedup", "note"]))
     print("tcfa_speedup = peer time / tcfa time in the same case (> 1: tcfa faster)")

@@ -32,6 +32,7 @@ from .. import ragged
 from ..ops import _validate
 from . import _ragged as rg
 from ._ragged import block_header
+from ..ops.relaxation import relaxed_update
 
 # Tile sizes, chosen for an H100. The (BLOCK_M x BLOCK_N) score tile of the
 # on-the-fly kernels lives in registers; BLOCK_K chunks of the width d feed tl.dot.
@@ -235,7 +236,7 @@ def softmin_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim,
 
 
 def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol=0.0, tau_a=1.0,
-                           tau_b=1.0):
+                           tau_b=1.0, schedule=(), omega=1.0):
     """tcfa::sinkhorn_dense on the GPU (math: tcfa.ops.sinkhorn_dense): the two
     dense soft-min kernels per iteration, problems masked out once converged.
 
@@ -251,6 +252,10 @@ def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, 
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     if not (0 < tau_a <= 1 and 0 < tau_b <= 1):
         raise ValueError(f"tau_a and tau_b must lie in (0, 1], got {tau_a!r} and {tau_b!r}")
+    if not 0 < omega < 2:
+        raise ValueError(f"omega must lie in (0, 2), got {omega!r}")
+    schedule = [rg.check_eps(e) for e in schedule]
+    eps = rg.check_eps(eps)
     rg.check_rows("f", f, log_a.shape[0])
     rg.check_rows("g", g, log_b.shape[0])
     xo, yo = rg.check_pair(x_offsets, log_a.shape[0], y_offsets, log_b.shape[0])
@@ -260,23 +265,31 @@ def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, 
     B = nx.numel()
     x_index = torch.repeat_interleave(torch.arange(B, device=device), nx)
     y_index = torch.repeat_interleave(torch.arange(B, device=device), ny)
-    a = log_a.to(ct).exp()
+    a, b = log_a.to(ct).exp(), log_b.to(ct).exp()
+    rho_a, rho_b = (None if tau == 1 else eps * tau / (1 - tau) for tau in (tau_a, tau_b))
+    eps_at = lambda t: schedule[max(t, 1) - 1] if max(t, 1) <= len(schedule) else eps  # noqa: E731
     f_dtype, g_dtype = f.dtype, g.dtype
     f, g = f.to(ct).clone(), g.to(ct).clone()
     n_iter = torch.zeros(B, dtype=torch.int64, device=device)
     error = torch.zeros(B, dtype=ct, device=device)
     active = (nx > 0) & (ny > 0)
-    for _ in range(max_iter):
+    for t in range(1, max_iter + 1):
         if not bool(active.any()):
             break
-        g_new = tau_b * softmin_dense_forward(cost, xo, yo, log_a, log_b, f, eps, 0, active)
+        e_g, e_f = eps_at(t - 1), eps_at(t)
+        w = omega if t > len(schedule) + 1 else 1.0
+        g_plain = softmin_dense_forward(cost, xo, yo, log_a, log_b, f, e_g, 0, active)
+        g_new, g_gap = relaxed_update(g, g_plain, e_g, rho_b, w)
+        col = b * torch.expm1(g_gap).abs()
         g = torch.where(active[y_index], g_new, g)
-        f_new = tau_a * softmin_dense_forward(cost, xo, yo, log_a, log_b, g, eps, 1, active)
-        viol = a * torch.expm1((f - f_new) / eps).abs()
-        error = torch.where(active, torch.zeros_like(error).index_add_(0, x_index, viol), error)
+        f_plain = softmin_dense_forward(cost, xo, yo, log_a, log_b, g, e_f, 1, active)
+        f_new, _ = relaxed_update(f, f_plain, e_f, rho_a, w)
+        f_T = f_plain * (1.0 if rho_a is None else rho_a / (rho_a + e_f))
+        viol = torch.zeros_like(error).index_add_(0, x_index, a * torch.expm1((f - f_T) / e_f).abs())
+        error = torch.where(active, viol.index_add_(0, y_index, col), error)
         f = torch.where(active[x_index], f_new, f)
         n_iter += active
-        if tol > 0:
+        if tol > 0 and t > len(schedule):
             active &= ~(error < tol)
     return f.to(f_dtype), g.to(g_dtype), n_iter, error.to(f_dtype)
 

@@ -55,27 +55,41 @@ def softmin_dense(cost, x_offsets, y_offsets, log_a, log_b, h, eps: float, dim: 
 
 
 def sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps: float, max_iter: int, tol: float = 0.0,
-                   tau_a: float = 1.0, tau_b: float = 1.0):
-    """Whole Sinkhorn loops at one eps on stored costs, every problem in one call.
+                   tau_a: float = 1.0, tau_b: float = 1.0, schedule=(), omega: float = 1.0):
+    """Whole Sinkhorn loops on stored costs, annealing stages included, every problem in one call.
 
-    From the potentials (f, g), iteration t = 1, 2, ... of problem k is
+    Iteration t = 1, 2, ... runs at eps_t = schedule[t-1] for t <= S = len(schedule) and at
+    eps after (eps_0 = eps_1). Unbalanced OT gives tau_a, tau_b at eps (tau = rho / (rho + eps),
+    tcfa/ot_unbalanced.py; 1: that marginal exact), so at any e, tau_a(e) = rho_a / (rho_a + e).
+    From the potentials (f, g), iteration t of problem k is
 
-        g_j <- -tau_b eps * log sum_i exp(log_a_i + (f_i - C_ij) / eps)     (softmin_dense, dim=0)
-        f_i <- -tau_a eps * log sum_j exp(log_b_j + (g_j - C_ij) / eps)     (softmin_dense, dim=1)
-        error_k = sum_i a_i |exp((f_i^{t-1} - f_i^t) / eps) - 1|
+        g_T_j = -tau_b(eps') eps' log sum_i exp(log_a_i + (f_i - C_ij) / eps'),   eps' = eps_{t-1}
+        g_j  <- g_j + w_t (g_T_j - g_j)   if that does not lower the dual objective, else g_T_j
+        f_T_i = -tau_a(eps_t) eps_t log sum_j exp(log_b_j + (g_j - C_ij) / eps_t)
+        error_k = sum_i a_i |exp((f_i - f_T_i) / eps_t) - 1| + sum_j b_j |exp((g_j - g_T_j) / eps') - 1|
+        f_i  <- f_i + w_t (f_T_i - f_i)   if that does not lower the dual objective, else f_T_i
 
-    (balanced, tau = 1: error_k is the L1 violation of the row marginal of the
-    plan (f^{t-1}, g^t), whose column marginal is exact; unbalanced OT, tau =
-    rho / (rho + eps) in (0, 1) (tcfa/ot_unbalanced.py): the same fixed-point
-    residual), stopping after the first iteration with
-    error_k < tol, or after max_iter (tol = 0 runs exactly max_iter). The input
-    g only shifts the exponents of the first g-update (the previous g is a good
-    one); results do not depend on it beyond rounding.
+    (the g-update runs at the previous iteration's eps because the CPU kernel computes it in the
+    same read of the cost as that iteration's f-update). w_t = 1 up to iteration S + 1, then
+    ``omega`` in (0, 2) (over-relaxation). The guard is entry by entry: with the other potential
+    fixed, the dual objective depends on one entry v through  phi(v) - eps s_v e^{(v - v0)/eps},
+    s_v the current marginal ratio of that row or column (its marginal over a_i or b_j) at v0,
+    phi(v) = v for an exact marginal and rho (1 - e^{-v/rho}) for a KL-relaxed one. A plain
+    update maximises it; an over-relaxed one is kept only where it does not decrease it, so
+    every step is an ascent step on the (bounded) dual and no omega makes the iterates blow up.
+    Balanced and w = 1, error_k is the L1 violation of the row marginal of the plan
+    (f^{t-1}, g^t), whose column marginal is exact; over-relaxed, the second sum adds its column
+    violation; unbalanced, both are the same fixed-point residuals.
+
+    A problem stops after the first iteration t > S with error_k < tol, or after max_iter
+    (tol = 0 runs exactly max_iter); error_k of iterations t <= S is not a stopping test. The
+    input g only shifts the exponents of the first g-update (the previous g is a good one);
+    results do not depend on it beyond rounding.
     Returns (f, g, n_iter (B,) int64, error (B,)). Empty problems are skipped
     (n_iter 0). Same cost layout as :func:`softmin_dense`.
     """
     return torch.ops.tcfa.sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol, tau_a,
-                                         tau_b)
+                                         tau_b, [float(e) for e in schedule], omega)
 
 
 def cost_matrix(x, y, x_offsets, y_offsets, cost: str = "sqeuclidean"):

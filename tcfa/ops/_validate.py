@@ -132,10 +132,13 @@ def weights(name: str, w, r: Ragged, *, normalise: bool = True) -> torch.Tensor:
     sharded batch, whose mass is global) returns the checked raw weights, ones for None.
     """
     N = r.rows.shape[0]
+    # in the compute dtype: fp16 masses 1/n do not sum to 1 (1/9 is off by 3e-4), and
+    # marginals of unequal mass leave balanced Sinkhorn oscillating at that error
+    ct = compute_dtype(r.rows.dtype)
     if w is None:
         if not normalise:
-            return torch.ones(N, dtype=r.rows.dtype, device=r.rows.device)
-        sizes = r.sizes.to(r.rows.dtype)
+            return torch.ones(N, dtype=ct, device=r.rows.device)
+        sizes = r.sizes.to(ct)
         return (1.0 / sizes).repeat_interleave(r.sizes)
     w = tensor(name, w, dim=(1, 2))
     if r.batch_shape is not None and w.dim() == 2:
@@ -148,6 +151,7 @@ def weights(name: str, w, r: Ragged, *, normalise: bool = True) -> torch.Tensor:
     if bool((w < 0).any()):
         i = int((w < 0).nonzero()[0])
         raise ValueError(f"{name} must be non-negative, got {w[i].item()} at row {i}")
+    w = w.to(compute_dtype(w.dtype))
     if not normalise:
         return w
     mass = torch.zeros(r.num_problems, dtype=w.dtype, device=w.device).index_add_(0, r.problem_index(), w)
