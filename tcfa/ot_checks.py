@@ -63,10 +63,14 @@ def check_inputs(x, y, a, b, eps, cost, x_offsets, y_offsets, comm, balanced: bo
     return eps, cost, rx, ry, a_n, b_n, shared
 
 
-# Over-relaxation of the target-eps iterations (tcfa.ops.sinkhorn_dense). 1.5 cut the iterations
-# to 1e-4 by 30-45 % on every measured case (benchmarks/results/sinkhorn_iterations.md); near 2
-# the guard rejects most relaxed steps and it is slower than plain Sinkhorn.
-DEFAULT_OMEGA = 1.5
+# Over-relaxation of the target-eps iterations (tcfa.ops.sinkhorn_dense); 1 is plain Sinkhorn.
+# Measured (benchmarks/results/sinkhorn_iterations.json, Intel Xeon): omega 1.5 cuts the iterations
+# to 1e-4 by 32 % on one 4096^2 problem (whole solve 1.9x faster without annealing) and by 44-67 %
+# unbalanced, but each relaxed iteration of the CPU kernel runs scalar fp64 exp/log per row and
+# column, 2.3x the time of a plain one on 256^2 problems (64 of them, 155 against 67 ms for 100
+# iterations), so batches of small problems got slower. Plain stays the default until those
+# updates are vectorised; pass omega=1.5 for large or unbalanced problems.
+DEFAULT_OMEGA = 1.0
 
 
 def check_options(mode, max_iter, tol, scaling, memory_budget, omega=DEFAULT_OMEGA):

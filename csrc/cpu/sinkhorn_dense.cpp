@@ -69,9 +69,9 @@ template <typename T> struct Batch {
   const RaggedPair& rp;
   const T *cost, *log_a, *a, *log_b;
   T *f, *g;
-  T* u;   // log b_j + g_j / eps, refreshed before every pass (the fallback's terms)
-  T* u2;  // the same in base 2 (log2 e * u), finite: the one-exp path's terms
-  T* up;  // scratch for the column fallback: log a_i + f_i / eps
+  T* u;                 // log b_j + g_j / eps, refreshed before every pass (the fallback's terms)
+  T* u2;                // the same in base 2 (log2 e * u), finite: the one-exp path's terms
+  T* up;                // scratch for the column fallback: log a_i + f_i / eps
   double rho_a, rho_b;  // unbalanced OT's rho (infinity: that marginal is exact)
   const double* schedule;  // eps of iterations 1..n_schedule; eps after them
   int64_t n_schedule;
@@ -117,7 +117,8 @@ template <typename T> double relaxed_move(const Step<T>& st, double v, double x)
   const double d_plain = st.target_move(v, x);
   if (st.omega == 1.0) return d_plain;
   const double d = st.omega * d_plain;
-  const double gain = std::isinf(st.r) ? d : -st.r * std::exp(-v / (st.r * st.eps)) * std::expm1(-d / st.r);
+  const double gain =
+      std::isinf(st.r) ? d : -st.r * std::exp(-v / (st.r * st.eps)) * std::expm1(-d / st.r);
   return gain - std::exp(x) * std::expm1(d) >= 0 ? d : d_plain;
 }
 
@@ -218,9 +219,9 @@ PassResult sweep(const Batch<T>& b, const Step<T>& st, int64_t k, int64_t r0, in
       const T s = sums[q];
       const bool exact = s >= S::row_lo && s <= S::row_hi;  // false for NaN too
       // the row's weight in the next column sums, exp((f'_i - f_i)/eps): 1/s when plain
-      const T w = st.plain_balanced()
-                      ? T(1) / s
-                      : static_cast<T>(std::exp(relaxed_move(st, b.f[i], std::log(static_cast<double>(s)))));
+      const T w = st.plain_balanced() ? T(1) / s
+                                      : static_cast<T>(std::exp(relaxed_move(
+                                            st, b.f[i], std::log(static_cast<double>(s)))));
       const bool col_exact =
           exact && (!update_f || (s >= S::col_row_lo && w <= T(1) / S::col_row_lo));
       coef[q] = col_exact ? (update_f ? b.a[i] * w : b.a[i]) : T(0);
@@ -254,7 +255,8 @@ PassResult sweep(const Batch<T>& b, const Step<T>& st, int64_t k, int64_t r0, in
         }
         res.err += static_cast<double>(b.a[i]) * std::abs(si - 1.0);
       }
-      sub_scaled_log<T>(b.f + r0, sbuf, nullptr, eps, r1 - r0);  // f_i -= eps log s_i, one vector pass
+      sub_scaled_log<T>(b.f + r0, sbuf, nullptr, eps,
+                        r1 - r0);  // f_i -= eps log s_i, one vector pass
     } else {
       for (int64_t i = r0; i < r1; ++i) {
         const double si = sbuf[i - r0];
@@ -293,12 +295,13 @@ double finish_columns(const Batch<T>& b, const Step<T>& st, int64_t k, const T* 
     std::vector<uint8_t> only(b.rp.B, 0);
     only[k] = 1;
     column_softmin<T>(b.cost, b.rp, only, b.up, eps, b.g);  // g - eps l
-    for (int64_t j = 0; j < m; ++j) l[j] = (static_cast<double>(g_old[j]) - g[j]) / eps, g[j] = g_old[j];
+    for (int64_t j = 0; j < m; ++j)
+      l[j] = (static_cast<double>(g_old[j]) - g[j]) / eps, g[j] = g_old[j];
   }
   double col_error = 0;
   for (int64_t j = 0; j < m; ++j) {
     if (!std::isfinite(l[j]) || !std::isfinite(g[j])) {  // an empty sum (every row weightless):
-      const double g_plain = g[j] - st.eps * l[j];      // g' = g_T = +inf, nothing missed
+      const double g_plain = g[j] - st.eps * l[j];       // g' = g_T = +inf, nothing missed
       g[j] = static_cast<T>(std::isfinite(g_plain) ? st.tau * g_plain : INFINITY);
       continue;
     }
@@ -424,10 +427,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
     using T = scalar_t;
     // tau = rho / (rho + eps) at the target eps gives rho, and tau at every stage
     auto rho = [&](double tau) { return tau == 1.0 ? INFINITY : eps * tau / (1.0 - tau); };
-    const Batch<T> b{rp, c.data_ptr<T>(), la.data_ptr<T>(), a.data_ptr<T>(), lb.data_ptr<T>(),
-                     f_out.data_ptr<T>(), g_out.data_ptr<T>(), u.data_ptr<T>(), u2.data_ptr<T>(),
-                     up.data_ptr<T>(), rho(tau_a), rho(tau_b), schedule.data(),
-                     static_cast<int64_t>(schedule.size()), eps, omega};
+    const Batch<T> b{rp,
+                     c.data_ptr<T>(),
+                     la.data_ptr<T>(),
+                     a.data_ptr<T>(),
+                     lb.data_ptr<T>(),
+                     f_out.data_ptr<T>(),
+                     g_out.data_ptr<T>(),
+                     u.data_ptr<T>(),
+                     u2.data_ptr<T>(),
+                     up.data_ptr<T>(),
+                     rho(tau_a),
+                     rho(tau_b),
+                     schedule.data(),
+                     static_cast<int64_t>(schedule.size()),
+                     eps,
+                     omega};
     int64_t* it = n_iter.data_ptr<int64_t>();
     double* err = error.data_ptr<double>();
     // Empty problems have nothing to iterate (the Python API rejects them).
