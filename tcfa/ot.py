@@ -211,11 +211,9 @@ def _half_step_loop(prob, steps, f, g, max_iter, tol, schedule, omega):
         e_g, e_f = eps_at(t - 1), eps_at(t)
         w = omega if t > S + 1 else 1.0
         mask = None if bool(active.all()) else active  # the kernels skip inactive problems
-        g_new, g_gap = relaxed_update(g, steps.g_update(f, e_g, mask), e_g, rho_b, w)
+        g_new, _, g_gap = relaxed_update(g, steps.g_update(f, e_g, mask), e_g, rho_b, w)
         g = g_new if mask is None else torch.where(active[prob.y_index], g_new, g)
-        f_plain = steps.f_update(g, e_f, mask)
-        f_new, _ = relaxed_update(f, f_plain, e_f, rho_a, w)
-        f_T = f_plain * relax(prob.reach, "x", e_f)
+        f_new, f_T, _ = relaxed_update(f, steps.f_update(g, e_f, mask), e_f, rho_a, w)
         # errors are only meaningful at the target eps, and needed only to stop or to report
         if t > S and (tol > 0 or t == max_iter):
             viol = prob.segment_sum(prob.a * torch.expm1((f - f_T) / e_f).abs(), "x")

@@ -98,7 +98,7 @@ template <typename T> struct Batch {
 
 // The updates of one potential at one eps: the Sinkhorn target v_T = tau (v - eps x),
 // x the log of the current marginal ratio (row sum s_i = e^x), tau = rho / (rho + eps).
-template <typename T> struct Step {
+struct Step {
   double eps, tau, omega;
   double r;  // rho / eps; infinity when this marginal is exact
   Step(double eps_, double rho, double w)
@@ -113,7 +113,7 @@ template <typename T> struct Step {
 // op's guard), else the plain v_T - v. In eps units, moving v by d changes the
 // objective by  phi'-term - s (e^d - 1),  the phi'-term being d (exact marginal)
 // or r e^{-v / rho} (1 - e^{-d / r}) (KL-relaxed marginal).
-template <typename T> double relaxed_move(const Step<T>& st, double v, double x) {
+inline double relaxed_move(const Step& st, double v, double x) {
   const double d_plain = st.target_move(v, x);
   if (st.omega == 1.0) return d_plain;
   const double d = st.omega * d_plain;
@@ -191,9 +191,10 @@ struct PassResult {
 // One sweep over rows [r0, r1) of problem k. update_f: replace f_i by its
 // soft-min update (and measure the error); accumulate: add this chunk's column
 // sums with the current f into acc (padded width). ebuf holds 4 padded rows,
-// sbuf r1 - r0 row sums (their logs are taken in one vector pass at the end).
+// sbuf r1 - r0 row sums (their logs are taken in one vector pass at the end), or
+// the rows' moves when the step is not plain and balanced.
 template <typename T, bool kPrefetch>
-PassResult sweep(const Batch<T>& b, const Step<T>& st, int64_t k, int64_t r0, int64_t r1,
+PassResult sweep(const Batch<T>& b, const Step& st, int64_t k, int64_t r0, int64_t r1,
                  bool update_f, bool accumulate, T* acc, T* ebuf, T* sbuf) {
   using S = Safe<T>;
   const int64_t m = b.m(k), mp = padded<T>(m);
@@ -218,16 +219,23 @@ PassResult sweep(const Batch<T>& b, const Step<T>& st, int64_t k, int64_t r0, in
       T* e = ebuf + q * mp;
       const T s = sums[q];
       const bool exact = s >= S::row_lo && s <= S::row_hi;  // false for NaN too
-      // the row's weight in the next column sums, exp((f'_i - f_i)/eps): 1/s when plain
-      const T w = st.plain_balanced() ? T(1) / s
-                                      : static_cast<T>(std::exp(relaxed_move(
-                                            st, b.f[i], std::log(static_cast<double>(s)))));
+      // the row's move (f'_i - f_i)/eps and its weight w = e^move in the next column sums
+      // (1/s when plain); relaxed, the move and the error are taken here, once per row
+      T move = 0, w = T(1) / s;
+      if (update_f && exact && !st.plain_balanced()) {
+        const double x = std::log(static_cast<double>(s));
+        // |exp((f_i - f_T_i)/eps) - 1| against the unrelaxed target
+        res.err += static_cast<double>(b.a[i]) * std::abs(std::expm1(-st.target_move(b.f[i], x)));
+        const double d = relaxed_move(st, b.f[i], x);
+        move = static_cast<T>(d);
+        w = static_cast<T>(std::exp(d));
+      }
       const bool col_exact =
           exact && (!update_f || (s >= S::col_row_lo && w <= T(1) / S::col_row_lo));
       coef[q] = col_exact ? (update_f ? b.a[i] * w : b.a[i]) : T(0);
       res.cols_ok = res.cols_ok && col_exact;
       if (update_f) {
-        sbuf[i - r0] = s;
+        sbuf[i - r0] = st.plain_balanced() ? s : move;
         if (!exact) {  // the online max: exact whatever the range
           LseState<T> lse;
           lse.add_affine(u, b.row(k, i), nie, m);
@@ -238,7 +246,9 @@ PassResult sweep(const Batch<T>& b, const Step<T>& st, int64_t k, int64_t r0, in
             b.f[i] += eps * static_cast<T>(relaxed_move(st, b.f[i], (b.f[i] - f_plain) / st.eps));
           else  // an empty sum (every column weightless): f_T = +inf, no move to relax
             b.f[i] = static_cast<T>(st.tau * f_plain);
-          sbuf[i - r0] = T(-1);  // marks the row: the passes below neither shift it nor count it
+          // plain: marks the row, which the pass below neither shifts nor counts; relaxed: moved
+          // already
+          sbuf[i - r0] = st.plain_balanced() ? T(-1) : T(0);
         }
       }
       if (coef[q] == T(0)) std::fill(e, e + mp, T(0));  // may hold inf: keep 0 * e finite
@@ -258,14 +268,7 @@ PassResult sweep(const Batch<T>& b, const Step<T>& st, int64_t k, int64_t r0, in
       sub_scaled_log<T>(b.f + r0, sbuf, nullptr, eps,
                         r1 - r0);  // f_i -= eps log s_i, one vector pass
     } else {
-      for (int64_t i = r0; i < r1; ++i) {
-        const double si = sbuf[i - r0];
-        if (si < 0) continue;
-        const double x = std::log(si);
-        // |exp((f_i - f_T_i)/eps) - 1| against the unrelaxed target
-        res.err += static_cast<double>(b.a[i]) * std::abs(std::expm1(-st.target_move(b.f[i], x)));
-        b.f[i] += eps * static_cast<T>(relaxed_move(st, b.f[i], x));
-      }
+      for (int64_t i = r0; i < r1; ++i) b.f[i] += eps * sbuf[i - r0];  // the moves taken above
     }
   }
   return res;
@@ -276,7 +279,7 @@ PassResult sweep(const Batch<T>& b, const Step<T>& st, int64_t k, int64_t r0, in
 // Returns the column part of the next error, sum_j b_j |exp((g'_j - g_T_j)/eps) - 1|
 // (0 unless over-relaxed: g' = g_T).
 template <typename T>
-double finish_columns(const Batch<T>& b, const Step<T>& st, int64_t k, const T* acc, bool ok) {
+double finish_columns(const Batch<T>& b, const Step& st, int64_t k, const T* acc, bool ok) {
   using S = Safe<T>;
   const int64_t y0 = b.rp.yo[k], m = b.m(k);
   const T eps = static_cast<T>(st.eps);
@@ -336,13 +339,13 @@ void solve_one(const Batch<T>& b, int64_t k, int64_t max_iter, double tol, int64
   std::vector<T> acc(mp), ebuf(4 * mp), sbuf(x1 - x0);
   double col_err = 0;
   for (int64_t t = 0; t <= max_iter; ++t) {  // pass t: f-update of iteration t, g-update of t + 1
-    const Step<T> f_step(b.eps_at(t), b.rho_a, weight_at(b, t));
+    const Step f_step(b.eps_at(t), b.rho_a, weight_at(b, t));
     b.refresh_u(k, static_cast<T>(f_step.eps));
     std::fill(acc.begin(), acc.end(), T(0));
     const PassResult r = sweep<T, false>(b, f_step, k, x0, x1, t > 0, t < max_iter, acc.data(),
                                          ebuf.data(), sbuf.data());
     if (t > 0 && record(b, k, t, max_iter, tol, r.err, col_err, n_iter, error)) break;
-    const Step<T> g_step(f_step.eps, b.rho_b, weight_at(b, t + 1));
+    const Step g_step(f_step.eps, b.rho_b, weight_at(b, t + 1));
     col_err = finish_columns(b, g_step, k, acc.data(), r.cols_ok);
   }
 }
@@ -362,16 +365,15 @@ void solve_lockstep(const Batch<T>& b, std::vector<uint8_t> todo, int64_t max_it
     const int64_t parts = (4 * at::get_num_threads() + n_todo - 1) / n_todo;
     const auto tasks = row_chunks(b.rp.xo, todo, parts, kDenseRowBlock);
     const bool update_f = t > 0, accumulate = t < max_iter;
-    const T eps = static_cast<T>(b.eps_at(t));
+    const Step f_step(b.eps_at(t), b.rho_a, weight_at(b, t));  // the same for every problem
     for (int64_t k = 0; k < b.rp.B; ++k)
-      if (todo[k]) b.refresh_u(k, eps);
+      if (todo[k]) b.refresh_u(k, static_cast<T>(f_step.eps));
     std::vector<std::vector<T>> acc(tasks.size());
     std::vector<PassResult> res(tasks.size());
     run_tasks(tasks, [&](const Task& task, int64_t ti) {
       const int64_t mp = padded<T>(b.m(task.k));
       acc[ti].assign(mp, T(0));
       std::vector<T> ebuf(4 * mp), sbuf(task.r1 - task.r0);
-      const Step<T> f_step(b.eps_at(t), b.rho_a, weight_at(b, t));
       res[ti] = sweep<T, true>(b, f_step, task.k, task.r0, task.r1, update_f, accumulate,
                                acc[ti].data(), ebuf.data(), sbuf.data());
     });
@@ -388,7 +390,7 @@ void solve_lockstep(const Batch<T>& b, std::vector<uint8_t> todo, int64_t max_it
       if (update_f && record(b, k, t, max_iter, tol, res[ti].err, col_err[k], n_iter, error))
         todo[k] = 0;
       if (todo[k]) {
-        const Step<T> g_step(b.eps_at(t), b.rho_b, weight_at(b, t + 1));
+        const Step g_step(f_step.eps, b.rho_b, weight_at(b, t + 1));
         col_err[k] = finish_columns(b, g_step, k, acc[ti].data(), res[ti].cols_ok);
       }
       ti = last + 1;
