@@ -10,6 +10,7 @@ out of bounds -- the same cheap checks the C++ kernels make (csrc/cpu/checks.h).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,6 +26,19 @@ LN2 = 0.6931471805599453
 # ---------------------------------------------------------------- checks
 # The argument checks are tcfa/ops/_validate.py's, shared with every backend; the
 # launchers only add what a kernel needs (host copies of offsets, block tables).
+def launch_device(**tensors):
+    """The device guard of a launch: tensors on one device (a named error otherwise), made current.
+
+    Triton launches on the current CUDA device; tensors on cuda:1 while cuda:0 is current would
+    be read through the wrong context (an illegal memory access), so every launcher enters this.
+    """
+    _validate.same_device(**tensors)
+    device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), None)
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def check_offsets(name: str, off, n_rows: int) -> torch.Tensor:
     """int64 (B+1,) offsets starting at 0, non-decreasing, ending at n_rows; returned on the CPU."""
     return _validate.offsets(name, off, n_rows, "cpu")
@@ -83,10 +97,11 @@ def active_flags(active, num_problems: int) -> torch.Tensor | None:
 # ---------------------------------------------------------------- block tables
 @triton.jit
 def block_header(blocks_ptr, x_off_ptr, y_off_ptr):
-    """The block of this program (row tl.program_id(0) of a tcfa.ragged.block_table): its problem, its
+    """The block of this program (row program_id(0) of a tcfa.ragged.block_table): its problem, its
     first row, and the problem's x rows [rows_start, rows_end) and y rows [cols_start, cols_end)."""
-    problem = tl.load(blocks_ptr + 2 * tl.program_id(0))
-    first = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1)
+    pid = tl.program_id(0).to(tl.int64)
+    problem = tl.load(blocks_ptr + 2 * pid)
+    first = tl.load(blocks_ptr + 2 * pid + 1)
     rows_start, rows_end = tl.load(x_off_ptr + problem), tl.load(x_off_ptr + problem + 1)
     cols_start, cols_end = tl.load(y_off_ptr + problem), tl.load(y_off_ptr + problem + 1)
     return problem, first, rows_start, rows_end, cols_start, cols_end

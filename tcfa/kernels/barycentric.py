@@ -40,7 +40,7 @@ def _barycentric_kernel(x_ptr, y_ptr, u_ptr, v_ptr, out_ptr, x_off_ptr, y_off_pt
 
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < rows_end
-    dvs = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dvs = tl.program_id(1).to(tl.int64) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_mask = dvs < dv
     dtype = out_ptr.dtype.element_ty
     run_max = tl.full((BLOCK_M,), LOWEST, dtype)
@@ -80,6 +80,7 @@ def barycentric_forward(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost=
                          f"got shape {tuple(getattr(values, 'shape', ()))}")
     xo, yo = rg.check_pair(x_offsets, x.shape[0], y_offsets, y.shape[0])
     _validate.barycentric_mass(log_b, xo, yo)
+    guard = rg.launch_device(x=x, y=y, g=g, log_b=log_b, values=values)
 
     ct = _validate.compute_dtype(x.dtype)
     x_rows, _ = rg.affine_rows(x.to(ct), cost)
@@ -92,9 +93,10 @@ def barycentric_forward(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost=
     blocks = ragged.block_table(xo, ROW_BLOCK, None, x.device)
     if blocks.shape[0] and dv:
         block_dv = rg.dot_block(dv, MAX_DV_BLOCK)
-        _barycentric_kernel[(blocks.shape[0], triton.cdiv(dv, block_dv))](
-            x_rows, y_rows, u, v, out, xo.to(x.device), yo.to(x.device), blocks, coef, x.shape[1], dv,
-            BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
-            BLOCK_DV=block_dv, DOT_PRECISION=dot_precision(ct), LOWEST=torch.finfo(ct).min, num_warps=4,
-        )
+        with guard:
+            _barycentric_kernel[(blocks.shape[0], triton.cdiv(dv, block_dv))](
+                x_rows, y_rows, u, v, out, xo.to(x.device), yo.to(x.device), blocks, coef, x.shape[1], dv,
+                BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
+                BLOCK_DV=block_dv, DOT_PRECISION=dot_precision(ct), LOWEST=torch.finfo(ct).min, num_warps=4,
+            )
     return out.to(values.dtype)

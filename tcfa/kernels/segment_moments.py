@@ -1,7 +1,7 @@
 """Triton kernel of tcfa::segment_moments (math in tcfa/ops/__init__.py: segment_moments).
 
-A grouped GEMM over label-sorted segments: program (tile, c) computes one
-BLOCK_M x BLOCK_N tile of segment c's co-moment block
+A grouped GEMM over label-sorted segments: program (c, i, j) computes the
+(i, j) BLOCK_M x BLOCK_N tile of segment c's co-moment block
 
     S_c[m, n] = sum_{i in S_c} (a_i[m] - mean_a[c, m]) (b_i[n] - mean_b[c, n]),
 
@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..ops import _validate
+from ._ragged import launch_device
 
 
 @triton.jit
@@ -39,11 +40,9 @@ def _segment_moments_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64)
-    tiles_n = tl.cdiv(db, BLOCK_N)
-    cols_a = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_b = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(0).to(tl.int64)  # axis 0: up to 2^31 - 1 programs (axes 1 and 2 stop at 65,535)
+    cols_a = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_b = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_a = cols_a < da
     in_b = cols_b < db
     mean_a = tl.load(MeanA_ptr + c * da + cols_a, mask=in_a, other=0.0)
@@ -80,7 +79,7 @@ def _co_moments(a, mean_a, b, mean_b, perm, offsets, num_segments):
     if da == 0 or db == 0:
         return out
     BLOCK_M, BLOCK_N = _block(da), _block(db)
-    grid = (triton.cdiv(da, BLOCK_M) * triton.cdiv(db, BLOCK_N), C)
+    grid = (C, triton.cdiv(da, BLOCK_M), triton.cdiv(db, BLOCK_N))
     _segment_moments_kernel[grid](
         a,
         a.stride(0),
@@ -105,6 +104,11 @@ def segment_moments_forward(x, y, labels, num_segments, xx=True, yy=True, xy=Tru
     """torch.ops.tcfa.segment_moments for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)."""
     x, y = _validate.paired_rows(x, y)
     labels = _validate.labels("labels", labels, x.shape[0], num_segments)
+    with launch_device(x=x, y=y, labels=labels):
+        return _segment_moments(x, y, labels, num_segments, xx, yy, xy)
+
+
+def _segment_moments(x, y, labels, num_segments, xx, yy, xy):
     ct = _validate.compute_dtype(x.dtype)
     x, y = x.to(ct).contiguous(), y.to(ct).contiguous()
     C = num_segments

@@ -18,9 +18,10 @@ Numerics shared by all kernels:
 * one pass with an online max: the running max starts at the dtype's lowest
   finite value, not -inf, so (old max - new max) stays finite when every term
   so far is -inf (zero weights), exactly as csrc/cpu/lse.h does;
-* fp32 tl.dot uses input_precision="ieee". On a GPU the default would be TF32
-  (10-bit mantissa), which would not match the C++ op; the interpreter's
-  tl.dot is an exact numpy matmul either way. fp64 is computed in fp64.
+* fp32 tl.dot uses input_precision="ieee" (the policy: kernels/_precision.py).
+  On a GPU the default would be TF32 (10-bit mantissa), whose cost error is
+  divided by eps; the interpreter's tl.dot is an exact numpy matmul either
+  way. fp64 is computed in fp64.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import triton.language as tl
 
 from .. import ragged
 from ..ops import _validate
+from . import _precision as precision
 from . import _ragged as rg
 from ._ragged import block_header
 from ..ops.relaxation import relaxed_update
@@ -44,13 +46,8 @@ DENSE_ROW_BLOCK = 32  # dim=1: rows per program; each sweeps its rows' columns
 DENSE_COL_TILE = 128
 DENSE_COL_BLOCK = 32  # dim=0: columns per program; each sweeps the problem's rows
 DENSE_ROW_TILE = 64
-# fp32 dot precision: "ieee" matches the C++ op; "tf32" is up to ~8x faster on
-# tensor cores but rounds x and y to a 10-bit mantissa. fp64 is always "ieee".
-FP32_DOT_PRECISION = "ieee"
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float64 else FP32_DOT_PRECISION
+# Dot precision of the OT kernels: IEEE for every dtype (why: kernels/_precision.py).
+dot_precision = precision.ieee
 
 
 # ---------------------------------------------------------------- device helpers
@@ -131,6 +128,7 @@ def softmin_forward(x, y, x_offsets, y_offsets, h, log_b, eps, cost="sqeuclidean
     rg.check_rows("log_b", log_b, y.shape[0])
     xo, yo = rg.check_pair(x_offsets, x.shape[0], y_offsets, y.shape[0])
     flags = rg.active_flags(active, xo.numel() - 1)
+    guard = rg.launch_device(x=x, y=y, h=h, log_b=log_b)
 
     ct = _validate.compute_dtype(x.dtype)
     x_rows, alpha = rg.affine_rows(x.to(ct), cost)
@@ -140,11 +138,12 @@ def softmin_forward(x, y, x_offsets, y_offsets, h, log_b, eps, cost="sqeuclidean
     out = torch.zeros(x.shape[0], dtype=ct, device=x.device)  # inactive rows stay 0
     blocks = ragged.block_table(xo, ROW_BLOCK, flags, x.device)
     if blocks.shape[0]:
-        _softmin_kernel[(blocks.shape[0],)](
-            x_rows, y_rows, alpha, u, out, xo.to(x.device), yo.to(x.device), blocks, coef, x.shape[1],
-            BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
-            DOT_PRECISION=dot_precision(ct), LOWEST=torch.finfo(ct).min, num_warps=4,
-        )
+        with guard:
+            _softmin_kernel[(blocks.shape[0],)](
+                x_rows, y_rows, alpha, u, out, xo.to(x.device), yo.to(x.device), blocks, coef, x.shape[1],
+                BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
+                DOT_PRECISION=dot_precision(ct), LOWEST=torch.finfo(ct).min, num_warps=4,
+            )
     return out.to(x.dtype)
 
 
@@ -216,6 +215,7 @@ def softmin_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim,
     log_w = log_b if dim == 1 else log_a
     rg.check_rows("h", h, log_w.shape[0])
     flags = rg.active_flags(active, xo.numel() - 1)
+    guard = rg.launch_device(cost=cost, log_a=log_a, log_b=log_b, h=h)
 
     ct = _validate.compute_dtype(cost.dtype)
     device = cost.device
@@ -230,8 +230,9 @@ def softmin_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim,
         blocks = ragged.block_table(yo, DENSE_COL_BLOCK, flags, device)
         tiles = dict(BLOCK_OWN=DENSE_COL_BLOCK, BLOCK_SWEEP=DENSE_ROW_TILE)
     if blocks.shape[0]:
-        _softmin_dense_kernel[(blocks.shape[0],)](cost.contiguous(), u, out, *common, blocks, coef, **tiles,
-                                                  ROWS=dim == 1, LOWEST=torch.finfo(ct).min, num_warps=4)
+        with guard:
+            _softmin_dense_kernel[(blocks.shape[0],)](cost.contiguous(), u, out, *common, blocks, coef, **tiles,
+                                                      ROWS=dim == 1, LOWEST=torch.finfo(ct).min, num_warps=4)
     return out.to(h.dtype)
 
 
@@ -259,6 +260,7 @@ def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, 
     rg.check_rows("f", f, log_a.shape[0])
     rg.check_rows("g", g, log_b.shape[0])
     xo, yo = rg.check_pair(x_offsets, log_a.shape[0], y_offsets, log_b.shape[0])
+    _validate.same_device(cost=cost, log_a=log_a, log_b=log_b, f=f, g=g)  # its soft-min launches guard the device
     ct = _validate.compute_dtype(cost.dtype)
     device = cost.device
     nx, ny = (xo[1:] - xo[:-1]).to(device), (yo[1:] - yo[:-1]).to(device)
@@ -329,6 +331,7 @@ def cost_forward(x, y, x_offsets, y_offsets, cost):
     rg.check_points(x, y)
     xo, yo = rg.check_pair(x_offsets, x.shape[0], y_offsets, y.shape[0])
     cost_offsets = ragged.block_offsets(xo, yo)
+    guard = rg.launch_device(x=x, y=y)
 
     ct = _validate.compute_dtype(x.dtype)
     x_rows, alpha = rg.affine_rows(x.to(ct), cost)
@@ -336,10 +339,11 @@ def cost_forward(x, y, x_offsets, y_offsets, cost):
     out = torch.empty(int(cost_offsets[-1]), dtype=ct, device=x.device)
     blocks = ragged.block_table(xo, ROW_BLOCK, None, x.device)
     if blocks.shape[0] and out.numel():
-        _cost_kernel[(blocks.shape[0],)](
-            x_rows, y_rows, alpha, beta, out, xo.to(x.device), yo.to(x.device), cost_offsets.to(x.device),
-            blocks, x.shape[1], GAMMA=rg.cost_gamma(cost),
-            BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
-            DOT_PRECISION=dot_precision(ct), num_warps=4,
-        )
+        with guard:
+            _cost_kernel[(blocks.shape[0],)](
+                x_rows, y_rows, alpha, beta, out, xo.to(x.device), yo.to(x.device), cost_offsets.to(x.device),
+                blocks, x.shape[1], GAMMA=rg.cost_gamma(cost),
+                BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
+                DOT_PRECISION=dot_precision(ct), num_warps=4,
+            )
     return out
