@@ -123,6 +123,7 @@ def _model_flags(parser) -> None:
 
 def _align(args) -> int:
     from ..pipeline.align import TCFA
+    from ..pipeline.checkpoint import side_file
     from ..pipeline.models import extract, layout_of, paired_rows
 
     model_a, model_b, x, cond = _models_and_inputs(args)
@@ -131,8 +132,9 @@ def _align(args) -> int:
 
         args.layer_a, args.layer_b, why, _ = auto_layers(model_a, args.layer_a, model_b, args.layer_b, x)
         print(f"chose --layer-a {args.layer_a} --layer-b {args.layer_b}: {why}")
-    act_a = extract(model_a, args.layer_a, x, progress=True)
-    act_b = extract(model_b, args.layer_b, x, progress=True)
+    resume = dict(checkpoint_every=args.checkpoint_every)
+    act_a = extract(model_a, args.layer_a, x, progress=True, **resume, checkpoint=side_file(args.stream_checkpoint, "a"))
+    act_b = extract(model_b, args.layer_b, x, progress=True, **resume, checkpoint=side_file(args.stream_checkpoint, "b"))
     # the models say how many prefix (CLS, register) tokens precede their patch grids
     rows_a, rows_b = paired_rows(act_a, act_b, args.mode, layout_a=layout_of(act_a, model=model_a),
                                  layout_b=layout_of(act_b, model=model_b))
@@ -188,6 +190,10 @@ def main(argv=None) -> int:
     a.add_argument("--eps", type=float, default=0.01, help="OT eps relative to B's mean squared distance")
     a.add_argument("--mode", default="tokens", choices=["tokens", "pooled"])
     a.add_argument("--out", required=True, help="output .safetensors file")
+    a.add_argument("--stream-checkpoint", metavar="PATH",
+                   help="save the extraction state to PATH.a / PATH.b every --checkpoint-every batches; rerunning "
+                        "the same command resumes from them (a crash loses at most that many batches)")
+    a.add_argument("--checkpoint-every", type=int, default=100, help="batches between stream checkpoints")
     a.set_defaults(func=_align)
     layers.add_parser(sub)
     b = sub.add_parser("bench", help=f"run the benchmarks {list(BENCHMARKS)} (peers timed in the same run)")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..ops import _validate
+from .checkpoint import side_file
 from .data import condition_ids as _condition_ids
 from ..maps import LowRankMaps
 from ..ragged import sort_by_labels
@@ -117,7 +118,7 @@ class TCFA:
                                           temperature=self.temperature)
 
     def fit_models(self, model_a, path_a, model_b, path_b, data, cond, *, mode="tokens", batch_size=256,
-                   progress=True) -> GatedMultiStitch:
+                   progress=True, checkpoint=None, checkpoint_every: int = 100) -> GatedMultiStitch:
         """fit() on activations tapped from two models (tcfa.extract / to_rows) on ``data``.
 
         cond: one condition per sample of ``data``; in "tokens" mode every row (position) of a
@@ -125,7 +126,9 @@ class TCFA:
         ``path_a`` / ``path_b`` = "auto": the tap points are chosen from a layer map of the
         models' blocks on ``data`` (tcfa.pipeline.layer_map.auto_layers: the best linear CKA
         among pairs leaving B a block after its tap); ``layers_`` holds the pair, ``layer_choice_``
-        why, ``layer_map_`` the map.
+        why, ``layer_map_`` the map. ``checkpoint``: a path; each model's extraction is saved to
+        ``checkpoint + ".a"`` / ``".b"`` every ``checkpoint_every`` batches and a rerun resumes from
+        there (tcfa.pipeline.checkpoint).
         """
         from . import models
 
@@ -139,8 +142,9 @@ class TCFA:
             if progress:
                 print(f"tcfa: chose {self.layer_choice_}")
 
-        act_a = models.extract(model_a, path_a, data, batch_size=batch_size, progress=progress)
-        act_b = models.extract(model_b, path_b, data, batch_size=batch_size, progress=progress)
+        resume = dict(batch_size=batch_size, progress=progress, checkpoint_every=checkpoint_every)
+        act_a = models.extract(model_a, path_a, data, checkpoint=side_file(checkpoint, "a"), **resume)
+        act_b = models.extract(model_b, path_b, data, checkpoint=side_file(checkpoint, "b"), **resume)
         ids, num = _condition_ids("cond", cond, act_a.shape[0], self.conditions)
         xa, xb = models.paired_rows(act_a, act_b, mode)
         per = xa.shape[0] // act_a.shape[0]

@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import artifacts, correspondence, similarity
 from ..ops import _validate
+from .checkpoint import Checkpoint, batch_fingerprint, data_length, peek, run
 from .data import condition_ids
 from .layer_names import default_layers, resolve_layers
 from .layouts import _pooled, _source, layout_of
@@ -178,7 +179,8 @@ def _check_args(metric, estimator, mode, num_anchors, debiased, batch_size, k, r
 def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, *, metric: str = "cka",
               conditions=None, num_anchors: int | None = None, batch_size: int = 256, estimator: str = "full",
               debiased: bool = False, mode: str = "pooled", k: int | None = None, reg: float = 1e-4,
-              top_units: int = 16, gw_eps: float = 0.05, progress: bool = True) -> LayerMap:
+              top_units: int = 16, gw_eps: float = 0.05, progress: bool = True, checkpoint=None,
+              checkpoint_every: int = 100) -> LayerMap:
     """Draws the map of ``metric`` between every layer of ``layers_a`` and every layer of ``layers_b``.
 
     Layers: module paths or patterns ("blocks.*"), in depth order; "auto" takes the model's blocks
@@ -196,6 +198,9 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     unbiased HSIC over batches of ``batch_size`` (torch-cka's estimator) with memory independent of
     the data size. ``conditions``: one id per sample of ``data`` (an int64 tensor or tcfa
     Conditions) adds ``scores_per_condition``. Memory of "full": n * (sum of widths).
+    ``checkpoint``: a file path; the features (full) or HSIC sums (minibatch) and the position in
+    ``data`` are saved there every ``checkpoint_every`` batches, and a rerun of the same call
+    resumes from it (tcfa.pipeline.checkpoint).
     """
     _check_args(metric, estimator, mode, num_anchors, debiased, batch_size, k, reg, top_units, gw_eps)
     la = default_layers(model_a) if layers_a == "auto" else resolve_layers("layers_a", model_a, layers_a)
@@ -207,33 +212,68 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     if estimator == "minibatch":  # all rows of each batch, and (with conditions) each condition's rows
         minibatch = similarity.MinibatchCKA(len(la), len(lb))
         per_condition = similarity.MinibatchCKA(len(la), len(lb), num) if ids is not None else None
-    seen, to_rows = 0, _Rows(mode, model_a, model_b)
+    to_rows = _Rows(mode, model_a, model_b)
     if ids is not None:
         batches = _labelled_batches(data, ids, batch_size)
     else:
         batches = ((b, None) for b in _batches(data, batch_size))
+    first, batches = peek(batches)
+    state = {"seen": torch.zeros((), dtype=torch.int64)}
+
+    def step(batch):
+        inputs, y = batch
+        seen = int(state["seen"])
+        take = _batch_len(inputs) if num_anchors is None else min(_batch_len(inputs), num_anchors - seen)
+        acts_a = [t[:take] for t in _tap_all(model_a, la, inputs, "layers_a", seen > 0)]
+        # B first: in tokens mode A's rows are laid on the positions of B's first layer
+        xb = to_rows("b", [t[:take] for t in _tap_all(model_b, lb, inputs, "layers_b", seen > 0)])
+        xa = to_rows("a", acts_a)
+        # one compute dtype for both models (an fp32 model against a bf16 one): fp64 if either is
+        ct = torch.float64 if any(t.dtype == torch.float64 for t in xa + xb) else torch.float32
+        xa, xb = [t.to(ct) for t in xa], [t.to(ct) for t in xb]
+        y = None if y is None else y[:take].repeat_interleave(to_rows.per_sample())
+        state["seen"] += take
+        if minibatch is not None:
+            minibatch.update(xa, xb)
+            if per_condition is not None:
+                per_condition.update(xa, xb, y)
+        else:
+            feats_a.append(xa)
+            feats_b.append(xb)
+            labels.append(y)
+
+    sums = {"mb": minibatch, "pc": per_condition}
+
+    def get_state():
+        out = {"seen": state["seen"]}
+        for prefix, est in sums.items():
+            if est is not None:
+                out.update({f"{prefix}.{k}": getattr(est, k) for k in ("hxy", "hxx", "hyy", "batches")})
+        if minibatch is None and feats_a:
+            out.update({f"a.{i}": torch.cat(parts) for i, parts in enumerate(zip(*feats_a))})
+            out.update({f"b.{i}": torch.cat(parts) for i, parts in enumerate(zip(*feats_b))})
+            if labels[0] is not None:
+                out["labels"] = torch.cat(labels)
+        return out
+
+    def set_state(saved):
+        state["seen"] = saved["seen"]
+        for prefix, est in sums.items():
+            for k in ("hxy", "hxx", "hyy", "batches") if est is not None else ():
+                setattr(est, k, saved[f"{prefix}.{k}"])
+        if minibatch is None and "a.0" in saved:
+            feats_a[:] = [[saved[f"a.{i}"] for i in range(len(la))]]
+            feats_b[:] = [[saved[f"b.{i}"] for i in range(len(lb))]]
+            labels[:] = [saved.get("labels")]
+
+    config = dict(call="layer_map", layers_a=la, layers_b=lb, metric=metric, estimator=estimator, mode=mode,
+                  num_anchors=num_anchors, batch_size=batch_size, conditions=num, data_length=data_length(data),
+                  first_batch=None if first is None else batch_fingerprint(first[0]))
     with _inference(model_a, model_b):
-        for inputs, y in _progress(batches, progress, f"layer map {len(la)}x{len(lb)}"):
-            take = _batch_len(inputs) if num_anchors is None else min(_batch_len(inputs), num_anchors - seen)
-            acts_a = [t[:take] for t in _tap_all(model_a, la, inputs, "layers_a", seen > 0)]
-            # B first: in tokens mode A's rows are laid on the positions of B's first layer
-            xb = to_rows("b", [t[:take] for t in _tap_all(model_b, lb, inputs, "layers_b", seen > 0)])
-            xa = to_rows("a", acts_a)
-            # one compute dtype for both models (an fp32 model against a bf16 one): fp64 if either is
-            ct = torch.float64 if any(t.dtype == torch.float64 for t in xa + xb) else torch.float32
-            xa, xb = [t.to(ct) for t in xa], [t.to(ct) for t in xb]
-            y = None if y is None else y[:take].repeat_interleave(to_rows.per_sample())
-            seen += take
-            if minibatch is not None:
-                minibatch.update(xa, xb)
-                if per_condition is not None:
-                    per_condition.update(xa, xb, y)
-            else:
-                feats_a.append(xa)
-                feats_b.append(xb)
-                labels.append(y)
-            if num_anchors is not None and seen >= num_anchors:
-                break
+        run(_progress(batches, progress, f"layer map {len(la)}x{len(lb)}"), step,
+            Checkpoint.optional(checkpoint, checkpoint_every, config), get_state, set_state,
+            stop=lambda: num_anchors is not None and int(state["seen"]) >= num_anchors)
+    seen = int(state["seen"])
     least = _least_anchors(debiased, estimator)
     if seen < least:
         raise ValueError(f"data gave {seen} samples; {metric} ({estimator}) needs at least {least} anchors")

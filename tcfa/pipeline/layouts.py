@@ -1,7 +1,8 @@
 """Activation layouts and the rows aligned between two taps (re-exported by tcfa.models).
 
-A tap gives either a "map" (N, C, H, W) (CNNs: timm ResNet / ConvNeXt stages, transformers
-ResNet / ConvNeXt stages) or "tokens" (N, T, D) (ViT, BERT); tokens hold ``num_special``
+A tap gives a "map" (N, C, H, W) (CNNs: timm ResNet / ConvNeXt stages, transformers
+ResNet / ConvNeXt stages), "tokens" (N, T, D) (ViT, BERT) or "rows" (N, D) (an MLP's nn.Linear, a
+pooled head: one row per sample, used as it is, in either mode); tokens hold ``num_special``
 leading special tokens (CLS, distillation, register tokens: timm's ``num_prefix_tokens``) and,
 for vision models, an h x w grid of patch tokens after them. Rows pair positions of A with
 positions of B in B's order:
@@ -27,7 +28,7 @@ __all__ = ["Layout", "layout_of", "to_rows", "rows_per_sample", "paired_rows"]
 
 @dataclass(frozen=True)
 class Layout:
-    """How one sample's activation is laid out: a "map" (C, H, W) or "tokens" (T, D).
+    """How one sample's activation is laid out: a "map" (C, H, W), "tokens" (T, D) or "rows" (D,).
 
     ``grid`` is (H, W) for a map, the (h, w) patch grid for vision tokens and None for text tokens;
     ``num_special`` counts the leading special tokens (CLS...) of a token layout.
@@ -43,6 +44,8 @@ class Layout:
         """In words, e.g. "32 channels on a 4x4 grid", "1 special + 4x4 patch tokens of width 48"."""
         if self.kind == "map":
             return f"{self.width} channels on a {self.grid[0]}x{self.grid[1]} grid"
+        if self.kind == "rows":
+            return f"one row of width {self.width}"
         if self.grid is None:
             return f"{self.positions} tokens of width {self.width}"
         return f"{self.num_special} special + {self.grid[0]}x{self.grid[1]} patch tokens of width {self.width}"
@@ -66,7 +69,7 @@ def _infer_special(model, tokens: int) -> tuple[int, tuple | None]:
 
 
 def layout_of(act: torch.Tensor, *, model=None, num_special=None, grid=None) -> Layout:
-    """The Layout of a tap's activation (N, C, H, W) or (N, T, D).
+    """The Layout of a tap's activation (N, C, H, W), (N, T, D) or (N, D).
 
     For tokens, ``num_special`` and ``grid`` default to the model's own description (timm's
     ``num_prefix_tokens`` and ``patch_embed.grid_size``), else to a square grid after 1, 0 or 2
@@ -76,8 +79,10 @@ def layout_of(act: torch.Tensor, *, model=None, num_special=None, grid=None) -> 
         raise TypeError(f"act must be a Tensor, got {type(act).__name__}")
     if act.dim() == 4:
         return Layout("map", act.shape[1], act.shape[2] * act.shape[3], (act.shape[2], act.shape[3]))
+    if act.dim() == 2:
+        return Layout("rows", act.shape[1], 1)
     if act.dim() != 3:
-        raise ValueError(f"act must be (N, C, H, W) or (N, T, D), got shape {tuple(act.shape)}")
+        raise ValueError(f"act must be (N, C, H, W), (N, T, D) or (N, D), got shape {tuple(act.shape)}")
     tokens = act.shape[1]
     if num_special is None and grid is None:
         num_special, grid = _infer_special(model, tokens)
@@ -95,8 +100,17 @@ def _check_mode(mode):
 
 
 def _pooled(act: torch.Tensor) -> torch.Tensor:
-    """(N, D): the mean over spatial positions (maps) or over all tokens (special ones included)."""
+    """(N, D): the mean over spatial positions (maps) or over all tokens (special ones included); rows as they are."""
+    if act.dim() == 2:
+        return act
     return act.mean(dim=(2, 3)) if act.dim() == 4 else act.mean(dim=1)
+
+
+def _positions(act: torch.Tensor) -> torch.Tensor:
+    """(N, P, D): one entry per position, in row-major order (a map's grid flattened, rows as P = 1)."""
+    if act.dim() == 4:
+        return act.flatten(2).transpose(1, 2)
+    return act[:, None, :] if act.dim() == 2 else act
 
 
 def _as_grid(act: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -127,7 +141,7 @@ def to_rows(act: torch.Tensor, mode: str = "pooled", grid=None) -> torch.Tensor:
     """
     _check_mode(mode)
     layout = layout_of(act, num_special=0)
-    if mode == "pooled":
+    if mode == "pooled" or act.dim() == 2:
         return _pooled(act)
     if act.dim() == 3:
         if grid is not None:
@@ -140,7 +154,7 @@ def to_rows(act: torch.Tensor, mode: str = "pooled", grid=None) -> torch.Tensor:
 def rows_per_sample(act: torch.Tensor, mode: str = "pooled", grid=None) -> int:
     """How many rows ``to_rows(act, mode, grid)`` gives per sample (to expand per-sample labels)."""
     _check_mode(mode)
-    if mode == "pooled":
+    if mode == "pooled" or act.dim() == 2:
         return 1
     if act.dim() == 4 and grid is not None:
         return int(grid[0]) * int(grid[1])
@@ -162,8 +176,10 @@ def _source(act_a: torch.Tensor, la: Layout, lb: Layout, mode: str):
     if mode == "pooled":
         return _pooled(act_a)[:, None, :], None
     if _same_positions(la, lb):
-        seq = act_a.flatten(2).transpose(1, 2) if la.kind == "map" else act_a
-        return seq, None
+        return _positions(act_a), None
+    if "rows" in (la.kind, lb.kind):
+        raise ValueError(f"tokens mode pairs positions, but A's tap is {la.describe()} and B's {lb.describe()}: "
+                         "an (N, D) tap has one position per sample; use mode='pooled'")
     if lb.grid is None:
         raise ValueError(f"tokens mode cannot pair A's {la.kind} layout ({la.positions} positions) with B's text "
                          f"sequence of {lb.positions} tokens; use mode='pooled'")
@@ -180,7 +196,7 @@ def _target(act_b: torch.Tensor, lb: Layout, mode: str) -> torch.Tensor:
     """B's features per position in B's order: (N, P_b, dy) (P_b = 1 when pooled)."""
     if mode == "pooled":
         return _pooled(act_b)[:, None, :]
-    return act_b.flatten(2).transpose(1, 2) if lb.kind == "map" else act_b
+    return _positions(act_b)
 
 
 def _from_rows(rows: torch.Tensor, lb: Layout, mode: str) -> torch.Tensor:
@@ -190,7 +206,7 @@ def _from_rows(rows: torch.Tensor, lb: Layout, mode: str) -> torch.Tensor:
         rows = rows.expand(n, lb.positions, rows.shape[-1])
     if lb.kind == "map":
         return rows.transpose(1, 2).reshape(n, lb.width, *lb.grid)
-    return rows
+    return rows.reshape(n, -1) if lb.kind == "rows" else rows
 
 
 def paired_rows(act_a: torch.Tensor, act_b: torch.Tensor, mode: str = "tokens", *, layout_a=None,

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from . import checkpoint as ckpt
 from .layouts import Layout, _check_mode, layout_of, paired_rows, rows_per_sample, to_rows
 
 __all__ = [
@@ -211,50 +212,83 @@ def _inference(*models):
 
 
 def extract(model: nn.Module, path: str, data, *, batch_size: int = 256, device=None,
-            progress: bool = False) -> torch.Tensor:
+            progress: bool = False, checkpoint=None, checkpoint_every: int = 100) -> torch.Tensor:
     """Activations at the output of module ``path`` for every sample of ``data``, concatenated.
 
     The forward pass stops right after the tap (a hook raises), in eval mode under no_grad.
     ``data``: a Tensor of inputs (split into ``batch_size`` batches), a dict of input tensors, or an
     iterable of batches (Tensor, dict of kwargs, or tuple/list whose first element is the input).
-    Returns the raw activation shape: (N, C, H, W) for CNN stages, (N, T, D) for ViT/BERT blocks.
+    Returns the raw activation shape: (N, C, H, W) for CNN stages, (N, T, D) for ViT/BERT blocks,
+    (N, D) for linear layers. ``checkpoint``: a file path where the activations so far are saved
+    every ``checkpoint_every`` batches, and from which a rerun resumes (tcfa.pipeline.checkpoint;
+    each save rewrites everything extracted so far, so space the saves for large activations).
     """
     get_module(model, path)  # fail early, naming the path
-    chunks = []
-    with _inference(model):
-        for inputs in _progress(_batches(data, batch_size), progress, f"extract {path}"):
-            chunks.append(capture(model, [path], _to_device(inputs, device))[path])
-    if not chunks:
+    first, batches = ckpt.peek(_batches(data, batch_size))
+    if first is None:
         raise ValueError("data holds no batches")
+    config = dict(call="extract", path=path, batch_size=batch_size, data_length=ckpt.data_length(data),
+                  first_batch=ckpt.batch_fingerprint(first))
+    chunks = []
+
+    def step(inputs):
+        chunks.append(capture(model, [path], _to_device(inputs, device))[path])
+
+    def restore(tensors):
+        chunks[:] = [tensors["activations"].to(device or "cpu")]
+
+    with _inference(model):
+        ckpt.run(_progress(batches, progress, f"extract {path}"), step,
+                 ckpt.Checkpoint.optional(checkpoint, checkpoint_every, config),
+                 lambda: {"activations": torch.cat(chunks)}, restore)
     return torch.cat(chunks)
 
 
 def stream_moments(model_a, path_a, model_b, path_b, data, labels, accumulator, *, mode: str = "pooled",
-                   batch_size: int = 256, progress: bool = False):
+                   batch_size: int = 256, progress: bool = False, checkpoint=None, checkpoint_every: int = 100):
     """Feeds paired rows of A's and B's taps into ``accumulator`` batch by batch (memory independent of N).
 
     ``labels``: one condition per sample, a Tensor aligned with ``data`` (consumed in order) or None
     when every batch of ``data`` is a tuple (inputs, labels). Each sample's label is repeated for its
-    rows (tokens mode). Returns the accumulator.
+    rows (tokens mode). Taps may be maps, tokens or (N, D) rows (tcfa.pipeline.layouts).
+    ``checkpoint``: a file path; the accumulator and the position in ``data`` are saved there every
+    ``checkpoint_every`` batches and a rerun of the same call resumes from it
+    (tcfa.pipeline.checkpoint). Returns the accumulator.
     """
     _check_mode(mode)
     for m, p in ((model_a, path_a), (model_b, path_b)):
         get_module(m, p)
     if labels is not None:
         labels = torch.as_tensor(labels).reshape(-1)
-    seen = 0
-    layouts = None
     batches = _labelled_batches(data, labels, batch_size)
+    first, batches = ckpt.peek(batches)
+    state = {"seen": torch.zeros((), dtype=torch.int64)}
+    config = dict(call="stream_moments", path_a=path_a, path_b=path_b, mode=mode, batch_size=batch_size,
+                  data_length=ckpt.data_length(data), labels_length=None if labels is None else labels.shape[0],
+                  first_batch=None if first is None else ckpt.batch_fingerprint(first[0]),
+                  accumulator=ckpt.state_fingerprint(accumulator.state_dict()))
+    layouts = []
+
+    def step(batch):
+        inputs, y = batch
+        act_a = capture(model_a, [path_a], inputs)[path_a]
+        act_b = capture(model_b, [path_b], inputs)[path_b]
+        if not layouts:
+            layouts.extend((layout_of(act_a, model=model_a), layout_of(act_b, model=model_b)))
+        xa, xb = paired_rows(act_a, act_b, mode, layout_a=layouts[0], layout_b=layouts[1])
+        per = xa.shape[0] // act_a.shape[0]
+        accumulator.update(xa, xb, y.to(xa.device).repeat_interleave(per))
+        state["seen"] += act_a.shape[0]
+
+    def restore(tensors):
+        state["seen"] = tensors.pop("seen")
+        accumulator.load_state_dict({**accumulator.state_dict(), **tensors})
+
     with _inference(model_a, model_b):
-        for inputs, y in _progress(batches, progress, f"moments {path_a} -> {path_b}"):
-            act_a = capture(model_a, [path_a], inputs)[path_a]
-            act_b = capture(model_b, [path_b], inputs)[path_b]
-            if layouts is None:
-                layouts = layout_of(act_a, model=model_a), layout_of(act_b, model=model_b)
-            xa, xb = paired_rows(act_a, act_b, mode, layout_a=layouts[0], layout_b=layouts[1])
-            per = xa.shape[0] // act_a.shape[0]
-            accumulator.update(xa, xb, y.to(xa.device).repeat_interleave(per))
-            seen += act_a.shape[0]
+        ckpt.run(_progress(batches, progress, f"moments {path_a} -> {path_b}"), step,
+                 ckpt.Checkpoint.optional(checkpoint, checkpoint_every, config),
+                 lambda: {**ckpt.tensors_of(accumulator.state_dict()), "seen": state["seen"]}, restore)
+    seen = int(state["seen"])
     if labels is not None and seen != labels.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries but data held {seen} samples")
     return accumulator
