@@ -20,7 +20,7 @@ BENCH_NODEPS := torch-cka==0.21 pytorch-cka==1.1.3
 STAMP  := $(VENV)/.deps-installed
 ONPATH := $(VENV)/.checkout-on-path
 
-.PHONY: all build test demo bench wheel-check lint clean
+.PHONY: all build test test-cuda compile-check demo bench wheel-check lint clean
 
 all: build
 
@@ -53,6 +53,16 @@ lint: $(STAMP)
 # must be set before triton is imported, so it is set for the whole run.
 test: build lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# On a machine with a GPU: the CUDA tests on compiled kernels (skipped elsewhere, and under the interpreter
+# they would not compile anything).
+test-cuda: build
+	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/test_cuda.py
+
+# Every Triton kernel compiled for sm_90 at the benchmark shapes and the extremes (a few minutes,
+# no GPU needed); writes docs/kernel_compile.md. make test runs the benchmark shapes only.
+compile-check: build
+	$(PY) benchmarks/compile_check.py --write
 
 demo: build
 	$(PY) -m tcfa demo --out demo_output

@@ -25,7 +25,7 @@ from .. import ragged
 from ..ops import _validate
 from . import _ragged as rg
 from ._ragged import block_header
-from .softmin import COL_BLOCK, MAX_K_BLOCK, ROW_BLOCK, _pair_dots, dot_precision
+from .softmin import COL_BLOCK, MAX_K_BLOCK, OT_WARPS, ROW_BLOCK, _pair_dots, dot_precision
 
 MAX_DV_BLOCK = 128
 
@@ -97,6 +97,6 @@ def barycentric_forward(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost=
             _barycentric_kernel[(blocks.shape[0], triton.cdiv(dv, block_dv))](
                 x_rows, y_rows, u, v, out, xo.to(x.device), yo.to(x.device), blocks, coef, x.shape[1], dv,
                 BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
-                BLOCK_DV=block_dv, DOT_PRECISION=dot_precision(ct), LOWEST=torch.finfo(ct).min, num_warps=4,
+                BLOCK_DV=block_dv, DOT_PRECISION=dot_precision(ct), LOWEST=torch.finfo(ct).min, num_warps=OT_WARPS,
             )
     return out.to(values.dtype)

@@ -20,8 +20,10 @@ from ..ops import _validate
 from . import _precision as precision
 from ._precision import mma
 from ._ragged import launch_device
-from .gated_stitch import (BLOCK_M, MAX_BLOCK_C, MAX_BLOCK_R, _block, _condition_block, _condition_blocks, _shrink,
-                           check_routing)
+from .gated_stitch import (BLOCK_M, MAX_BLOCK_C, MAX_BLOCK_N, MAX_BLOCK_R, STITCH_WARPS, _block, _condition_block,
+                           _condition_blocks, _shrink, check_routing)
+
+DX_DENSE = {"num_warps": 4}  # fewer spills than STITCH_WARPS for this kernel (gated_stitch.py)
 
 
 @triton.jit
@@ -270,9 +272,10 @@ def _backward(grad_out, like, gates, index, z, top_k, temperature):
         return tuple(gr.to(t.dtype) for gr, t in zip(grads, like))
     dx, dW, db, dU, dV, dmu_x, dmu_y = grads
     shift = torch.bmm(mu_x.unsqueeze(1), U).squeeze(1).contiguous()
-    BLOCK_N, BLOCK_K, BLOCK_R = _block(DY, hi=64), _block(DX, hi=64), _block(R, hi=MAX_BLOCK_R)
+    BLOCK_N, BLOCK_K, BLOCK_R = _block(DY, hi=MAX_BLOCK_N), _block(DX, hi=64), _block(R, hi=MAX_BLOCK_R)
     BLOCK_DX, BLOCK_C = _block(DX, hi=64), _block(C, hi=MAX_BLOCK_C)
-    bulk = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, PRECISION=precision.stitch(ct))
+    bulk = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, PRECISION=precision.stitch(ct),
+                num_warps=STITCH_WARPS)
     r_chunks, dx_tiles, dy_tiles = triton.cdiv(R, BLOCK_R), triton.cdiv(DX, BLOCK_DX), max(1, triton.cdiv(DY, BLOCK_N))
 
     # Every (row, slot) pair, sorted by condition: blocks for per-pair work, segments per condition.
@@ -299,7 +302,7 @@ def _backward(grad_out, like, gates, index, z, top_k, temperature):
                                                SAVED_Z=not dense, BLOCK_K=BLOCK_K, **bulk)
     if dense and DX:
         _dx_dense_kernel[(triton.cdiv(N, BLOCK_M), dx_tiles)](dout, W, U, V, gates, dlogit, dx, N, DX, DY, C, R,
-                                                             BLOCK_DX=BLOCK_DX, BLOCK_C=BLOCK_C, **bulk)
+                                                             BLOCK_DX=BLOCK_DX, BLOCK_C=BLOCK_C, **(bulk | DX_DENSE))
     elif DX:  # one launch per slot: a row appears once per slot, so slots add in a fixed order, no atomics
         for s in range(K):
             o, cs, st, en = _condition_blocks(index[:, s].contiguous(), C, BLOCK_M)

@@ -41,6 +41,11 @@ from ..ops.relaxation import relaxed_update
 ROW_BLOCK = 64
 COL_BLOCK = 64
 MAX_K_BLOCK = 64
+# Warps of the GEMM-tile kernels (softmin, cost, barycentric): the 64 x 64 fp32 score tile and its
+# IEEE dot operands need more than 4 warps' registers. Compiled for sm_90 (make compile-check):
+# softmin at 4 warps used 255 registers and spilled 888 B per thread, at 8 warps 190 and none;
+# cost 1672 -> 64 B, barycentric 1156 -> 76 B. softmin_dense (no dot) stays at 4: no spills.
+OT_WARPS = 8
 # softmin_dense streams a stored cost (bandwidth-bound): wide, coalesced tiles.
 DENSE_ROW_BLOCK = 32  # dim=1: rows per program; each sweeps its rows' columns
 DENSE_COL_TILE = 128
@@ -142,7 +147,7 @@ def softmin_forward(x, y, x_offsets, y_offsets, h, log_b, eps, cost="sqeuclidean
             _softmin_kernel[(blocks.shape[0],)](
                 x_rows, y_rows, alpha, u, out, xo.to(x.device), yo.to(x.device), blocks, coef, x.shape[1],
                 BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
-                DOT_PRECISION=dot_precision(ct), LOWEST=torch.finfo(ct).min, num_warps=4,
+                DOT_PRECISION=dot_precision(ct), LOWEST=torch.finfo(ct).min, num_warps=OT_WARPS,
             )
     return out.to(x.dtype)
 
@@ -344,6 +349,6 @@ def cost_forward(x, y, x_offsets, y_offsets, cost):
                 x_rows, y_rows, alpha, beta, out, xo.to(x.device), yo.to(x.device), cost_offsets.to(x.device),
                 blocks, x.shape[1], GAMMA=rg.cost_gamma(cost),
                 BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
-                DOT_PRECISION=dot_precision(ct), num_warps=4,
+                DOT_PRECISION=dot_precision(ct), num_warps=OT_WARPS,
             )
     return out
