@@ -20,6 +20,14 @@ iteration, cost whether the centring and diameter reductions run, and the
 dtype and y's shape the size of every message. ShardedComm.agree compares them
 across ranks before the first reduction and raises on every rank if they differ.
 
+Every collective tcfa issues goes through :func:`all_reduce` / :func:`all_gather`, which wait
+at most :func:`collective_timeout` seconds (default 600, $TCFA_COLLECTIVE_TIMEOUT or
+:func:`set_collective_timeout`). Before each collective a rank writes a key for it in the
+process group's rendezvous store; when a collective fails or times out (a rank died, raised, or
+is stuck elsewhere) the rank raises a RuntimeError naming the call and the ranks whose key is
+missing, instead of waiting forever. On NCCL the wait is bounded only with torch's
+TORCH_NCCL_BLOCKING_WAIT=1 (otherwise NCCL's own watchdog applies).
+
 The solver talks to a communicator: :data:`LOCAL` (one process, every
 reduction is the identity, so the single-process path is unchanged) or
 :class:`ShardedComm` (a process group). Functions here never call the
@@ -27,7 +35,10 @@ kernels; they only combine what the kernels computed on each shard.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
+import itertools
+import os
 import struct
 
 import torch
@@ -40,6 +51,75 @@ from .ragged import Ragged
 # signature: a rank whose check raised has none, yet must send as much as the rest.
 SIGNATURE_LEN = 8
 _INT, _FLOAT, _NONE, _DIGEST = range(4)  # how a signature value travels as two int64s
+
+
+DEFAULT_TIMEOUT = 600.0  # seconds; long enough for one rank's slow batch, short of a silent hang
+_timeout: float | None = None
+_sequence = itertools.count()  # collectives issued by this process, in order (the same on every rank)
+
+
+def collective_timeout() -> float:
+    """Seconds a tcfa collective may wait for the other ranks: set_collective_timeout, else
+    $TCFA_COLLECTIVE_TIMEOUT, else DEFAULT_TIMEOUT."""
+    if _timeout is not None:
+        return _timeout
+    return float(os.environ.get("TCFA_COLLECTIVE_TIMEOUT", DEFAULT_TIMEOUT))
+
+
+def set_collective_timeout(seconds: float | None) -> None:
+    """Sets the timeout of every tcfa collective (None: back to $TCFA_COLLECTIVE_TIMEOUT / the default)."""
+    global _timeout
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not 0 < seconds < float("inf")):
+        raise ValueError(f"seconds must be a positive finite number or None, got {seconds!r}")
+    _timeout = None if seconds is None else float(seconds)
+
+
+def all_reduce(t: torch.Tensor, op, group, call: str) -> None:
+    """dist.all_reduce of t in place, bounded by collective_timeout(); ``call`` names it in errors."""
+    _bounded(call, group, lambda: dist.all_reduce(t, op=op, group=group, async_op=True))
+
+
+def all_gather(out: list, t: torch.Tensor, group, call: str) -> None:
+    """dist.all_gather into ``out``, bounded by collective_timeout()."""
+    _bounded(call, group, lambda: dist.all_gather(out, t, group=group, async_op=True))
+
+
+def _bounded(call: str, group, start) -> None:
+    group = group or dist.group.WORLD
+    key = f"tcfa/collective/{next(_sequence)}"
+    store = _store()
+    if store is not None:
+        store.set(f"{key}/{dist.get_rank()}", call)
+    seconds = collective_timeout()
+    try:
+        work = start()
+        work.wait(timeout=datetime.timedelta(seconds=seconds))
+    except RuntimeError as err:
+        ranks = dist.get_process_group_ranks(group)
+        raise RuntimeError(f"tcfa: {call} failed on rank {dist.get_rank()} within the {seconds:g} s collective "
+                           f"timeout: {_missing(store, key, ranks)} ({err})") from err
+
+
+def _store():
+    """The default group's rendezvous store, or None if this torch does not expose it."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _missing(store, key: str, ranks: list[int]) -> str:
+    """Which ranks never reached collective ``key`` (their key is absent from the store)."""
+    if store is None:
+        return "the ranks that did not reach it are unknown (no rendezvous store)"
+    try:
+        absent = [r for r in ranks if not store.check([f"{key}/{r}"])]
+    except Exception:  # the store's host (rank 0) is gone too
+        return "the rendezvous store is unreachable (its host, rank 0, may have died)"
+    if not absent:
+        return "every rank reached this collective (one may have died inside it)"
+    return f"rank(s) {absent} did not reach it (died, raised, or are stuck elsewhere)"
 
 
 class LocalComm:
@@ -95,12 +175,12 @@ class ShardedComm:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks (a new tensor; t is untouched)."""
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        all_reduce(t, dist.ReduceOp.SUM, self.group, "sinkhorn (sharded): all_reduce SUM")
         return t
 
     def max(self, t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        all_reduce(t, dist.ReduceOp.MAX, self.group, "sinkhorn (sharded): all_reduce MAX")
         return t
 
     def merge_softmin(self, out: torch.Tensor, eps: float) -> torch.Tensor:
@@ -159,7 +239,7 @@ class ShardedComm:
             else torch.device("cpu")
         mine = torch.tensor(padded, dtype=torch.int64, device=device)
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(every, mine, group=self.group)
+        all_gather(every, mine, self.group, "sinkhorn (sharded): the ranks' agreement on their options")
         flat = [t.tolist() for t in every]
         return [(bool(f[0]), list(zip(f[1::2], f[2::2]))) for f in flat]
 
@@ -228,13 +308,13 @@ class _SumOverRanks(torch.autograd.Function):
     def forward(ctx, t, group):
         ctx.group = group
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        all_reduce(t, dist.ReduceOp.SUM, group, "sinkhorn (sharded): the weights' mass")
         return t
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        all_reduce(grad, dist.ReduceOp.SUM, ctx.group, "sinkhorn (sharded) backward: the weights' mass")
         return grad, None
 
 
@@ -256,19 +336,37 @@ def all_reduce_moments(acc, group=None) -> None:
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     group = group or dist.group.WORLD
+    call = "MomentAccumulator.all_reduce"
+    _agree_on_shape(acc, group, call)
     count = acc.count.clone()
-    dist.all_reduce(count, group=group)
+    all_reduce(count, dist.ReduceOp.SUM, group, call + ": counts")
     n_r = acc.count.to(acc.dtype)[:, None]
     n = count.to(acc.dtype).clamp_min(1)[:, None]  # empty conditions stay all-zero
     means = torch.cat([acc.mean_x * n_r, acc.mean_y * n_r], 1)
-    dist.all_reduce(means, group=group)
+    all_reduce(means, dist.ReduceOp.SUM, group, call + ": means")
     means /= n
     mean_x, mean_y = means[:, :acc.dx], means[:, acc.dx:]
     deltas = {"x": acc.mean_x - mean_x, "y": acc.mean_y - mean_y}
     names = list(acc.sums)
     corrected = [acc.sums[b] + n_r[:, :, None] * deltas[b[0]][:, :, None] * deltas[b[1]][:, None, :] for b in names]
     flat = torch.cat([s.reshape(-1) for s in corrected])  # one collective for every block
-    dist.all_reduce(flat, group=group)
+    all_reduce(flat, dist.ReduceOp.SUM, group, call + ": co-moment sums")
     for b, s in zip(names, flat.split([s.numel() for s in corrected])):
         acc.sums[b] = s.view_as(acc.sums[b])
     acc.count, acc.mean_x, acc.mean_y = count, mean_x.contiguous(), mean_y.contiguous()
+
+
+def _agree_on_shape(acc, group, call: str) -> None:
+    """Raises on every rank, naming the values, if the ranks' accumulators differ in shape or dtype
+    (their all_reduces would otherwise mix unrelated numbers or hang on different message sizes)."""
+    mine = [acc.num_segments, acc.dx, acc.dy, _encode(str(acc.dtype))[1], _encode(tuple(acc.blocks))[1]]
+    every = [torch.empty(len(mine), dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    every = [t.to(device) for t in every]
+    all_gather(every, torch.tensor(mine, dtype=torch.int64, device=device), group, call + ": shapes")
+    seen = [t.tolist() for t in every]
+    if any(v != seen[0] for v in seen):
+        shown = "; ".join(f"rank {r}: (num_segments, dx, dy) = {tuple(v[:3])}" + ("" if v[3:] == seen[0][3:] else
+                          ", other dtype or blocks") for r, v in enumerate(seen))
+        raise ValueError(f"{call}: the ranks' accumulators differ ({shown}); every rank must build "
+                         "MomentAccumulator(num_segments, dx, dy) with the same sizes, dtype and blocks")
