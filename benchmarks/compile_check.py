@@ -13,14 +13,17 @@ compiled for GPUTarget("cuda", 90, 32) down to a cubin, its shared memory checke
 227 KB one H100 block may use, and its registers and spills read from `ptxas -v`.
 
 Cases: the benchmark shapes (tcfa.bench / benchmarks/gpu_smoke.py), then the extremes one at a
-time (C 5000, rank 300, widths 4096, tiny widths, fp64, fp16 costs). --quick: the benchmark shapes
+time (C 5000, rank 300, widths 4096, tiny widths), each in fp32 and fp64, the stitch's fp32 cases
+again with torch's TF32 matmul setting (its kernels then use TF32 dots), and fp16 stored costs. --quick: the benchmark shapes
 in fp32, one compile per kernel. --write: docs/kernel_compile.md. Exit status 1 if a launcher
 raises, a kernel fails to compile or does not fit, or a kernel of tcfa/kernels is never launched.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import pkgutil
 import math
 import os
 import pathlib
@@ -48,7 +51,6 @@ H100_SHARED = 227 * 1024  # bytes of shared memory one block may use on sm_90 (2
 NEAR = 0.9  # a kernel above this share of H100_SHARED is flagged: one more stage or tile would not fit
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "kernel_compile.md"
-KERNEL_MODULES = ("softmin", "barycentric", "gated_stitch", "gated_stitch_backward", "segment_moments")
 f32, f64, f16 = torch.float32, torch.float64, torch.float16
 TYPE_NAMES = {f32: "fp32", f64: "fp64", f16: "fp16"}
 
@@ -116,6 +118,25 @@ def stitch_case(dtype, N, dx, dy, C, r, top_ks):
         gated_stitch_backward.gated_stitch_backward_forward(dout, x, *params, gates, index, z, k, 1.0)
 
 
+@contextlib.contextmanager
+def tf32_matmul():
+    """torch's fp32 matmuls in TF32: then the fp32 stitch kernels take PRECISION=tf32 (kernels/_precision.py),
+    tensor-core dots, a different compile from IEEE's."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def with_tf32(run):
+    def thunk():
+        with tf32_matmul():
+            run(f32)
+    return thunk
+
+
 def cases(quick: bool):
     """(name, thunk) pairs: the benchmark shapes, then (unless quick) the extremes, one at a time
     (all at once would not fit in memory: U alone holds C dx r values)."""
@@ -137,14 +158,16 @@ def cases(quick: bool):
     ]
     out = [(f"{name} {TYPE_NAMES[dt]}", lambda run=run, dt=dt: run(dt)) for name, run in bench + extremes
            for dt in (f32, f64)]
+    out += [(f"{name} fp32 tf32", with_tf32(run)) for name, run in bench + extremes if name.startswith("stitch")]
     return out + [("OT 1024^2 d64 fp16", lambda: ot_case(f16, 1024, 1024, 64))]  # fp16 stored costs
 
 
 def launched_kernels() -> set[str]:
-    """Names of the @triton.jit kernels launched (`name[grid](...)`) somewhere in tcfa/kernels."""
+    """Names of the @triton.jit kernels launched (`name[grid](...)`) in any module of tcfa/kernels."""
+    import tcfa.kernels
     names = set()
-    for module in KERNEL_MODULES:
-        mod = importlib.import_module(f"tcfa.kernels.{module}")
+    for info in pkgutil.iter_modules(tcfa.kernels.__path__):
+        mod = importlib.import_module(f"tcfa.kernels.{info.name}")
         source = pathlib.Path(mod.__file__).read_text()
         names |= {name for name, obj in vars(mod).items()
                   if isinstance(obj, JITFunction) and re.search(rf"\b{name}\[", source)}
@@ -165,14 +188,28 @@ def ptxas_report(ptx: str) -> tuple[int, int, int]:
 
 
 def describe(launch) -> dict:
-    """A table row's fixed columns; the declared constexprs are named (the runtime also folds ints == 1)."""
-    fn, signature, options = launch["fn"], launch["signature"], launch["options"]
-    declared = {p.num for p in fn.params if p.is_constexpr}
-    blocks = ", ".join(f"{fn.arg_names[path[0]]}={v:.3g}" if isinstance(v, float) else f"{fn.arg_names[path[0]]}={v}"
-                       for path, v in launch["constexprs"].items() if path[0] in declared)
+    """A table row's fixed columns. Besides the declared constexprs, the runtime specialises plain
+    arguments: ints equal to 1 become constants, ints and pointers divisible by 16 are marked so
+    (vectorised loads); launches that differ only there are compiled separately and can differ in
+    registers and spills, so the row lists them."""
+    fn, signature, constexprs, attrs, options = (launch[k] for k in ("fn", "signature", "constexprs", "attrs",
+                                                                       "options"))
+    blocks, folded, div16, unaligned = [], [], [], []
+    for p in fn.params:
+        value = constexprs.get((p.num,))
+        if p.is_constexpr:
+            blocks.append(f"{p.name}={value:.3g}" if isinstance(value, float) else f"{p.name}={value}")
+        elif signature[p.name] == "constexpr":
+            folded.append(f"{p.name}={value}")
+        elif signature[p.name].startswith("*") and not attrs.get((p.num,)):
+            unaligned.append(p.name)
+        elif signature[p.name] in ("i32", "i64", "u32", "u64") and attrs.get((p.num,)):  # sizes, strides
+            div16.append(p.name)
+    special = "; ".join(part for part in ("16-divisible: " + ", ".join(div16) if div16 else "", ", ".join(folded),
+                                          "unaligned: " + ", ".join(unaligned) if unaligned else "") if part)
     floats = sorted({t[1:] for t in signature.values() if t.startswith(("*fp", "*bf"))})
-    return dict(kernel=fn.__name__, case=launch["case"], dtype="+".join(floats), blocks=blocks,
-                num_warps=options.num_warps, num_stages=options.num_stages)
+    return dict(kernel=fn.__name__, case=launch["case"], dtype="+".join(floats), blocks=", ".join(blocks),
+                special=special, num_warps=options.num_warps, num_stages=options.num_stages)
 
 
 def compile_all(launches, quick: bool):
@@ -205,18 +242,18 @@ def status(row) -> str:
 
 
 def table(rows) -> str:
-    lines = ["| kernel | case | dtype | constexprs (block sizes, modes) | warps | stages | shared (B) | registers "
-             "| spills st/ld (B) | fits |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | case | dtype | constexprs (block sizes, modes) | int specialisation | warps | stages "
+             "| shared (B) | registers | spills st/ld (B) | fits |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spills = f"{r['spill_stores']}/{r['spill_loads']}" if "spill_stores" in r else "-"
-        lines.append(f"| `{r['kernel']}` | {r['case']} | {r['dtype']} | {r['blocks']} | {r['num_warps']} | "
+        lines.append(f"| `{r['kernel']}` | {r['case']} | {r['dtype']} | {r['blocks']} | {r['special']} | {r['num_warps']} | "
                      f"{r['num_stages']} | {r.get('shared', '-')} | {r.get('registers', '-')} | {spills} | {status(r)} |")
     return "\n".join(lines)
 
 
 def ptxas_version() -> str:
     out = subprocess.run([get_ptxas(90).path, "--version"], capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1]  # "Cuda compilation tools, release 12.x, V12.x.y" or "Build ..."
+    return next((line.split(", ", 1)[1] for line in out.splitlines() if "release" in line), out.strip())
 
 
 def main() -> int:
@@ -240,7 +277,7 @@ def main() -> int:
     rows = compile_all(recorder.launches, args.quick)
     try:
         missing = launched_kernels() - {r["kernel"] for r in rows}
-        failures += [f"{k}: never launched by any case (add one to cases())" for k in sorted(missing)]
+        failures += [f"{k}: never launched (its launcher raised, or no case calls it)" for k in sorted(missing)]
     except Exception as err:
         failures.append(f"could not list the kernels of tcfa/kernels: {type(err).__name__}: {err}")
     failures += [f"{r['kernel']} ({r['case']}): {r['error']}" for r in rows if r["error"]]
@@ -258,7 +295,7 @@ def main() -> int:
             "num_warps, num_stages) is compiled by triton.compile for GPUTarget(\"cuda\", 90, 32) to a cubin.\n"
             f"Shared memory is checked against {H100_SHARED} B (227 KB) per block; registers and spill bytes per\n"
             "thread come from `ptxas -v`. Each row names the first case that produced the launch.\n"
-            f"triton {triton.__version__}, ptxas: {ptxas_version()}.\n\n" + text + "\n")
+            f"triton {triton.__version__}, ptxas (triton's) {ptxas_version()}.\n\n" + text + "\n")
         print(f"wrote {DOC}")
     for line in failures:
         print("FAILED", line, file=sys.stderr)

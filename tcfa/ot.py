@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed, ops
-from .ot_checks import DEFAULT_OMEGA, budget as _budget, check_inputs, check_options
+from .ot_checks import DEFAULT_OMEGA, budget as _budget, check_fits, check_inputs, check_options
 from .ot_grad import OTValue
 from .ops.relaxation import relaxed_update
 from .ot_unbalanced import check_reach, relax
@@ -67,6 +67,12 @@ class _Problem:
     def cost_bytes(self) -> int:
         n = (self.x.sizes * self.y.sizes).sum().item()
         return int(n) * torch.finfo(self.x.rows.dtype).bits // 8
+
+    def working_bytes(self) -> int:
+        """What any mode holds besides stored costs: the kernels' copies of the rows, weights,
+        potentials and per-row terms, (N + M) (d + 8) values (an upper estimate)."""
+        rows = self.x.rows.shape[0] + self.y.rows.shape[0]
+        return rows * (self.x.rows.shape[1] + 8) * torch.finfo(self.x.rows.dtype).bits // 8
 
 
 def _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets, comm=distributed.LOCAL, reach=None):
@@ -253,10 +259,10 @@ class SinkhornResult:
 
         (B, n, m) for dense input, (n, m) for a single flat problem, else a
         list of (n_k, m_k) tensors. Raises ValueError when the plans would not
-        fit ``memory_budget`` bytes (default: a quarter of available memory).
+        fit ``memory_budget`` bytes (default: a quarter of the device's free memory).
         """
         p = self._prob
-        need, budget = p.cost_bytes(), _budget(memory_budget)
+        need, budget = p.cost_bytes(), _budget(memory_budget, p.x.rows.device)
         if need > budget:
             raise ValueError(
                 f"plan() needs {need / 2**30:.2f} GiB for {p.num_problems} dense plan(s) but memory_budget is "
@@ -317,7 +323,11 @@ def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y
     lower the dual objective. Iterations and errors: tcfa.ops.sinkhorn_dense.
     ``mode``: "dense" stores every problem's cost, "online" recomputes it in
     tiles each half-step (memory O(N + M)), "auto" stores it when all costs
-    fit ``memory_budget`` bytes (default: a quarter of available memory).
+    (and the rows' working memory) fit ``memory_budget`` bytes (default: a
+    quarter of the free memory of the tensors' device: host memory for CPU
+    tensors, free CUDA memory for CUDA ones); ``result.mode`` says which ran.
+    A solve that cannot fit the free memory in the chosen mode raises
+    MemoryError with the sizes before anything is allocated.
     fp16/bf16 inputs are solved in fp32 and give fp32 potentials.
 
     ``process_group`` (a torch.distributed group, e.g. ``dist.group.WORLD``)
@@ -337,12 +347,17 @@ def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y
     reach = check_reach(reach, comm.sharded)
     prob, a_n, b_n = _prepare(x, y, a, b, eps, cost, x_offsets, y_offsets, comm, reach)
     # a shard decides for itself whether its own costs fit: ranks may differ in mode
-    dense = mode == "dense" or (mode == "auto" and prob.cost_bytes() <= budget)
+    device = prob.x.rows.device
+    cost_bytes, working = prob.cost_bytes(), prob.working_bytes()
+    dense = mode == "dense" or (mode == "auto" and cost_bytes + working <= _budget(budget, device))
+    check_fits(cost_bytes, working, dense, device)
     schedule = _eps_schedule(prob, scaling)
     with torch.no_grad():
         steps = _HalfSteps(prob, dense)
         f, g, n_iter, error, converged = _iterate(prob, steps, max_iter, float(tol), schedule, omega)
-    return SinkhornResult(prob, f, g, n_iter, error, converged, (flat_rows(x), flat_rows(y), a_n, b_n))
+    result = SinkhornResult(prob, f, g, n_iter, error, converged, (flat_rows(x), flat_rows(y), a_n, b_n))
+    result.mode = "dense" if dense else "online"
+    return result
 
 
 def barycentric_map(result: SinkhornResult, values: torch.Tensor) -> torch.Tensor:

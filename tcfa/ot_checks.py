@@ -4,13 +4,18 @@ Each check that a sharded solve must agree on returns, last, the values every ra
 """
 from __future__ import annotations
 
+import torch
+
 from .ops import _validate
 
 DEFAULT_BUDGET_FRACTION = 0.25  # of available memory, for stored costs and plans
 
 
-def available_memory() -> int:
-    """Bytes of available memory (MemAvailable), 8 GiB when it cannot be read."""
+def available_memory(device=None) -> int:
+    """Bytes free where tensors on ``device`` live: the device's free memory for CUDA, the host's
+    MemAvailable otherwise (8 GiB when it cannot be read)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -21,12 +26,36 @@ def available_memory() -> int:
     return 8 << 30
 
 
-def budget(memory_budget) -> int:
+def check_budget(memory_budget) -> int | None:
+    """None (a share of the device's free memory, decided when the device is known) or a byte count."""
     if memory_budget is None:
-        return int(DEFAULT_BUDGET_FRACTION * available_memory())
+        return None
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     return int(memory_budget)
+
+
+def budget(memory_budget, device=None) -> int:
+    """Bytes a stored cost or plan may take: memory_budget, else DEFAULT_BUDGET_FRACTION of what is
+    free on ``device`` (free CUDA memory for CUDA tensors, available host memory for CPU ones)."""
+    memory_budget = check_budget(memory_budget)
+    if memory_budget is None:
+        return int(DEFAULT_BUDGET_FRACTION * available_memory(device))
+    return memory_budget
+
+
+def check_fits(cost_bytes: int, working_bytes: int, dense: bool, device) -> None:
+    """Raises MemoryError, before anything is allocated, when the solve cannot fit in the free memory."""
+    need = working_bytes + (cost_bytes if dense else 0)
+    free = available_memory(device)
+    if need <= free:
+        return
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    if dense and working_bytes <= free:
+        raise MemoryError(f"mode='dense' stores the costs ({gib(cost_bytes)}) but only {gib(free)} is free on "
+                          f"{torch.device(device)}; mode='online' recomputes them in tiles and needs {gib(working_bytes)}")
+    raise MemoryError(f"this solve needs {gib(need)} even streaming the costs (rows, weights and potentials: "
+                      f"{gib(working_bytes)}) but only {gib(free)} is free on {torch.device(device)}")
 
 
 def weights_pair(a, b, rx, ry, balanced: bool = True, sharded: bool = False):
@@ -92,4 +121,4 @@ def check_options(mode, max_iter, tol, scaling, memory_budget, omega=DEFAULT_OME
     # memory_budget only feeds that per-shard choice, so it may differ.
     shared = {"mode": mode, "max_iter": max_iter, "tol": float(tol),
               "scaling": None if scaling is None else float(scaling), "omega": float(omega)}
-    return mode, budget(memory_budget), float(omega), shared
+    return mode, check_budget(memory_budget), float(omega), shared

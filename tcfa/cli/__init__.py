@@ -10,7 +10,7 @@ from . import layers
 
 # The benchmark modules (tcfa/bench), shipped with the package so that `tcfa bench`
 # runs from any install, not only from a checkout.
-BENCHMARKS = ("sinkhorn", "sinkhorn_iterations", "stitch", "cca", "levels", "layer_map")
+BENCHMARKS = ("sinkhorn", "sinkhorn_iterations", "stitch", "cca", "levels", "layer_map", "memory")
 
 
 def _demo(args) -> int:
