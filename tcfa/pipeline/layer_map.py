@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .. import artifacts, correspondence, similarity
+from .. import artifacts, correspondence, distributed, similarity
 from ..ops import _validate
 from .checkpoint import Checkpoint, batch_fingerprint, data_length, peek, run
 from .data import condition_ids
@@ -176,11 +177,20 @@ def _check_args(metric, estimator, mode, num_anchors, debiased, batch_size, k, r
         raise ValueError(f"num_anchors must be >= {least} for {metric} ({estimator}), got {num_anchors}")
 
 
+def _shared_options(sharded, la, lb, metric, estimator, mode, num, debiased):
+    """What every rank of a sharded layer map must share (the number and size of its collectives)."""
+    if sharded and estimator != "minibatch":
+        raise ValueError(f"process_group needs estimator='minibatch' (its sums add over ranks), got {estimator!r}: "
+                         "the 'full' estimator keeps every anchor's features in one process")
+    return (None, {"layers_a": tuple(la), "layers_b": tuple(lb), "metric": metric, "estimator": estimator,
+                   "mode": mode, "conditions": num, "debiased": bool(debiased)})
+
+
 def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, *, metric: str = "cka",
               conditions=None, num_anchors: int | None = None, batch_size: int = 256, estimator: str = "full",
               debiased: bool = False, mode: str = "pooled", k: int | None = None, reg: float = 1e-4,
               top_units: int = 16, gw_eps: float = 0.05, progress: bool = True, checkpoint=None,
-              checkpoint_every: int = 100) -> LayerMap:
+              checkpoint_every: int = 100, process_group=None) -> LayerMap:
     """Draws the map of ``metric`` between every layer of ``layers_a`` and every layer of ``layers_b``.
 
     Layers: module paths or patterns ("blocks.*"), in depth order; "auto" takes the model's blocks
@@ -200,7 +210,10 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     Conditions) adds ``scores_per_condition``. Memory of "full": n * (sum of widths).
     ``checkpoint``: a file path; the features (full) or HSIC sums (minibatch) and the position in
     ``data`` are saved there every ``checkpoint_every`` batches, and a rerun of the same call
-    resumes from it (tcfa.pipeline.checkpoint).
+    resumes from it (tcfa.pipeline.checkpoint). ``process_group`` (estimator "minibatch"): each
+    rank streams its own shard of ``data``; the HSIC sums are summed over the ranks (collectives
+    bounded by tcfa.distributed.collective_timeout) and every rank returns the map of all the data.
+    Ranks must pass the same layers, metric, mode and number of conditions (a named error otherwise).
     """
     _check_args(metric, estimator, mode, num_anchors, debiased, batch_size, k, reg, top_units, gw_eps)
     la = default_layers(model_a) if layers_a == "auto" else resolve_layers("layers_a", model_a, layers_a)
@@ -208,6 +221,8 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     if num_anchors is None and metric == "gw":
         num_anchors = GW_ANCHORS
     ids, num = (None, None) if conditions is None else condition_ids("conditions", conditions, None, None)
+    comm = distributed.communicator(process_group)
+    comm.agree(_shared_options, comm.sharded, la, lb, metric, estimator, mode, num, debiased)
     feats_a, feats_b, labels, minibatch, per_condition = [], [], [], None, None
     if estimator == "minibatch":  # all rows of each batch, and (with conditions) each condition's rows
         minibatch = similarity.MinibatchCKA(len(la), len(lb))
@@ -273,6 +288,11 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
         run(_progress(batches, progress, f"layer map {len(la)}x{len(lb)}"), step,
             Checkpoint.optional(checkpoint, checkpoint_every, config), get_state, set_state,
             stop=lambda: num_anchors is not None and int(state["seen"]) >= num_anchors)
+    if comm.sharded:  # HSIC sums add over disjoint batches: the ranks' sums are the whole data's
+        for est in (minibatch, per_condition):
+            for name in ("hxy", "hxx", "hyy", "batches") if est is not None else ():
+                distributed.all_reduce(getattr(est, name), dist.ReduceOp.SUM, process_group, f"layer_map: {name}")
+        distributed.all_reduce(state["seen"], dist.ReduceOp.SUM, process_group, "layer_map: samples")
     seen = int(state["seen"])
     least = _least_anchors(debiased, estimator)
     if seen < least:
