@@ -190,3 +190,50 @@ def test_cca_ridge_procrustes_and_cka_against_references(c):
         got = float(tcfa.linear_cka(x.to(c["dtype"]), y.to(c["dtype"]), debiased=debiased))
         want = kornblith_cka(x.numpy(), y.numpy(), debiased=debiased)
         assert abs(got - want) < (1e-10 if c["dtype"] == torch.float64 else 1e-5), (debiased, got, want)
+
+
+@FUZZ
+@given(stats_case())
+def test_cka_from_moments_and_rbf_cka(c):
+    """cka_from_moments per condition = Kornblith's Gram CKA of that condition's rows; rbf_cka =
+    the centred RBF-Gram alignment with the median-distance bandwidth."""
+    x, y, labels = stats_inputs(c)
+    got = tcfa.cka_from_moments(tcfa.segment_moments(x, y, labels, c["C"]))
+    want = [kornblith_cka(x[labels == k].numpy(), y[labels == k].numpy()) for k in range(c["C"])]
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-10)
+    xs, ys = x[:40].numpy(), y[:40].numpy()
+
+    def gram(a):
+        d2 = ((a[:, None] - a[None]) ** 2).sum(-1)
+        med = np.median(np.sqrt(d2[np.triu_indices(len(a), 1)]))
+        return np.exp(-d2 / (2 * med**2))
+
+    H = np.eye(len(xs)) - 1.0 / len(xs)
+    Kc, Lc = H @ gram(xs) @ H, H @ gram(ys) @ H
+    want_rbf = np.sum(Kc * Lc) / np.sqrt(np.sum(Kc * Kc) * np.sum(Lc * Lc))
+    assert abs(float(tcfa.rbf_cka(x[:40], y[:40])) - want_rbf) < 1e-10
+
+
+@st.composite
+def gw_case(draw):
+    return dict(n=draw(st.integers(2, 10)), m=draw(st.integers(2, 10)), dx=draw(st.integers(1, 4)),
+                dy=draw(st.integers(1, 4)), eps_rel=draw(st.sampled_from([0.05, 0.2, 1.0])), seed=draw(SEEDS))
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, print_blob=True)
+@given(gw_case())
+def test_entropic_gw_equals_pot(c):
+    """entropic_gw against POT's entropic_gromov_wasserstein (square loss, projected gradient) from the
+    product coupling: the same iteration, so the same coupling and value where both converge."""
+    ot = pytest.importorskip("ot")
+    g = torch.Generator().manual_seed(c["seed"])
+    x = torch.randn(c["n"], c["dx"], generator=g, dtype=torch.float64)
+    y = torch.randn(c["m"], c["dy"], generator=g, dtype=torch.float64) * 1.5
+    C1, C2 = ref.cost(x, x, "sqeuclidean"), ref.cost(y, y, "sqeuclidean")
+    eps = c["eps_rel"] * float(max(C1.max(), C2.max())) ** 2
+    p, q = torch.full((c["n"],), 1.0 / c["n"], dtype=torch.float64), torch.full((c["m"],), 1.0 / c["m"],
+                                                                               dtype=torch.float64)
+    T, log = ot.gromov.entropic_gromov_wasserstein(C1, C2, p, q, "square_loss", epsilon=eps, max_iter=1000,
+                                                   tol=1e-11, log=True)
+    r = tcfa.entropic_gw(x, y, eps=eps, tol=1e-11, inner_tol=1e-13)
+    np.testing.assert_allclose(r.plan.numpy(), T.numpy(), atol=1e-6)
