@@ -148,8 +148,9 @@ class LocalComm:
 LOCAL = LocalComm()
 
 
-def communicator(process_group):
-    """LOCAL for None, else a ShardedComm over the given group (or dist.group.WORLD)."""
+def communicator(process_group, call: str = "sinkhorn (sharded)"):
+    """LOCAL for None, else a ShardedComm over the given group (or dist.group.WORLD) whose
+    collectives are named ``call`` in their errors."""
     if process_group is None:
         return LOCAL
     if not (dist.is_available() and dist.is_initialized()):
@@ -158,7 +159,7 @@ def communicator(process_group):
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD) "
                         f"or None, got {type(process_group).__name__}")
-    return ShardedComm(process_group)
+    return ShardedComm(process_group, call=call)
 
 
 class ShardedComm:
@@ -166,8 +167,10 @@ class ShardedComm:
 
     sharded = True
 
-    def __init__(self, group):
+    def __init__(self, group, caller: str = "process_group", call: str = "sinkhorn (sharded)"):
         self.group = group
+        self.caller = caller  # what a disagreement's error names: the argument, or the function
+        self.call = call  # what a failed collective's error names
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
@@ -175,12 +178,12 @@ class ShardedComm:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks (a new tensor; t is untouched)."""
         t = t.clone()
-        all_reduce(t, dist.ReduceOp.SUM, self.group, "sinkhorn (sharded): all_reduce SUM")
+        all_reduce(t, dist.ReduceOp.SUM, self.group, f"{self.call}: all_reduce SUM")
         return t
 
     def max(self, t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
-        all_reduce(t, dist.ReduceOp.MAX, self.group, "sinkhorn (sharded): all_reduce MAX")
+        all_reduce(t, dist.ReduceOp.MAX, self.group, f"{self.call}: all_reduce MAX")
         return t
 
     def merge_softmin(self, out: torch.Tensor, eps: float) -> torch.Tensor:
@@ -223,10 +226,10 @@ class ShardedComm:
         if error is not None:
             raise error
         if failed:
-            raise ValueError(f"process_group: rank(s) {failed} rejected their input (see the error on those ranks)")
+            raise ValueError(f"{self.caller}: rank(s) {failed} rejected their input (see the error on those ranks)")
         differ = _disagreements(signature, [codes for _, codes in every])
         if differ:
-            raise ValueError(f"process_group: the ranks disagree on {'; '.join(differ)}; every rank must pass the "
+            raise ValueError(f"{self.caller}: the ranks disagree on {'; '.join(differ)}; every rank must pass the "
                              f"same value, or their collectives would not match")
         return result
 
@@ -239,7 +242,7 @@ class ShardedComm:
             else torch.device("cpu")
         mine = torch.tensor(padded, dtype=torch.int64, device=device)
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
-        all_gather(every, mine, self.group, "sinkhorn (sharded): the ranks' agreement on their options")
+        all_gather(every, mine, self.group, f"{self.call}: the ranks' agreement on their options")
         flat = [t.tolist() for t in every]
         return [(bool(f[0]), list(zip(f[1::2], f[2::2]))) for f in flat]
 
@@ -337,7 +340,8 @@ def all_reduce_moments(acc, group=None) -> None:
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     group = group or dist.group.WORLD
     call = "MomentAccumulator.all_reduce"
-    _agree_on_shape(acc, group, call)
+    # different sizes, dtype or blocks would mix unrelated numbers, or hang on different message sizes
+    ShardedComm(group, caller=call, call=call).agree(_accumulator_signature, acc)
     count = acc.count.clone()
     all_reduce(count, dist.ReduceOp.SUM, group, call + ": counts")
     n_r = acc.count.to(acc.dtype)[:, None]
@@ -356,17 +360,7 @@ def all_reduce_moments(acc, group=None) -> None:
     acc.count, acc.mean_x, acc.mean_y = count, mean_x.contiguous(), mean_y.contiguous()
 
 
-def _agree_on_shape(acc, group, call: str) -> None:
-    """Raises on every rank, naming the values, if the ranks' accumulators differ in shape or dtype
-    (their all_reduces would otherwise mix unrelated numbers or hang on different message sizes)."""
-    mine = [acc.num_segments, acc.dx, acc.dy, _encode(str(acc.dtype))[1], _encode(tuple(acc.blocks))[1]]
-    every = [torch.empty(len(mine), dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    every = [t.to(device) for t in every]
-    all_gather(every, torch.tensor(mine, dtype=torch.int64, device=device), group, call + ": shapes")
-    seen = [t.tolist() for t in every]
-    if any(v != seen[0] for v in seen):
-        shown = "; ".join(f"rank {r}: (num_segments, dx, dy) = {tuple(v[:3])}" + ("" if v[3:] == seen[0][3:] else
-                          ", other dtype or blocks") for r, v in enumerate(seen))
-        raise ValueError(f"{call}: the ranks' accumulators differ ({shown}); every rank must build "
-                         "MomentAccumulator(num_segments, dx, dy) with the same sizes, dtype and blocks")
+def _accumulator_signature(acc):
+    """What every rank's accumulator must share, for ShardedComm.agree."""
+    return None, {"num_segments": acc.num_segments, "dx": acc.dx, "dy": acc.dy, "dtype": str(acc.dtype),
+                  "blocks": tuple(acc.blocks)}

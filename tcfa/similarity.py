@@ -216,6 +216,8 @@ class MinibatchCKA:
     ``debiased=False`` sums the biased HSIC |X_c^T Y_c|^2 / (n_b - 1)^2 instead.
     """
 
+    SUMS = ("hxy", "hxx", "hyy", "batches")  # the whole state: additive over batches (and over ranks)
+
     def __init__(self, num_a: int, num_b: int, num_conditions: int = 1, *, debiased: bool = True,
                  route: str = "auto"):
         self.num_a = _validate.integer("num_a", num_a, 1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import warnings
 from typing import Callable, Iterable, Iterator
@@ -84,9 +85,10 @@ class Checkpoint:
         self.config = _jsonable(config)
 
     @classmethod
-    def optional(cls, path, every, config: dict) -> "Checkpoint | None":
-        """None when ``path`` is None (no checkpointing), else a Checkpoint."""
-        return None if path is None else cls(path, every, config)
+    def optional(cls, path, every, make_config: Callable[[], dict]) -> "Checkpoint | None":
+        """None when ``path`` is None (no checkpointing), else a Checkpoint. The configuration is
+        built only then: it hashes the first batch (and an accumulator's whole starting state)."""
+        return None if path is None else cls(path, every, make_config())
 
     def load(self) -> tuple[dict[str, torch.Tensor], int] | None:
         """(state tensors, batches done) of the newest sound checkpoint of this configuration, or None."""
@@ -164,6 +166,4 @@ _END = object()
 
 def _jsonable(config: dict) -> dict:
     """The configuration as JSON values (tuples become lists), so a saved one compares equal."""
-    import json
-
     return json.loads(json.dumps(config, default=str))

@@ -221,7 +221,7 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     if num_anchors is None and metric == "gw":
         num_anchors = GW_ANCHORS
     ids, num = (None, None) if conditions is None else condition_ids("conditions", conditions, None, None)
-    comm = distributed.communicator(process_group)
+    comm = distributed.communicator(process_group, call="layer_map")
     comm.agree(_shared_options, comm.sharded, la, lb, metric, estimator, mode, num, debiased)
     feats_a, feats_b, labels, minibatch, per_condition = [], [], [], None, None
     if estimator == "minibatch":  # all rows of each batch, and (with conditions) each condition's rows
@@ -263,7 +263,7 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
         out = {"seen": state["seen"]}
         for prefix, est in sums.items():
             if est is not None:
-                out.update({f"{prefix}.{k}": getattr(est, k) for k in ("hxy", "hxx", "hyy", "batches")})
+                out.update({f"{prefix}.{k}": getattr(est, k) for k in est.SUMS})
         if minibatch is None and feats_a:
             out.update({f"a.{i}": torch.cat(parts) for i, parts in enumerate(zip(*feats_a))})
             out.update({f"b.{i}": torch.cat(parts) for i, parts in enumerate(zip(*feats_b))})
@@ -274,23 +274,25 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
     def set_state(saved):
         state["seen"] = saved["seen"]
         for prefix, est in sums.items():
-            for k in ("hxy", "hxx", "hyy", "batches") if est is not None else ():
+            for k in est.SUMS if est is not None else ():
                 setattr(est, k, saved[f"{prefix}.{k}"])
         if minibatch is None and "a.0" in saved:
             feats_a[:] = [[saved[f"a.{i}"] for i in range(len(la))]]
             feats_b[:] = [[saved[f"b.{i}"] for i in range(len(lb))]]
             labels[:] = [saved.get("labels")]
 
-    config = dict(call="layer_map", layers_a=la, layers_b=lb, metric=metric, estimator=estimator, mode=mode,
-                  num_anchors=num_anchors, batch_size=batch_size, conditions=num, data_length=data_length(data),
-                  first_batch=None if first is None else batch_fingerprint(first[0]))
+    def config():
+        return dict(call="layer_map", layers_a=la, layers_b=lb, metric=metric, estimator=estimator, mode=mode,
+                    num_anchors=num_anchors, batch_size=batch_size, conditions=num, data_length=data_length(data),
+                    first_batch=None if first is None else batch_fingerprint(first[0]))
+
     with _inference(model_a, model_b):
         run(_progress(batches, progress, f"layer map {len(la)}x{len(lb)}"), step,
             Checkpoint.optional(checkpoint, checkpoint_every, config), get_state, set_state,
             stop=lambda: num_anchors is not None and int(state["seen"]) >= num_anchors)
     if comm.sharded:  # HSIC sums add over disjoint batches: the ranks' sums are the whole data's
         for est in (minibatch, per_condition):
-            for name in ("hxy", "hxx", "hyy", "batches") if est is not None else ():
+            for name in est.SUMS if est is not None else ():
                 distributed.all_reduce(getattr(est, name), dist.ReduceOp.SUM, process_group, f"layer_map: {name}")
         distributed.all_reduce(state["seen"], dist.ReduceOp.SUM, process_group, "layer_map: samples")
     seen = int(state["seen"])

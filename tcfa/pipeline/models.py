@@ -17,6 +17,7 @@ VisionTransformer (CLS and register tokens), transformers ResNet, ConvNeXt, ViT 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Iterable, Iterator
 
 import torch
@@ -227,15 +228,18 @@ def extract(model: nn.Module, path: str, data, *, batch_size: int = 256, device=
     first, batches = ckpt.peek(_batches(data, batch_size))
     if first is None:
         raise ValueError("data holds no batches")
-    config = dict(call="extract", path=path, batch_size=batch_size, data_length=ckpt.data_length(data),
-                  first_batch=ckpt.batch_fingerprint(first))
     chunks = []
 
     def step(inputs):
         chunks.append(capture(model, [path], _to_device(inputs, device))[path])
 
-    def restore(tensors):
-        chunks[:] = [tensors["activations"].to(device or "cpu")]
+    def restore(tensors):  # where the taps land: the model's device unless the inputs are moved
+        home = device or next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        chunks[:] = [tensors["activations"].to(home)]
+
+    def config():
+        return dict(call="extract", path=path, batch_size=batch_size, data_length=ckpt.data_length(data),
+                    first_batch=ckpt.batch_fingerprint(first))
 
     with _inference(model):
         ckpt.run(_progress(batches, progress, f"extract {path}"), step,
@@ -263,10 +267,13 @@ def stream_moments(model_a, path_a, model_b, path_b, data, labels, accumulator, 
     batches = _labelled_batches(data, labels, batch_size)
     first, batches = ckpt.peek(batches)
     state = {"seen": torch.zeros((), dtype=torch.int64)}
-    config = dict(call="stream_moments", path_a=path_a, path_b=path_b, mode=mode, batch_size=batch_size,
-                  data_length=ckpt.data_length(data), labels_length=None if labels is None else labels.shape[0],
-                  first_batch=None if first is None else ckpt.batch_fingerprint(first[0]),
-                  accumulator=ckpt.state_fingerprint(accumulator.state_dict()))
+
+    def config():
+        return dict(call="stream_moments", path_a=path_a, path_b=path_b, mode=mode, batch_size=batch_size,
+                    data_length=ckpt.data_length(data), labels_length=None if labels is None else labels.shape[0],
+                    first_batch=None if first is None else ckpt.batch_fingerprint(first[0]),
+                    accumulator=ckpt.state_fingerprint(accumulator.state_dict()))
+
     layouts = []
 
     def step(batch):
