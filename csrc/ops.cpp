@@ -30,7 +30,7 @@ TORCH_LIBRARY(tcfa, m) {
   m.def(
       "sinkhorn_dense(Tensor cost, Tensor x_offsets, Tensor y_offsets, Tensor log_a, "
       "Tensor log_b, Tensor f, Tensor g, float eps, int max_iter, float tol, float tau_a=1.0, "
-      "float tau_b=1.0, float[] schedule=[], float omega=1.0) "
+      "float tau_b=1.0, float[] schedule=[], float omega=1.0, Tensor? symmetric=None) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cost(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, str cost) -> Tensor");
   m.def(

@@ -21,7 +21,8 @@ def sinkhorn_divergence(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offs
     :meth:`SinkhornResult.value`. kwargs go to :func:`sinkhorn`. Unbalanced (``reach``): the
     values are the unbalanced ones and S gains (eps/2) (m_a - m_b)^2, m the problems' masses
     (Sejourne et al. 2019; GeomLoss's debiased unbalanced divergence). The 3B problems (x, y),
-    (x, x), (y, y) are solved in one ragged call (sharded x: three calls, y being whole).
+    (x, x), (y, y) are solved in one ragged call, (x, x) and (y, y) by the symmetric update
+    (``symmetric`` of :func:`sinkhorn`; sharded x: three calls, y being whole).
     """
     common = dict(eps=eps, cost=cost, **kwargs)
     if kwargs.get("process_group") is not None:
@@ -33,10 +34,15 @@ def sinkhorn_divergence(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offs
     _, _, rx, ry, a_w, b_w, _ = check_inputs(x, y, a, b, eps, cost, x_offsets, y_offsets, distributed.LOCAL,
                                              check_reach(kwargs.get("reach")) is None)
     B = rx.num_problems
+    # (x, x) and (y, y) by the averaged symmetric update (one potential, few iterations at eps) when
+    # their two marginals are relaxed alike; a reach (rho_a, rho_b) with rho_a != rho_b makes them general
+    reach = check_reach(kwargs.get("reach"))
+    alike = reach is None or reach[0] == reach[1]
+    symmetric = torch.arange(3 * B, device=rx.rows.device) >= (B if alike else 3 * B)
     res = sinkhorn(torch.cat([rx.rows, rx.rows, ry.rows]), torch.cat([ry.rows, rx.rows, ry.rows]),
                    torch.cat([a_w, a_w, b_w]), torch.cat([b_w, a_w, b_w]),
                    x_offsets=_stacked(rx.offsets, rx.offsets, ry.offsets),
-                   y_offsets=_stacked(ry.offsets, rx.offsets, ry.offsets), **common)
+                   y_offsets=_stacked(ry.offsets, rx.offsets, ry.offsets), symmetric=symmetric, **common)
     v = res.value()
     return _debiased(res, v[:B], v[B:2 * B], v[2 * B:], slice(0, B))
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed, ops
-from .ot_checks import DEFAULT_OMEGA, budget as _budget, check_fits, check_inputs, check_options
+from .ot_checks import DEFAULT_OMEGA, budget as _budget, check_fits, check_inputs, check_options, check_symmetric
 from .ot_grad import OTValue
-from .ops.relaxation import relaxed_update
+from .ops.relaxation import TiedRows, relaxed_update
 from .ot_unbalanced import check_reach, relax
 from .ragged import Ragged, flat_rows
 from .ops import _validate
@@ -158,11 +158,11 @@ class _HalfSteps:
         # from cache). A sharded x needs a merge between half-steps, so it cannot.
         self.fused = dense and prob.comm is distributed.LOCAL
 
-    def loop(self, f, g, max_iter, tol, schedule, omega):
+    def loop(self, f, g, max_iter, tol, schedule, omega, symmetric=None):
         """The whole solve in one call (fused steps only): f, g, n_iter, error."""
         p = self.p
         return ops.sinkhorn_dense(self.cost, p.x.offsets, p.y.offsets, p.log_a, p.log_b, f, g, p.eps, max_iter, tol,
-                                  relax(p.reach, "x", p.eps), relax(p.reach, "y", p.eps), schedule, omega)
+                                  relax(p.reach, "x", p.eps), relax(p.reach, "y", p.eps), schedule, omega, symmetric)
 
     def g_update(self, f, eps, active):
         """Reduces over x rows: with x sharded, each rank's partial soft-min is merged."""
@@ -181,7 +181,7 @@ class _HalfSteps:
 
 
 def _iterate(prob: _Problem, steps: _HalfSteps, max_iter: int, tol: float, schedule: list[float], omega: float = 1.0,
-             f=None, g=None):
+             f=None, g=None, symmetric=None):
     """The iterations of tcfa.ops.sinkhorn_dense (its docstring states them); returns f, g, n_iter, error, converged.
 
     A problem stops costing work once its error is below tol; its potentials
@@ -190,49 +190,61 @@ def _iterate(prob: _Problem, steps: _HalfSteps, max_iter: int, tol: float, sched
     pass over the cost: the row part from the f-update's target, the column
     part from the g-update's. With x sharded over ranks the errors are global
     sums, so every rank stops the same problems at the same iteration and
-    issues the same collectives.
+    issues the same collectives. ``symmetric``: bool (B,) flags of the op (unsharded only).
     """
     B, dev, dt = prob.num_problems, prob.a.device, prob.a.dtype
     f = torch.zeros_like(prob.a) if f is None else f.clone()
     g = torch.zeros_like(prob.b) if g is None else g.clone()
     S = len(schedule)
     if steps.fused:
-        f, g, n_iter, error = steps.loop(f, g, max_iter, tol, schedule[:max_iter], omega)
+        f, g, n_iter, error = steps.loop(f, g, max_iter, tol, schedule[:max_iter], omega, symmetric)
     else:
-        f, g, n_iter, error = _half_step_loop(prob, steps, f, g, max_iter, tol, schedule, omega)
-    if max_iter <= S:  # never reached the target eps: no error to report
-        error = torch.full((B,), float("inf"), dtype=dt, device=dev)
+        f, g, n_iter, error = _half_step_loop(prob, steps, f, g, max_iter, tol, schedule, omega, symmetric)
+    if max_iter <= S:  # never reached the target eps: no error to report (symmetric problems run at it)
+        unreached = torch.full((B,), float("inf"), dtype=dt, device=dev)
+        error = unreached if symmetric is None else torch.where(symmetric.to(dev), error, unreached)
     return f, g, n_iter, error, error < tol
 
 
-def _half_step_loop(prob, steps, f, g, max_iter, tol, schedule, omega):
+def _half_step_loop(prob, steps, f, g, max_iter, tol, schedule, omega, symmetric=None):
     B, dev, dt = prob.num_problems, prob.a.device, prob.a.dtype
     S = len(schedule)
     eps_at = lambda t: schedule[max(t, 1) - 1] if max(t, 1) <= S else prob.eps  # noqa: E731
     rho_a, rho_b = prob.reach if prob.reach is not None else (None, None)
+    tie = TiedRows(symmetric, prob.x.offsets, prob.y.offsets, dev)
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
     error = torch.full((B,), float("inf"), dtype=dt, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     for t in range(1, max_iter + 1):
         e_g, e_f = eps_at(t - 1), eps_at(t)
         w = omega if t > S + 1 else 1.0
-        mask = None if bool(active.all()) else active  # the kernels skip inactive problems
+        general = active & ~tie.flags
+        mask = None if bool(general.all()) else general  # the kernels skip inactive problems
         g_new, _, g_gap = relaxed_update(g, steps.g_update(f, e_g, mask), e_g, rho_b, w)
-        g = g_new if mask is None else torch.where(active[prob.y_index], g_new, g)
+        g = tie.apply(f, g_new if mask is None else torch.where(general[prob.y_index], g_new, g))
         f_new, f_T, _ = relaxed_update(f, steps.f_update(g, e_f, mask), e_f, rho_a, w)
+        row = prob.a * torch.expm1((f - f_T) / e_f).abs()
+        if tie.any:  # at eps from the first iteration, the averaged step (its error counts both marginals)
+            tied = active & tie.flags
+            s_T = relaxed_update(f, steps.f_update(g, prob.eps, tied), prob.eps, rho_a, 1.0)[1]
+            on = tied[prob.x_index]
+            f_new = torch.where(on, 0.5 * (f + s_T), f_new)
+            row = torch.where(on, 2 * prob.a * torch.expm1((f - s_T) / prob.eps).abs(), row)
         # errors are only meaningful at the target eps, and needed only to stop or to report
-        if t > S and (tol > 0 or t == max_iter):
-            viol = prob.segment_sum(prob.a * torch.expm1((f - f_T) / e_f).abs(), "x")
+        measured = tie.flags | (t > S)
+        if bool(measured.any()) and (tol > 0 or t == max_iter):
+            viol = prob.segment_sum(row, "x")
             if w != 1.0:  # the g-update missed its target: the columns' violation counts too
-                viol = viol + prob.segment_sum(prob.b * torch.expm1(g_gap).abs(), "y")
-            error = torch.where(active, viol, error)
-        f = f_new if mask is None else torch.where(active[prob.x_index], f_new, f)
+                viol = viol + prob.segment_sum(torch.where(general[prob.y_index], prob.b * torch.expm1(g_gap).abs(),
+                                                           0.0), "y")
+            error = torch.where(active & measured, viol, error)
+        f = f_new if bool(active.all()) else torch.where(active[prob.x_index], f_new, f)
         n_iter += active
-        if tol > 0 and t > S:
-            active &= ~(error < tol)
+        if tol > 0:
+            active &= ~((error < tol) & measured)
             if not bool(active.any()):
                 break
-    return f, g, n_iter, error
+    return f, tie.apply(f, g), n_iter, error
 
 
 class SinkhornResult:
@@ -306,7 +318,7 @@ class SinkhornResult:
 
 def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y_offsets=None, max_iter=1000,
              tol=1e-6, scaling=None, mode="auto", memory_budget=None, process_group=None, reach=None,
-             omega=DEFAULT_OMEGA) -> SinkhornResult:
+             omega=DEFAULT_OMEGA, symmetric=None) -> SinkhornResult:
     """Entropic OT between the rows of x and y for a batch of problems in one call.
 
     x, y: (N, d) rows with int64 offsets (B+1,) (None: one problem), or dense
@@ -341,6 +353,11 @@ def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y
     ``reach``: unbalanced OT, the marginals relaxed by rho * KL (rho in cost units, POT's reg_m;
     one rho, or (rho_a, rho_b) with None keeping that side exact); the weights are then used as
     given, not normalised. Math and the peers' conventions: tcfa/ot_unbalanced.py.
+
+    ``symmetric``: bool (B,) flags of problems that are one measure against itself (x rows equal
+    to y rows, a equal to b; checked). Their solution has f = g, reached by GeomLoss's averaged
+    one-potential update at eps from the first iteration, without annealing or omega (math and
+    measurement: tcfa.ops.sinkhorn_dense): how :func:`tcfa.sinkhorn_divergence` solves OT(x, x).
     """
     comm = distributed.communicator(process_group)
     mode, budget, omega = comm.agree(check_options, mode, max_iter, tol, scaling, memory_budget, omega)
@@ -351,10 +368,12 @@ def sinkhorn(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_offsets=None, y
     cost_bytes, working = prob.cost_bytes(), prob.working_bytes()
     dense = mode == "dense" or (mode == "auto" and cost_bytes + working <= _budget(budget, device))
     check_fits(cost_bytes, working, dense, device)
+    symmetric = check_symmetric(symmetric, prob, comm.sharded)
     schedule = _eps_schedule(prob, scaling)
     with torch.no_grad():
         steps = _HalfSteps(prob, dense)
-        f, g, n_iter, error, converged = _iterate(prob, steps, max_iter, float(tol), schedule, omega)
+        f, g, n_iter, error, converged = _iterate(prob, steps, max_iter, float(tol), schedule, omega,
+                                                  symmetric=symmetric)
     result = SinkhornResult(prob, f, g, n_iter, error, converged, (flat_rows(x), flat_rows(y), a_n, b_n))
     result.mode = "dense" if dense else "online"
     return result

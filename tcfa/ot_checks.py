@@ -92,6 +92,30 @@ def check_inputs(x, y, a, b, eps, cost, x_offsets, y_offsets, comm, balanced: bo
     return eps, cost, rx, ry, a_n, b_n, shared
 
 
+def check_symmetric(symmetric, prob, sharded: bool):
+    """None, or the bool (B,) flags of problems that are one measure against itself (checked)."""
+    if symmetric is None:
+        return None
+    if sharded:
+        raise ValueError("symmetric is not supported with a process_group (x is sharded, y is whole)")
+    B = prob.num_problems
+    if not isinstance(symmetric, torch.Tensor) or symmetric.dtype != torch.bool or symmetric.shape != (B,):
+        raise ValueError(f"symmetric must be a bool tensor of shape ({B},) (one flag per problem), got "
+                         f"{getattr(symmetric, 'dtype', type(symmetric).__name__)} "
+                         f"{tuple(getattr(symmetric, 'shape', ()))}")
+    if not bool(symmetric.any()):
+        return None
+    if prob.reach is not None and prob.reach[0] != prob.reach[1]:
+        raise ValueError(f"symmetric problems need the same reach on both sides, got {prob.reach}")
+    xo, yo = prob.x.offsets.tolist(), prob.y.offsets.tolist()
+    for k in torch.nonzero(symmetric).flatten().tolist():
+        xs, ys = slice(xo[k], xo[k + 1]), slice(yo[k], yo[k + 1])
+        if not (torch.equal(prob.x.rows[xs], prob.y.rows[ys]) and torch.equal(prob.a[xs], prob.b[ys])):
+            raise ValueError(f"symmetric[{k}] is set but problem {k} is not one measure against itself "
+                             "(its x and y rows, or a and b, differ)")
+    return symmetric.to(prob.a.device)
+
+
 # Over-relaxation of the target-eps iterations (tcfa.ops.sinkhorn_dense); 1 is plain Sinkhorn.
 # Measured (benchmarks/results/sinkhorn_iterations.json, Intel Xeon): omega 1.5 cuts the iterations
 # to 1e-4 by 32 % on one 4096^2 problem (whole solve 1.9x faster without annealing) and by 44-67 %

@@ -73,7 +73,7 @@ def guarded(v, v_plain, eps, tau, rho, w):
 
 
 def sinkhorn_loop(C_flat, xo, yo, log_a, log_b, f, g, eps, max_iter, tol, tau_a=1.0, tau_b=1.0, schedule=(),
-                  omega=1.0):
+                  omega=1.0, symmetric=None):
     """The iterations of ops.sinkhorn_dense, problem by problem, on explicit costs."""
     f, g = f.clone(), g.clone()
     B, S = len(xo) - 1, len(schedule)
@@ -90,6 +90,17 @@ def sinkhorn_loop(C_flat, xo, yo, log_a, log_b, f, g, eps, max_iter, tol, tau_a=
         n, m = sx.stop - sx.start, sy.stop - sy.start
         C = C_flat[start:start + n * m].reshape(n, m)
         start += n * m
+        if symmetric is not None and symmetric[k]:  # one potential, averaged, at eps from the start
+            tau = 1.0 if math.isinf(rho[0]) else rho[0] / (rho[0] + eps)
+            for t in range(1, max_iter + 1):
+                p_T = -tau * eps * torch.logsumexp(log_b[None, sy] + (f[None, sx] - C) / eps, dim=1)
+                error[k] = 2 * (log_a[sx].exp() * torch.expm1((f[sx] - p_T) / eps).abs()).sum()
+                f[sx] = 0.5 * (f[sx] + p_T)
+                n_iter[k] = t
+                if error[k] < tol:
+                    break
+            g[sy] = f[sx]
+            continue
         for t in range(1, max_iter + 1):
             w = omega if t > S + 1 else 1.0
             e, tau = stage(t - 1, 1)

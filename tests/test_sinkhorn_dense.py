@@ -79,6 +79,57 @@ def test_annealing_and_over_relaxation_match_naive_loop(dtype, shape, taus):
     check(args, eps=0.2, max_iter=30, tol=0.0, dtype=dtype, taus=taus, schedule=(6.4, 1.6, 0.4), omega=1.6)
 
 
+def symmetric_problem(sizes, flags, dtype, seed=5):
+    """Problems whose flagged members are one point set (and weights) against itself; others general."""
+    C, xo, yo, la, lb, f, g = problem(sizes, [n + 3 * (not s) for n, s in zip(sizes, flags)], torch.float64,
+                                      seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(int(xo[-1]), 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(int(yo[-1]), 3, generator=gen, dtype=torch.float64)
+    for k, s in enumerate(flags):
+        if s:
+            y[yo[k]:yo[k + 1]] = x[xo[k]:xo[k + 1]]
+            lb[yo[k]:yo[k + 1]] = la[xo[k]:xo[k + 1]]
+    C = ref.cost_flat(x, y, xo, yo)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in (C, xo, yo, la, lb, f, g))
+
+
+@pytest.mark.parametrize("taus", [(1.0, 1.0), (0.7, 0.7)], ids=["balanced", "unbalanced"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sizes, flags", [([19, 7, 257, 1], [True, False, True, True]),  # resident
+                                          ([600, 30], [True, False]),  # lockstep beside a resident one
+                                          ([600], [True])])  # lockstep alone
+def test_symmetric_problems_match_naive_loop(dtype, sizes, flags, taus):
+    # averaged one-potential updates at eps for the flagged problems (schedule and omega are the
+    # general problems'), in the same call as the general ones; each stops at its own tolerance
+    args = symmetric_problem(sizes, flags, dtype)
+    sym = torch.tensor(flags)
+    C, xo, yo, la, lb, f, g = args
+    for max_iter, tol in ((9, 0.0), (400, 1e-6 if dtype == torch.float64 else 1e-4)):
+        kw = dict(schedule=(6.4, 1.6), omega=1.5)
+        got = ops.sinkhorn_dense(*args, 0.3, max_iter, tol, *taus, **kw, symmetric=sym)
+        want = ref.sinkhorn_loop(*(t.double() if t.is_floating_point() else t for t in args), 0.3, max_iter, tol,
+                                 *taus, **kw, symmetric=sym)
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(got[2], want[2])
+        for a, b in zip((got[0], got[1], got[3]), (want[0], want[1], want[3])):
+            torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol)
+    for k, s in enumerate(flags):  # g is f on the symmetric problems
+        if s:
+            torch.testing.assert_close(got[1][yo[k]:yo[k + 1]], got[0][xo[k]:xo[k + 1]], atol=0, rtol=0)
+
+
+def test_symmetric_update_reaches_the_general_solution_in_far_fewer_iterations():
+    # one point set against itself at a small eps: plain Sinkhorn crawls (its potentials drift along
+    # a nearly flat direction), the averaged symmetric update converges in tens of iterations
+    C, xo, yo, la, lb, f, g = args = symmetric_problem([400], [True], torch.float64, seed=9)
+    fast = ops.sinkhorn_dense(*args, 0.05, 5000, 1e-9, symmetric=torch.tensor([True]))
+    slow = ops.sinkhorn_dense(*args, 0.05, 20000, 1e-9)
+    assert int(fast[2]) * 100 < int(slow[2])
+    value = [float((la.exp() * r[0]).sum() + (lb.exp() * r[1]).sum()) for r in (fast, slow)]
+    assert abs(value[0] - value[1]) < 1e-7 * abs(value[1])
+
+
 @pytest.mark.parametrize("shape", ["resident", "lockstep"])
 def test_over_relaxed_problems_stop_at_their_tolerance_in_fewer_iterations(shape):
     nx, ny = SHAPES[shape]
@@ -166,6 +217,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.tcfa.sinkhorn_dense.default, (*args, 0.5, 5, 1e-3))
     torch.library.opcheck(torch.ops.tcfa.sinkhorn_dense.default, (*args, 0.5, 5, 1e-3, 0.7, 0.8))
     torch.library.opcheck(torch.ops.tcfa.sinkhorn_dense.default, (*args, 0.5, 5, 1e-3, 0.7, 0.8, [2.0, 1.0], 1.5))
+    sym = symmetric_problem([5, 6], [False, True], torch.float64)
+    torch.library.opcheck(torch.ops.tcfa.sinkhorn_dense.default,
+                          (*sym, 0.5, 5, 1e-3, 0.7, 0.7, [2.0], 1.5, torch.tensor([False, True])))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -185,3 +239,21 @@ def test_direct_calls_are_bounds_checked(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         ops.sinkhorn_dense(**args)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(symmetric=torch.tensor([True, True])), "symmetric problem 0 must be square"),
+    (dict(symmetric=torch.tensor([False, True]), tau_a=0.5), "symmetric problems need tau_a == tau_b"),
+    (dict(symmetric=torch.tensor([1, 0])), "symmetric must be bool"),
+    (dict(symmetric=torch.tensor([True])), r"symmetric must have shape \(2,\)"),
+])
+def test_bad_symmetric_flags_are_named(change, match):
+    C, xo, yo, la, lb, f, g = symmetric_problem([5, 6], [False, True], torch.float64)
+    args = dict(cost=C, x_offsets=xo, y_offsets=yo, log_a=la, log_b=lb, f=f, g=g, eps=0.5, max_iter=5, tol=0.0)
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.sinkhorn_dense(**args)
+    lb_other = lb.clone()
+    lb_other[-1] -= 0.1
+    with pytest.raises(ValueError, match="symmetric problem 1 must have log_a equal to log_b"):
+        ops.sinkhorn_dense(C, xo, yo, la, lb_other, f, g, 0.5, 5, 0.0, symmetric=torch.tensor([False, True]))

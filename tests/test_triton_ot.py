@@ -242,6 +242,32 @@ def test_sinkhorn_dense(dtype, tol, taus, schedule, omega):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("taus", [(1.0, 1.0), (0.7, 0.7)], ids=["balanced", "unbalanced"])
+def test_sinkhorn_dense_symmetric_problems(dtype, taus):
+    # problems 1 and 3 are one point set against itself (averaged updates at eps); 0 and 2 general
+    # and annealed, in the same call; each stops at its own tolerance
+    sizes = [7, 12, 9, 20]
+    xo = offsets(sizes)
+    yo = offsets([n + (k % 2 == 0) for k, n in enumerate(sizes)])
+    x, y = points(sizes, 3, dtype), points([int(yo[k + 1] - yo[k]) for k in range(4)], 3, dtype)
+    log_a, log_b = log_weights(int(xo[-1]), dtype), log_weights(int(yo[-1]), dtype)
+    for k in (1, 3):
+        y[yo[k]:yo[k + 1]], log_b[yo[k]:yo[k + 1]] = x[xo[k]:xo[k + 1]], log_a[xo[k]:xo[k + 1]]
+    cost = torch.cat([c.reshape(-1) for c in ref_costs(x, y, xo, yo, "sqeuclidean")]).to(dtype)
+    f, g = torch.zeros(int(xo[-1]), dtype=dtype), torch.zeros(int(yo[-1]), dtype=dtype)
+    sym = torch.tensor([False, True, False, True])
+    args = (cost, xo, yo, log_a, log_b, f, g, 0.5, 20, 1e-4, *taus, [4.0, 2.0], 1.0, sym)
+    out = tk.sinkhorn_dense_forward(*args)
+    want = torch.ops.tcfa.sinkhorn_dense(*args)
+    torch.testing.assert_close(out[2], want[2])
+    for i in (0, 1, 3):
+        assert_close(out[i], want[i], VS_REF[dtype])
+    with pytest.raises(ValueError, match="symmetric problem 0 must be square"):
+        tk.sinkhorn_dense_forward(*args[:-1], torch.tensor([True, False, False, False]))
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dim", [0, 1])
 def test_softmin_dense_empty_side_is_an_empty_sum(dim):
     """A problem with no rows on the reduced side gives +inf (-eps log 0), in both directions.

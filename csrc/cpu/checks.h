@@ -6,6 +6,7 @@
 
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -61,19 +62,21 @@ inline void check_same_dtype(const at::Tensor& t, at::ScalarType dt, const char*
   TORCH_CHECK_TYPE(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
 }
 
-// Per-problem "still iterating" flags; an undefined tensor means all active.
-inline std::vector<uint8_t> active_flags(const c10::optional<at::Tensor>& active, int64_t B) {
-  std::vector<uint8_t> flags(B, 1);
-  if (active.has_value() && active->defined()) {
-    TORCH_CHECK_TYPE(active->scalar_type() == at::kBool, "active must be bool, got ",
-                     active->scalar_type());
-    TORCH_CHECK_VALUE(active->dim() == 1 && active->size(0) == B, "active must have shape (", B,
-                      ",), got ", active->sizes());
-    auto c = active->to(at::kCPU).contiguous();
+// Per-problem flags (active: "still iterating", symmetric: one potential); an undefined
+// tensor gives `absent` for every problem.
+inline std::vector<uint8_t> problem_flags(const c10::optional<at::Tensor>& flags, int64_t B,
+                                          const char* name, bool absent = true) {
+  std::vector<uint8_t> out(B, absent);
+  if (flags.has_value() && flags->defined()) {
+    TORCH_CHECK_TYPE(flags->scalar_type() == at::kBool, name, " must be bool, got ",
+                     flags->scalar_type());
+    TORCH_CHECK_VALUE(flags->dim() == 1 && flags->size(0) == B, name, " must have shape (", B,
+                      ",), got ", flags->sizes());
+    auto c = flags->to(at::kCPU).contiguous();
     const bool* p = c.data_ptr<bool>();
-    for (int64_t k = 0; k < B; ++k) flags[k] = p[k];
+    for (int64_t k = 0; k < B; ++k) out[k] = p[k];
   }
-  return flags;
+  return out;
 }
 
 // The stored costs of tcfa::softmin_dense and tcfa::sinkhorn_dense: one flat
@@ -106,6 +109,25 @@ inline void check_eps(double eps) { TORCH_CHECK_VALUE(eps > 0, "eps must be > 0,
 // fp16/bf16 inputs are computed in fp32 (tcfa/ops/_validate.py: compute_dtype).
 inline at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+// Problems flagged symmetric in tcfa::sinkhorn_dense are one measure against itself: square,
+// the same weights on both sides and the same marginal relaxation (the cost's symmetry is the
+// caller's promise: checking it would read the whole cost).
+inline void check_symmetric(const std::vector<uint8_t>& sym, const RaggedPair& rp,
+                            const at::Tensor& log_a, const at::Tensor& log_b, double tau_a,
+                            double tau_b) {
+  if (std::find(sym.begin(), sym.end(), 1) == sym.end()) return;
+  TORCH_CHECK_VALUE(tau_a == tau_b, "symmetric problems need tau_a == tau_b, got ", tau_a, " and ",
+                    tau_b);
+  for (int64_t k = 0; k < rp.B; ++k) {
+    if (!sym[k]) continue;
+    const int64_t n = rp.xo[k + 1] - rp.xo[k];
+    TORCH_CHECK_VALUE(n == rp.yo[k + 1] - rp.yo[k], "symmetric problem ", k,
+                      " must be square, got ", n, " x ", rp.yo[k + 1] - rp.yo[k]);
+    TORCH_CHECK_VALUE(at::equal(log_a.narrow(0, rp.xo[k], n), log_b.narrow(0, rp.yo[k], n)),
+                      "symmetric problem ", k, " must have log_a equal to log_b");
+  }
 }
 
 }  // namespace tcfa

@@ -52,7 +52,8 @@ template <typename T> struct ExpPoly {
 
 // kNonPositive: the caller guarantees x <= 0 (every log-sum-exp term after
 // subtracting the running max), so the upper clamp is skipped.
-template <typename T, bool kNonPositive = false> inline vec_t<T> vexp(vec_t<T> x) {
+template <typename T, bool kNonPositive = false>
+__attribute__((always_inline)) inline vec_t<T> vexp(vec_t<T> x) {
   using K = ExpConst<T>;
   using I = typename VecOf<T>::I;
   static constexpr ExpPoly<T> P{};
@@ -133,7 +134,7 @@ template <> struct LogConst<double> {
   static constexpr int terms = 11;
 };
 
-template <typename T> inline vec_t<T> vlog(vec_t<T> x) {
+template <typename T> __attribute__((always_inline)) inline vec_t<T> vlog(vec_t<T> x) {
   using I = typename VecOf<T>::I;
   using L = LogConst<T>;
   constexpr int mant = ExpConst<T>::mant;

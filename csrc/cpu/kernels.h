@@ -28,7 +28,8 @@ at::Tensor softmin_dense_cpu(const Tensor& cost, const Tensor& x_offsets, const 
 std::tuple<Tensor, Tensor, Tensor, Tensor> sinkhorn_dense_cpu(
     const Tensor& cost, const Tensor& x_offsets, const Tensor& y_offsets, const Tensor& log_a,
     const Tensor& log_b, const Tensor& f, const Tensor& g, double eps, int64_t max_iter, double tol,
-    double tau_a, double tau_b, at::ArrayRef<double> schedule, double omega);
+    double tau_a, double tau_b, at::ArrayRef<double> schedule, double omega,
+    const OptTensor& symmetric);
 at::Tensor cost_cpu(const Tensor& x, const Tensor& y, const Tensor& x_offsets,
                     const Tensor& y_offsets, c10::string_view cost);
 at::Tensor barycentric_cpu(const Tensor& x, const Tensor& y, const Tensor& x_offsets,
@@ -50,7 +51,7 @@ std::tuple<Tensor, Tensor, Tensor> symmetric_top_eigh_cpu(const Tensor& A, int64
 // Changed whenever the table or a signature above changes, so that tcfa._C
 // refuses a level library left over from an older build instead of calling
 // through a mismatched pointer.
-constexpr int64_t kKernelTableVersion = 3;
+constexpr int64_t kKernelTableVersion = 4;
 
 struct CpuKernels {
   int64_t version;

@@ -29,6 +29,7 @@
 #include "dense_columns.h"
 #include "exp.h"
 #include "kernels.h"
+#include "relaxed.h"
 #include "tasks.h"
 #include "vec.h"
 
@@ -67,7 +68,7 @@ template <typename T> inline int64_t padded(int64_t m) {
 // Shared, read-only views of the whole batch plus the potentials being updated.
 template <typename T> struct Batch {
   const RaggedPair& rp;
-  const T *cost, *log_a, *a, *log_b;
+  const T *cost, *log_a, *a, *log_b, *b;  // a, b: the weights exp(log_a), exp(log_b)
   T *f, *g;
   T* u;                 // log b_j + g_j / eps, refreshed before every pass (the fallback's terms)
   T* u2;                // the same in base 2 (log2 e * u), finite: the one-exp path's terms
@@ -77,6 +78,8 @@ template <typename T> struct Batch {
   int64_t n_schedule;
   double eps;
   double omega;
+  double x_lo;         // guard_floor(omega)
+  const uint8_t* sym;  // per problem: one potential, averaged updates at eps (f = g)
 
   int64_t n(int64_t k) const { return rp.xo[k + 1] - rp.xo[k]; }
   int64_t m(int64_t k) const { return rp.yo[k + 1] - rp.yo[k]; }
@@ -88,6 +91,23 @@ template <typename T> struct Batch {
     return t <= n_schedule ? schedule[t - 1] : eps;
   }
 
+  // The update of f (rows) or g (columns) in iteration t at eps e: over-relaxed (omega) from
+  // the first target-eps iteration after the one that starts at the target eps, S + 2.
+  Step step(int64_t t, double e, bool rows) const {
+    const bool relaxed = t > n_schedule + 1;
+    return Step(e, rows ? rho_a : rho_b, relaxed ? omega : 1.0, relaxed ? x_lo : -INFINITY);
+  }
+
+  bool symmetric(int64_t k) const { return sym[k] != 0; }
+  // The averaged update of a symmetric problem: half the plain step, unguarded (an ascent step
+  // whatever the marginal: the objective is concave in each entry with its maximum at v_T).
+  Step symmetric_step() const { return Step(eps, rho_a, 0.5, -INFINITY, false); }
+  // A symmetric problem's g is its f: copied before each pass and at the end.
+  void tie(int64_t k) const {
+    std::copy(f + rp.xo[k], f + rp.xo[k + 1], g + rp.yo[k]);
+    refresh_u(k, static_cast<T>(eps));
+  }
+
   void refresh_u(int64_t k, T eps) const {
     for (int64_t j = rp.yo[k]; j < rp.yo[k + 1]; ++j) {
       u[j] = log_b[j] + g[j] / eps;
@@ -95,32 +115,6 @@ template <typename T> struct Batch {
     }
   }
 };
-
-// The updates of one potential at one eps: the Sinkhorn target v_T = tau (v - eps x),
-// x the log of the current marginal ratio (row sum s_i = e^x), tau = rho / (rho + eps).
-struct Step {
-  double eps, tau, omega;
-  double r;  // rho / eps; infinity when this marginal is exact
-  Step(double eps_, double rho, double w)
-      : eps(eps_), tau(std::isinf(rho) ? 1.0 : rho / (rho + eps_)), omega(w), r(rho / eps_) {}
-  bool plain_balanced() const { return omega == 1.0 && tau == 1.0; }
-  // (v_T - v) / eps
-  double target_move(double v, double x) const { return (tau - 1.0) * v / eps - tau * x; }
-};
-
-// (v' - v) / eps of the update of potential v with log marginal ratio x: the
-// over-relaxed omega (v_T - v) when it does not lower the dual objective (the
-// op's guard), else the plain v_T - v. In eps units, moving v by d changes the
-// objective by  phi'-term - s (e^d - 1),  the phi'-term being d (exact marginal)
-// or r e^{-v / rho} (1 - e^{-d / r}) (KL-relaxed marginal).
-inline double relaxed_move(const Step& st, double v, double x) {
-  const double d_plain = st.target_move(v, x);
-  if (st.omega == 1.0) return d_plain;
-  const double d = st.omega * d_plain;
-  const double gain =
-      std::isinf(st.r) ? d : -st.r * std::exp(-v / (st.r * st.eps)) * std::expm1(-d / st.r);
-  return gain - std::exp(x) * std::expm1(d) >= 0 ? d : d_plain;
-}
 
 // For R consecutive rows q of one problem (cost rows c + q m):
 // E_qj = 2^(u2_j - C_qj log2(e) / eps + shift2[q]) into e + q mp (padded with
@@ -214,21 +208,29 @@ PassResult sweep(const Batch<T>& b, const Step& st, int64_t k, int64_t r0, int64
         row_terms<T, kPrefetch, 1>(u2, b.row(k, i0 + q), shift2 + q, ns, m, mp, ebuf + q * mp,
                                    sums + q);
     }
+    // relaxed or unbalanced: the rows' moves (f'_i - f_i)/eps, their weights e^move in the next
+    // column sums and their error terms, for the nq rows at once (rows out of range weigh 0)
+    double moves[4], weights[4];
+    if (update_f && !st.plain_balanced()) {
+      double x[4] = {1, 1, 1, 1};
+      T wt[4] = {};
+      for (int q = 0; q < nq; ++q) {
+        const bool exact = sums[q] >= S::row_lo && sums[q] <= S::row_hi;
+        if (exact) x[q] = sums[q], wt[q] = b.a[i0 + q];
+      }
+      logs_in_place(x, nq);
+      res.err += relaxed_moves<T>(st, b.f + i0, x, wt, nq, Gap::kTarget, moves, weights);
+    }
     for (int q = 0; q < nq; ++q) {
       const int64_t i = i0 + q;
       T* e = ebuf + q * mp;
       const T s = sums[q];
       const bool exact = s >= S::row_lo && s <= S::row_hi;  // false for NaN too
-      // the row's move (f'_i - f_i)/eps and its weight w = e^move in the next column sums
-      // (1/s when plain); relaxed, the move and the error are taken here, once per row
+      // the row's move and its weight in the next column sums (1/s when plain)
       T move = 0, w = T(1) / s;
       if (update_f && exact && !st.plain_balanced()) {
-        const double x = std::log(static_cast<double>(s));
-        // |exp((f_i - f_T_i)/eps) - 1| against the unrelaxed target
-        res.err += static_cast<double>(b.a[i]) * std::abs(std::expm1(-st.target_move(b.f[i], x)));
-        const double d = relaxed_move(st, b.f[i], x);
-        move = static_cast<T>(d);
-        w = static_cast<T>(std::exp(d));
+        move = static_cast<T>(moves[q]);
+        w = static_cast<T>(weights[q]);
       }
       const bool col_exact =
           exact && (!update_f || (s >= S::col_row_lo && w <= T(1) / S::col_row_lo));
@@ -289,9 +291,14 @@ double finish_columns(const Batch<T>& b, const Step& st, int64_t k, const T* acc
     sub_scaled_log<T>(g, acc, b.log_b + y0, eps, m);
     return 0.0;
   }
-  std::vector<double> l(m);
+  // per-thread scratch: two heap allocations per problem and iteration were 2 % of a relaxed
+  // solve of 64 problems of 256^2
+  static thread_local std::vector<double> l, d;
+  l.resize(m), d.resize(m);
   if (ok) {
-    for (int64_t j = 0; j < m; ++j) l[j] = std::log(static_cast<double>(acc[j])) - b.log_b[y0 + j];
+    std::copy(acc, acc + m, l.begin());
+    logs_in_place(l.data(), m);
+    for (int64_t j = 0; j < m; ++j) l[j] -= b.log_b[y0 + j];
   } else {
     const std::vector<T> g_old(g, g + m);
     for (int64_t i = b.rp.xo[k]; i < b.rp.xo[k + 1]; ++i) b.up[i] = b.log_a[i] + b.f[i] / eps;
@@ -301,23 +308,17 @@ double finish_columns(const Batch<T>& b, const Step& st, int64_t k, const T* acc
     for (int64_t j = 0; j < m; ++j)
       l[j] = (static_cast<double>(g_old[j]) - g[j]) / eps, g[j] = g_old[j];
   }
-  double col_error = 0;
+  const double col_error =
+      relaxed_moves<T>(st, g, l.data(), b.b + y0, m, Gap::kMiss, d.data(), nullptr);
   for (int64_t j = 0; j < m; ++j) {
     if (!std::isfinite(l[j]) || !std::isfinite(g[j])) {  // an empty sum (every row weightless):
       const double g_plain = g[j] - st.eps * l[j];       // g' = g_T = +inf, nothing missed
       g[j] = static_cast<T>(std::isfinite(g_plain) ? st.tau * g_plain : INFINITY);
       continue;
     }
-    const double d = relaxed_move(st, g[j], l[j]);
-    col_error += std::exp(b.log_b[y0 + j]) * std::abs(std::expm1(d - st.target_move(g[j], l[j])));
-    g[j] += eps * static_cast<T>(d);
+    g[j] += eps * static_cast<T>(d[j]);
   }
   return col_error;
-}
-
-// The over-relaxation of iteration t: 1 up to the first target-eps iteration.
-template <typename T> double weight_at(const Batch<T>& b, int64_t t) {
-  return t > b.n_schedule + 1 ? b.omega : 1.0;
 }
 
 // After pass t >= 1 of problem k: records its error (row part plus the column
@@ -327,7 +328,7 @@ bool record(const Batch<T>& b, int64_t k, int64_t t, int64_t max_iter, double to
             double col_err, int64_t* n_iter, double* error) {
   n_iter[k] = t;
   error[k] = row_err + col_err;
-  return t == max_iter || (t > b.n_schedule && error[k] < tol);
+  return t == max_iter || ((t > b.n_schedule || b.symmetric(k)) && error[k] < tol);
 }
 
 // Whole loop of one cache-resident problem in the calling thread.
@@ -337,15 +338,24 @@ void solve_one(const Batch<T>& b, int64_t k, int64_t max_iter, double tol, int64
   const int64_t mp = padded<T>(b.m(k));
   const int64_t x0 = b.rp.xo[k], x1 = b.rp.xo[k + 1];
   std::vector<T> acc(mp), ebuf(4 * mp), sbuf(x1 - x0);
+  if (b.symmetric(k)) {  // one f-sweep per iteration; both marginals are violated alike
+    for (int64_t t = 1; t <= max_iter; ++t) {
+      b.tie(k);
+      const PassResult r = sweep<T, false>(b, b.symmetric_step(), k, x0, x1, true, false,
+                                           acc.data(), ebuf.data(), sbuf.data());
+      if (record(b, k, t, max_iter, tol, 2 * r.err, 0.0, n_iter, error)) break;
+    }
+    return;
+  }
   double col_err = 0;
   for (int64_t t = 0; t <= max_iter; ++t) {  // pass t: f-update of iteration t, g-update of t + 1
-    const Step f_step(b.eps_at(t), b.rho_a, weight_at(b, t));
+    const Step f_step = b.step(t, b.eps_at(t), true);
     b.refresh_u(k, static_cast<T>(f_step.eps));
     std::fill(acc.begin(), acc.end(), T(0));
     const PassResult r = sweep<T, false>(b, f_step, k, x0, x1, t > 0, t < max_iter, acc.data(),
                                          ebuf.data(), sbuf.data());
     if (t > 0 && record(b, k, t, max_iter, tol, r.err, col_err, n_iter, error)) break;
-    const Step g_step(f_step.eps, b.rho_b, weight_at(b, t + 1));
+    const Step g_step = b.step(t + 1, f_step.eps, false);
     col_err = finish_columns(b, g_step, k, acc.data(), r.cols_ok);
   }
 }
@@ -357,25 +367,35 @@ void solve_lockstep(const Batch<T>& b, std::vector<uint8_t> todo, int64_t max_it
                     int64_t* n_iter, double* error) {
   std::vector<double> col_err(b.rp.B, 0.0);
   for (int64_t t = 0; t <= max_iter; ++t) {
-    const int64_t n_todo = std::count(todo.begin(), todo.end(), 1);
-    if (n_todo == 0) return;
+    // pass 0 is a g-update only: symmetric problems start at pass 1
+    std::vector<uint8_t> now = todo;
+    for (int64_t k = 0; k < b.rp.B; ++k) now[k] = todo[k] && (t > 0 || !b.symmetric(k));
+    const int64_t n_todo = std::count(now.begin(), now.end(), 1);
+    if (std::count(todo.begin(), todo.end(), 1) == 0) return;
+    if (n_todo == 0) continue;  // pass 0 with only symmetric problems left
     // Four chunks per thread, taken dynamically: with one per thread, a core
     // slowed by another tenant held the whole iteration back; the extra
     // column-sum vectors to fold are a few KB.
     const int64_t parts = (4 * at::get_num_threads() + n_todo - 1) / n_todo;
-    const auto tasks = row_chunks(b.rp.xo, todo, parts, kDenseRowBlock);
+    const auto tasks = row_chunks(b.rp.xo, now, parts, kDenseRowBlock);
     const bool update_f = t > 0, accumulate = t < max_iter;
-    const Step f_step(b.eps_at(t), b.rho_a, weight_at(b, t));  // the same for every problem
-    for (int64_t k = 0; k < b.rp.B; ++k)
-      if (todo[k]) b.refresh_u(k, static_cast<T>(f_step.eps));
+    const Step f_step = b.step(t, b.eps_at(t), true);  // the same for every problem
+    for (int64_t k = 0; k < b.rp.B; ++k) {
+      if (now[k] && b.symmetric(k))
+        b.tie(k);
+      else if (now[k])
+        b.refresh_u(k, static_cast<T>(f_step.eps));
+    }
     std::vector<std::vector<T>> acc(tasks.size());
     std::vector<PassResult> res(tasks.size());
     run_tasks(tasks, [&](const Task& task, int64_t ti) {
       const int64_t mp = padded<T>(b.m(task.k));
       acc[ti].assign(mp, T(0));
       std::vector<T> ebuf(4 * mp), sbuf(task.r1 - task.r0);
-      res[ti] = sweep<T, true>(b, f_step, task.k, task.r0, task.r1, update_f, accumulate,
-                               acc[ti].data(), ebuf.data(), sbuf.data());
+      const bool sym = b.symmetric(task.k);
+      res[ti] =
+          sweep<T, true>(b, sym ? b.symmetric_step() : f_step, task.k, task.r0, task.r1, update_f,
+                         accumulate && !sym, acc[ti].data(), ebuf.data(), sbuf.data());
     });
     // Chunks of one problem are adjacent in `tasks`: fold them into the first.
     for (size_t ti = 0; ti < tasks.size();) {
@@ -387,10 +407,11 @@ void solve_lockstep(const Batch<T>& b, std::vector<uint8_t> todo, int64_t max_it
         res[ti].err += res[last].err;
         res[ti].cols_ok = res[ti].cols_ok && res[last].cols_ok;
       }
-      if (update_f && record(b, k, t, max_iter, tol, res[ti].err, col_err[k], n_iter, error))
-        todo[k] = 0;
-      if (todo[k]) {
-        const Step g_step(f_step.eps, b.rho_b, weight_at(b, t + 1));
+      const bool sym = b.symmetric(k);
+      const double err = sym ? 2 * res[ti].err : res[ti].err + col_err[k];
+      if (update_f && record(b, k, t, max_iter, tol, err, 0.0, n_iter, error)) todo[k] = 0;
+      if (todo[k] && !sym) {
+        const Step g_step = b.step(t + 1, f_step.eps, false);
         col_err[k] = finish_columns(b, g_step, k, acc[ti].data(), res[ti].cols_ok);
       }
       ti = last + 1;
@@ -404,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
     const at::Tensor& cost, const at::Tensor& x_offsets, const at::Tensor& y_offsets,
     const at::Tensor& log_a, const at::Tensor& log_b, const at::Tensor& f, const at::Tensor& g,
     double eps, int64_t max_iter, double tol, double tau_a, double tau_b,
-    at::ArrayRef<double> schedule, double omega) {
+    at::ArrayRef<double> schedule, double omega, const c10::optional<at::Tensor>& symmetric) {
   check_eps(eps);
   for (const double e : schedule) check_eps(e);
   TORCH_CHECK_VALUE(tau_a > 0 && tau_a <= 1 && tau_b > 0 && tau_b <= 1,
@@ -414,11 +435,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
   TORCH_CHECK_VALUE(tol >= 0, "tol must be >= 0, got ", tol);
   const RaggedPair rp = ragged_cost(cost, x_offsets, y_offsets, log_a, log_b);
   const int64_t nx = log_a.size(0), ny = log_b.size(0);
+  const std::vector<uint8_t> sym = problem_flags(symmetric, rp.B, "symmetric", false);
+  check_symmetric(sym, rp, log_a, log_b, tau_a, tau_b);
   check_rows(f, nx, "f");
   check_rows(g, ny, "g");
   const auto ct = compute_dtype(cost.scalar_type());
   auto cvt = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
-  at::Tensor c = cvt(cost), la = cvt(log_a), lb = cvt(log_b), a = la.exp();
+  at::Tensor c = cvt(cost), la = cvt(log_a), lb = cvt(log_b), a = la.exp(), bw = lb.exp();
   at::Tensor f_out = f.to(ct).clone(), g_out = g.to(ct).clone();
   at::Tensor u = at::empty({ny}, c.options()), u2 = at::empty({ny}, c.options());
   at::Tensor up = at::empty({nx}, c.options());
@@ -434,6 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
                      la.data_ptr<T>(),
                      a.data_ptr<T>(),
                      lb.data_ptr<T>(),
+                     bw.data_ptr<T>(),
                      f_out.data_ptr<T>(),
                      g_out.data_ptr<T>(),
                      u.data_ptr<T>(),
@@ -444,7 +468,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
                      schedule.data(),
                      static_cast<int64_t>(schedule.size()),
                      eps,
-                     omega};
+                     omega,
+                     guard_floor(omega),
+                     sym.data()};
     int64_t* it = n_iter.data_ptr<int64_t>();
     double* err = error.data_ptr<double>();
     // Empty problems have nothing to iterate (the Python API rejects them).
@@ -458,6 +484,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_dense_cpu(
     run_tasks(row_chunks(rp.xo, resident, 1, 1),
               [&](const Task& t, int64_t) { solve_one(b, t.k, max_iter, tol, it, err); });
     solve_lockstep(b, big, max_iter, tol, it, err);
+    for (int64_t k = 0; k < rp.B; ++k)
+      if (b.symmetric(k)) b.tie(k);
   });
   return {f_out.to(f.scalar_type()), g_out.to(g.scalar_type()), n_iter, error.to(f.scalar_type())};
 }

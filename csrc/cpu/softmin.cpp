@@ -43,7 +43,7 @@ at::Tensor softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tenso
   Prepared p = prepare(x, y, h, log_b);
   const RaggedPair rp = ragged_pair(x_offsets, x.size(0), y_offsets, y.size(0));
   const auto &xo = rp.xo, &yo = rp.yo;
-  auto flags = active_flags(active, rp.B);
+  auto flags = problem_flags(active, rp.B, "active");
   AffineRows ax = affine_rows(p.x, kind), ay = affine_rows(p.y, kind);
   // C_ij = alpha_i + beta_j - gamma x_i.y_j, so the exponent splits into a
   // column term u_j = log b_j + (h_j - beta_j)/eps and (gamma/eps) x_i.y_j.
@@ -87,7 +87,7 @@ at::Tensor softmin_dense_cpu(const at::Tensor& cost, const at::Tensor& x_offsets
   // dim=0 over x's rows (output per y row, weights a, h on x).
   const at::Tensor& log_w = dim == 1 ? log_b : log_a;
   check_rows(h, log_w.size(0), "h");
-  auto flags = active_flags(active, B);
+  auto flags = problem_flags(active, B, "active");
   const auto ct = compute_dtype(cost.scalar_type());
   at::Tensor c = cost.to(ct).contiguous();
   at::Tensor u = (log_w.to(ct) + h.to(ct) / eps).contiguous();  // log w + h/eps

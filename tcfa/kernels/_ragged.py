@@ -83,15 +83,31 @@ def check_cost(cost) -> str:
     return _validate.choice("cost", cost, _validate.COSTS)
 
 
-def active_flags(active, num_problems: int) -> torch.Tensor | None:
-    """The optional bool (B,) "still iterating" flags, on the CPU; None means all active."""
-    if active is None:
+def problem_flags(name: str, flags, num_problems: int) -> torch.Tensor | None:
+    """Optional bool (B,) per-problem flags ("active": still iterating; "symmetric"), on the CPU."""
+    if flags is None:
         return None
-    if not isinstance(active, torch.Tensor) or active.dtype != torch.bool:
-        raise TypeError(f"active must be a bool tensor, got {getattr(active, 'dtype', type(active).__name__)}")
-    if active.dim() != 1 or active.shape[0] != num_problems:
-        raise ValueError(f"active must have shape ({num_problems},), got {tuple(active.shape)}")
-    return active.cpu()
+    if not isinstance(flags, torch.Tensor) or flags.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {getattr(flags, 'dtype', type(flags).__name__)}")
+    if flags.dim() != 1 or flags.shape[0] != num_problems:
+        raise ValueError(f"{name} must have shape ({num_problems},), got {tuple(flags.shape)}")
+    return flags.cpu()
+
+
+def check_symmetric(symmetric, xo, yo, log_a, log_b, tau_a: float, tau_b: float) -> torch.Tensor | None:
+    """The symmetric flags of sinkhorn_dense, checked as csrc/cpu/checks.h's check_symmetric does."""
+    sym = problem_flags("symmetric", symmetric, xo.numel() - 1)
+    if sym is None or not bool(sym.any()):
+        return None
+    if tau_a != tau_b:
+        raise ValueError(f"symmetric problems need tau_a == tau_b, got {tau_a} and {tau_b}")
+    for k in torch.nonzero(sym).flatten().tolist():
+        n, m = int(xo[k + 1] - xo[k]), int(yo[k + 1] - yo[k])
+        if n != m:
+            raise ValueError(f"symmetric problem {k} must be square, got {n} x {m}")
+        if not torch.equal(log_a[int(xo[k]):int(xo[k + 1])], log_b[int(yo[k]):int(yo[k + 1])]):
+            raise ValueError(f"symmetric problem {k} must have log_a equal to log_b")
+    return sym
 
 
 # ---------------------------------------------------------------- block tables

@@ -34,7 +34,7 @@ from ..ops import _validate
 from . import _precision as precision
 from . import _ragged as rg
 from ._ragged import block_header
-from ..ops.relaxation import relaxed_update
+from ..ops.relaxation import TiedRows, relaxed_update
 
 # Tile sizes, chosen for an H100. The (BLOCK_M x BLOCK_N) score tile of the
 # on-the-fly kernels lives in registers; BLOCK_K chunks of the width d feed tl.dot.
@@ -132,7 +132,7 @@ def softmin_forward(x, y, x_offsets, y_offsets, h, log_b, eps, cost="sqeuclidean
     rg.check_rows("h", h, y.shape[0])
     rg.check_rows("log_b", log_b, y.shape[0])
     xo, yo = rg.check_pair(x_offsets, x.shape[0], y_offsets, y.shape[0])
-    flags = rg.active_flags(active, xo.numel() - 1)
+    flags = rg.problem_flags("active", active, xo.numel() - 1)
     guard = rg.launch_device(x=x, y=y, h=h, log_b=log_b)
 
     ct = _validate.compute_dtype(x.dtype)
@@ -219,7 +219,7 @@ def softmin_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim,
     # dim=1 reduces over y's rows (weights b, h on y), dim=0 over x's rows (weights a, h on x)
     log_w = log_b if dim == 1 else log_a
     rg.check_rows("h", h, log_w.shape[0])
-    flags = rg.active_flags(active, xo.numel() - 1)
+    flags = rg.problem_flags("active", active, xo.numel() - 1)
     guard = rg.launch_device(cost=cost, log_a=log_a, log_b=log_b, h=h)
 
     ct = _validate.compute_dtype(cost.dtype)
@@ -242,7 +242,7 @@ def softmin_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim,
 
 
 def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol=0.0, tau_a=1.0,
-                           tau_b=1.0, schedule=(), omega=1.0):
+                           tau_b=1.0, schedule=(), omega=1.0, symmetric=None):
     """tcfa::sinkhorn_dense on the GPU (math: tcfa.ops.sinkhorn_dense): the two
     dense soft-min kernels per iteration, problems masked out once converged.
 
@@ -251,6 +251,7 @@ def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, 
     the loop keeps the two bandwidth-bound kernels and syncs once per
     iteration to stop converged problems. g is unused beyond its shape: the
     GPU kernels need no shift. Empty problems are skipped (n_iter 0).
+    Symmetric problems skip the column kernel (their g is their f).
     """
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
@@ -266,12 +267,14 @@ def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, 
     rg.check_rows("g", g, log_b.shape[0])
     xo, yo = rg.check_pair(x_offsets, log_a.shape[0], y_offsets, log_b.shape[0])
     _validate.same_device(cost=cost, log_a=log_a, log_b=log_b, f=f, g=g)  # its soft-min launches guard the device
+    sym = rg.check_symmetric(symmetric, xo, yo, log_a, log_b, tau_a, tau_b)
     ct = _validate.compute_dtype(cost.dtype)
     device = cost.device
     nx, ny = (xo[1:] - xo[:-1]).to(device), (yo[1:] - yo[:-1]).to(device)
     B = nx.numel()
     x_index = torch.repeat_interleave(torch.arange(B, device=device), nx)
     y_index = torch.repeat_interleave(torch.arange(B, device=device), ny)
+    tie = TiedRows(sym, xo, yo, device)
     a, b = log_a.to(ct).exp(), log_b.to(ct).exp()
     rho_a, rho_b = (None if tau == 1 else eps * tau / (1 - tau) for tau in (tau_a, tau_b))
     eps_at = lambda t: schedule[max(t, 1) - 1] if max(t, 1) <= len(schedule) else eps  # noqa: E731
@@ -285,19 +288,27 @@ def sinkhorn_dense_forward(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, 
             break
         e_g, e_f = eps_at(t - 1), eps_at(t)
         w = omega if t > len(schedule) + 1 else 1.0
-        g_plain = softmin_dense_forward(cost, xo, yo, log_a, log_b, f, e_g, 0, active)
+        general, tied = active & ~tie.flags, active & tie.flags
+        g_plain = softmin_dense_forward(cost, xo, yo, log_a, log_b, f, e_g, 0, general)
         g_new, _, g_gap = relaxed_update(g, g_plain, e_g, rho_b, w)
-        col = b * torch.expm1(g_gap).abs()
-        g = torch.where(active[y_index], g_new, g)
-        f_plain = softmin_dense_forward(cost, xo, yo, log_a, log_b, g, e_f, 1, active)
-        f_new, f_T, _ = relaxed_update(f, f_plain, e_f, rho_a, w)
-        viol = torch.zeros_like(error).index_add_(0, x_index, a * torch.expm1((f - f_T) / e_f).abs())
+        col = torch.where(general[y_index], b * torch.expm1(g_gap).abs(), 0.0)
+        g = tie.apply(f, torch.where(general[y_index], g_new, g))
+        f_new, f_T, _ = relaxed_update(f, softmin_dense_forward(cost, xo, yo, log_a, log_b, g, e_f, 1, general),
+                                       e_f, rho_a, w)
+        row = a * torch.expm1((f - f_T) / e_f).abs()
+        if tie.any:  # at eps from the first iteration, the averaged step (its error counts both marginals)
+            s_T = relaxed_update(f, softmin_dense_forward(cost, xo, yo, log_a, log_b, g, eps, 1, tied),
+                                 eps, rho_a, 1.0)[1]
+            on = tied[x_index]
+            f_new = torch.where(on, 0.5 * (f + s_T), f_new)
+            row = torch.where(on, 2 * a * torch.expm1((f - s_T) / eps).abs(), row)
+        viol = torch.zeros_like(error).index_add_(0, x_index, row)
         error = torch.where(active, viol.index_add_(0, y_index, col), error)
         f = torch.where(active[x_index], f_new, f)
         n_iter += active
-        if tol > 0 and t > len(schedule):
-            active &= ~(error < tol)
-    return f.to(f_dtype), g.to(g_dtype), n_iter, error.to(f_dtype)
+        if tol > 0:
+            active &= ~((error < tol) & (tie.flags | (t > len(schedule))))
+    return f.to(f_dtype), tie.apply(f, g).to(g_dtype), n_iter, error.to(f_dtype)
 
 
 # ---------------------------------------------------------------- cost

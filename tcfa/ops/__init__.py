@@ -55,7 +55,7 @@ def softmin_dense(cost, x_offsets, y_offsets, log_a, log_b, h, eps: float, dim: 
 
 
 def sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps: float, max_iter: int, tol: float = 0.0,
-                   tau_a: float = 1.0, tau_b: float = 1.0, schedule=(), omega: float = 1.0):
+                   tau_a: float = 1.0, tau_b: float = 1.0, schedule=(), omega: float = 1.0, symmetric=None):
     """Whole Sinkhorn loops on stored costs, annealing stages included, every problem in one call.
 
     Iteration t = 1, 2, ... runs at eps_t = schedule[t-1] for t <= S = len(schedule) and at
@@ -85,11 +85,24 @@ def sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps: float, m
     (tol = 0 runs exactly max_iter); error_k of iterations t <= S is not a stopping test. The
     input g only shifts the exponents of the first g-update (the previous g is a good one);
     results do not depend on it beyond rounding.
+
+    ``symmetric`` (bool (B,), optional) flags problems that are one measure against itself
+    (square, log_a = log_b on them, C_ij = C_ji, tau_a = tau_b): their dual has a symmetric
+    solution f = g, reached by the averaged update of one potential (GeomLoss's symmetric
+    Sinkhorn), run at the target eps from the first iteration (no annealing, no omega):
+
+        f_T_i = -tau_a(eps) eps log sum_j exp(log_b_j + (f_j - C_ij) / eps)
+        error_k = 2 sum_i a_i |exp((f_i - f_T_i) / eps) - 1|     (both marginals, violated alike)
+        f_i  <- (f_i + f_T_i) / 2
+
+    stopping at the first t with error_k < tol; g = f on return. From a cold start at the
+    target eps it needed 2-11 iterations to 1e-4 on 2048 uniform points in 2-8 dimensions for
+    eps from 1e-1 to 1e-4 (plain Sinkhorn: up to 192), so annealing would only add iterations.
     Returns (f, g, n_iter (B,) int64, error (B,)). Empty problems are skipped
     (n_iter 0). Same cost layout as :func:`softmin_dense`.
     """
     return torch.ops.tcfa.sinkhorn_dense(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol, tau_a,
-                                         tau_b, [float(e) for e in schedule], omega)
+                                         tau_b, [float(e) for e in schedule], omega, symmetric)
 
 
 def cost_matrix(x, y, x_offsets, y_offsets, cost: str = "sqeuclidean"):

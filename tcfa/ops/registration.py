@@ -25,7 +25,7 @@ def _softmin_dense_fake(cost, x_offsets, y_offsets, log_a, log_b, h, eps, dim, a
 
 @torch.library.register_fake("tcfa::sinkhorn_dense")
 def _sinkhorn_dense_fake(cost, x_offsets, y_offsets, log_a, log_b, f, g, eps, max_iter, tol, tau_a=1.0, tau_b=1.0,
-                         schedule=(), omega=1.0):
+                         schedule=(), omega=1.0, symmetric=None):
     B = x_offsets.shape[0] - 1
     return (torch.empty_like(f), torch.empty_like(g), f.new_empty(B, dtype=torch.int64), f.new_empty(B))
 
