@@ -117,13 +117,15 @@ def check_symmetric(symmetric, prob, sharded: bool):
 
 
 # Over-relaxation of the target-eps iterations (tcfa.ops.sinkhorn_dense); 1 is plain Sinkhorn.
-# Measured (benchmarks/results/sinkhorn_iterations.json, Intel Xeon): omega 1.5 cuts the iterations
-# to 1e-4 by 32 % on one 4096^2 problem (whole solve 1.9x faster without annealing) and by 44-67 %
-# unbalanced, but each relaxed iteration of the CPU kernel runs scalar fp64 exp/log per row and
-# column, 2.3x the time of a plain one on 256^2 problems (64 of them, 155 against 67 ms for 100
-# iterations), so batches of small problems got slower. Plain stays the default until those
-# updates are vectorised; pass omega=1.5 for large or unbalanced problems.
-DEFAULT_OMEGA = 1.0
+# Measured (`tcfa bench sinkhorn_iterations`, benchmarks/results/sinkhorn_iterations.json, Intel
+# Xeon, no annealing, time to 1e-4 against plain): omega 1.3 took 0.90x (fp32) / 0.87x (fp64) the
+# time on one 4096^2 problem (15 iterations instead of 22), 0.64x / 0.56x unbalanced (28 instead
+# of 54), and on 64 ragged ~256^2 problems, which plain Sinkhorn solves in 8.8 iterations on
+# average, 9 (its slowest problem 9 instead of 15) at 1.05x / 1.08x the time, within the run's
+# noise. omega 1.5 cut more on the unbalanced problem (18) but made the ragged ones slower (14
+# each), 1.7 slowed everything. The guard is the fallback: a relaxed step that would lower the
+# dual objective is replaced by the plain one, entry by entry.
+DEFAULT_OMEGA = 1.3
 
 
 def check_options(mode, max_iter, tol, scaling, memory_budget, omega=DEFAULT_OMEGA):

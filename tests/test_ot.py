@@ -324,7 +324,7 @@ def test_symmetric_problems_dense_and_online_agree_with_the_general_solve(reach)
     general = tcfa.sinkhorn(torch.cat([x[:30], x[30:70]]), torch.cat([x[:30], y]), **kw)
     for mode in ("dense", "online"):
         res = tcfa.sinkhorn(torch.cat([x[:30], x[30:70]]), torch.cat([x[:30], y]), symmetric=sym, mode=mode, **kw)
-        assert bool(res.converged.all()) and int(res.n_iter[0]) < int(general.n_iter[0]) // 10
+        assert bool(res.converged.all()) and int(res.n_iter[0]) * 5 < int(general.n_iter[0])
         torch.testing.assert_close(res.value(), general.value(), atol=1e-9, rtol=0)
         torch.testing.assert_close(res.f[:30], res.g[:30], atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"symmetric\[1\] is set but problem 1 is not one measure against itself"):

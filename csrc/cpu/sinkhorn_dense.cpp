@@ -210,16 +210,23 @@ PassResult sweep(const Batch<T>& b, const Step& st, int64_t k, int64_t r0, int64
     }
     // relaxed or unbalanced: the rows' moves (f'_i - f_i)/eps, their weights e^move in the next
     // column sums and their error terms, for the nq rows at once (rows out of range weigh 0)
-    double moves[4], weights[4];
+    T moves[4], weights[4];
     if (update_f && !st.plain_balanced()) {
-      double x[4] = {1, 1, 1, 1};
-      T wt[4] = {};
+      T r[4] = {1, 1, 1, 1}, wt[4] = {};
       for (int q = 0; q < nq; ++q) {
         const bool exact = sums[q] >= S::row_lo && sums[q] <= S::row_hi;
-        if (exact) x[q] = sums[q], wt[q] = b.a[i0 + q];
+        if (exact) r[q] = sums[q], wt[q] = b.a[i0 + q];
       }
-      logs_in_place(x, nq);
-      res.err += relaxed_moves<T>(st, b.f + i0, x, wt, nq, Gap::kTarget, moves, weights);
+      if (st.tau == 1.0 && st.guarded) {  // over-relaxed, exact marginal: the error is plain's
+        exact_row_moves<T>(st, r, nq, moves, weights);
+        for (int q = 0; q < nq; ++q) res.err += static_cast<double>(wt[q]) * std::abs(r[q] - 1.0);
+      } else {
+        double x[4], d[4], e[4];
+        log_ratios<T, T>(r, nullptr, nq, x);
+        res.err += relaxed_moves<T>(st, b.f + i0, x, wt, nq, Gap::kTarget, d, e);
+        for (int q = 0; q < nq; ++q)
+          moves[q] = static_cast<T>(d[q]), weights[q] = static_cast<T>(e[q]);
+      }
     }
     for (int q = 0; q < nq; ++q) {
       const int64_t i = i0 + q;
@@ -228,10 +235,7 @@ PassResult sweep(const Batch<T>& b, const Step& st, int64_t k, int64_t r0, int64
       const bool exact = s >= S::row_lo && s <= S::row_hi;  // false for NaN too
       // the row's move and its weight in the next column sums (1/s when plain)
       T move = 0, w = T(1) / s;
-      if (update_f && exact && !st.plain_balanced()) {
-        move = static_cast<T>(moves[q]);
-        w = static_cast<T>(weights[q]);
-      }
+      if (update_f && exact && !st.plain_balanced()) move = moves[q], w = weights[q];
       const bool col_exact =
           exact && (!update_f || (s >= S::col_row_lo && w <= T(1) / S::col_row_lo));
       coef[q] = col_exact ? (update_f ? b.a[i] * w : b.a[i]) : T(0);
@@ -296,9 +300,7 @@ double finish_columns(const Batch<T>& b, const Step& st, int64_t k, const T* acc
   static thread_local std::vector<double> l, d;
   l.resize(m), d.resize(m);
   if (ok) {
-    std::copy(acc, acc + m, l.begin());
-    logs_in_place(l.data(), m);
-    for (int64_t j = 0; j < m; ++j) l[j] -= b.log_b[y0 + j];
+    log_ratios<T, T>(acc, b.log_b + y0, m, l.data());
   } else {
     const std::vector<T> g_old(g, g + m);
     for (int64_t i = b.rp.xo[k]; i < b.rp.xo[k + 1]; ++i) b.up[i] = b.log_a[i] + b.f[i] / eps;

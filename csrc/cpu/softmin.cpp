@@ -4,6 +4,7 @@
 #include "cost.h"
 #include "dense_columns.h"
 #include "kernels.h"
+#include "large_buffer.h"
 #include "lse.h"
 #include "tasks.h"
 
@@ -125,7 +126,7 @@ at::Tensor cost_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
   const int64_t B = rp.B;
   const auto ct = compute_dtype(x.scalar_type());
   AffineRows ax = affine_rows(x.to(ct), kind), ay = affine_rows(y.to(ct), kind);
-  at::Tensor out = at::empty({co[B]}, ax.rows.options());
+  at::Tensor out = empty_large(co[B], ax.rows.options());
   const double gamma = cost_gamma(kind);
   AT_DISPATCH_FLOATING_TYPES(ct, "tcfa_cost", [&] {
     using T = scalar_t;
