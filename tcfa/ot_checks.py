@@ -118,13 +118,13 @@ def check_symmetric(symmetric, prob, sharded: bool):
 
 # Over-relaxation of the target-eps iterations (tcfa.ops.sinkhorn_dense); 1 is plain Sinkhorn.
 # Measured (`tcfa bench sinkhorn_iterations`, benchmarks/results/sinkhorn_iterations.json, Intel
-# Xeon, no annealing, time to 1e-4 against plain): omega 1.3 took 0.90x (fp32) / 0.87x (fp64) the
-# time on one 4096^2 problem (15 iterations instead of 22), 0.64x / 0.56x unbalanced (28 instead
-# of 54), and on 64 ragged ~256^2 problems, which plain Sinkhorn solves in 8.8 iterations on
-# average, 9 (its slowest problem 9 instead of 15) at 1.05x / 1.08x the time, within the run's
-# noise. omega 1.5 cut more on the unbalanced problem (18) but made the ragged ones slower (14
-# each), 1.7 slowed everything. The guard is the fallback: a relaxed step that would lower the
-# dual objective is replaced by the plain one, entry by entry.
+# Xeon, no annealing, to 1e-4): omega 1.3 needs 15 iterations instead of 22 on one 4096^2
+# problem, 28 instead of 54 unbalanced, and on 64 ragged ~256^2 problems 9 for every problem
+# (plain: 8.8 on average, 15 for the slowest). Time against plain over two runs (the iteration
+# counts are the stable figure): 0.49-0.90x big, 0.56-0.64x unbalanced, 0.89-1.08x ragged.
+# omega 1.5 cut more on the unbalanced problem (18 iterations) but took 14 on each ragged one;
+# 1.7 slowed everything. The guard is the fallback: a relaxed step that would lower the dual
+# objective is replaced by the plain one, entry by entry.
 DEFAULT_OMEGA = 1.3
 
 
