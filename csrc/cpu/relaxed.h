@@ -34,8 +34,6 @@ struct Step {
         x_lo(x_lo_),
         guarded(guarded_) {}
   bool plain_balanced() const { return omega == 1.0 && tau == 1.0; }
-  // (v_T - v) / eps
-  double target_move(double v, double x) const { return (tau - 1.0) * v / eps - tau * x; }
 };
 
 using dvec = vec_t<double>;
