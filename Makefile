@@ -10,7 +10,7 @@ PIP    := $(VENV)/bin/pip
 # only: the package's own dependencies are ranges (pyproject.toml).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 DEPS   := numpy scipy scikit-learn POT pytest hypothesis ninja safetensors setuptools wheel \
-          transformers timm tqdm matplotlib ruff clang-format geomloss
+          transformers timm tqdm matplotlib ruff clang-format geomloss peft
 # peers timed by the benchmarks only (jax is large: not needed for test/demo)
 BENCH_DEPS := geomloss ott-jax
 # the layer_map benchmark's CKA peers, pinned: it calls their APIs as of these releases.

@@ -17,11 +17,23 @@ from .stats import MomentAccumulator, Moments, cka_from_moments, linear_cka, rbf
 from .linear_maps import CCA, cca, cca_maps, procrustes, ridge_map
 from . import correspondence, similarity
 from .pipeline.layer_map import LayerMap, layer_map
+from .lora import AnchorMap, LoRALinear, anchor_map, transport_lora
+from .pipeline.adapters import add_lora, adapter_factors, load_adapter, merge_adapter, save_adapter, unmerge_adapter
 
 from ._version import __version__ as __version__
 
 __all__ = [
     "ops",
+    "LoRALinear",
+    "AnchorMap",
+    "anchor_map",
+    "transport_lora",
+    "add_lora",
+    "adapter_factors",
+    "save_adapter",
+    "load_adapter",
+    "merge_adapter",
+    "unmerge_adapter",
     "similarity",
     "correspondence",
     "layer_map",

@@ -16,6 +16,16 @@ BENCHMARKS = ("sinkhorn", "sinkhorn_iterations", "stitch", "cca", "levels", "lay
 def _demo(args) -> int:
     from . import demo
 
+    if args.adapters:  # issue 15's experiment: a LoRA carried between two ViTs (tcfa/cli/demo_adapters.py)
+        from . import demo_adapters
+
+        out = args.out if args.out != "demo_output" else "demo_adapters_output"
+        if args.quick:
+            demo_adapters.run(out, seed=args.seed, epochs=1, lora_steps=5, ranks=(4,), alphas=(0.5,), n_anchors=50,
+                              n_train=300, cache=not args.no_cache)
+        else:
+            demo_adapters.run(out, seed=args.seed, epochs=args.epochs, cache=not args.no_cache)
+        return 0
     if args.quick:  # the whole pipeline on a few hundred images in seconds: a check, not a result
         demo.run(args.out, seed=args.seed, epochs=1, tune_steps=2, n_train=300, cache=not args.no_cache)
     else:
@@ -178,6 +188,9 @@ def main(argv=None) -> int:
     d.add_argument("--no-cache", action="store_true", help="retrain instead of loading ~/.cache/tcfa weights")
     d.add_argument("--quick", action="store_true",
                    help="1 epoch, 2 tuning steps, 300 training images: checks an install in seconds")
+    d.add_argument("--adapters", action="store_true",
+                   help="carry a LoRA from one timm ViT to another of a different width and depth (anchor maps, "
+                        "transport, merge sweep, retention vs drift); writes adapters.json")
     d.set_defaults(func=_demo)
     a = sub.add_parser("align", help="fit a TCFA stitch between two models' layers; save it as safetensors")
     _model_flags(a)
