@@ -40,11 +40,12 @@ def _worker(rank, init_file, out_dir):
         except ValueError as exc:
             out[name] = str(exc)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    # Both ranks leave together: in about one full-suite run in three, rank 1 aborted at exit with
-    # "terminate called without an active exception" (never alone); a rank tearing the group down
-    # while the other is still inside it is the suspected cause, not a confirmed one.
-    dist.barrier()
-    dist.destroy_process_group()
+    # In about one full-suite run in three, a rank aborted after this point ("terminate called without
+    # an active exception", SIGABRT) with both result files written and both ranks' tcfa collectives
+    # matched one for one (14 each, counted): an abort in torch's gloo teardown, seen only under load,
+    # with or without a barrier before destroy_process_group. Every collective the test checks has
+    # finished here, so the worker leaves without the teardown, as tests/test_distributed_failures.py does.
+    os._exit(0)
 
 
 def test_sharded_layer_map_equals_one_process(tmp_path):
