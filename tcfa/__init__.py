@@ -17,7 +17,8 @@ from .stats import MomentAccumulator, Moments, cka_from_moments, linear_cka, rbf
 from .linear_maps import CCA, cca, cca_maps, procrustes, ridge_map
 from . import correspondence, similarity
 from .pipeline.layer_map import LayerMap, layer_map
-from .lora import AnchorMap, LoRALinear, anchor_map, transport_lora
+from .lora import AnchorMap, LoRALinear, anchor_map, roughness, transport_lora
+from .pipeline.adapter_maps import AdapterMaps, fit_adapter_maps
 from .pipeline.adapters import add_lora, adapter_factors, load_adapter, merge_adapter, save_adapter, unmerge_adapter
 
 from ._version import __version__ as __version__
@@ -28,6 +29,9 @@ __all__ = [
     "AnchorMap",
     "anchor_map",
     "transport_lora",
+    "roughness",
+    "AdapterMaps",
+    "fit_adapter_maps",
     "add_lora",
     "adapter_factors",
     "save_adapter",

@@ -21,29 +21,31 @@ import torch
 from torch import nn
 
 from .ops import _validate
+from .stats import moments_of_checked
 
-__all__ = ["LoRALinear", "AnchorMap", "anchor_map", "lora_delta", "transport_lora"]
+__all__ = ["LoRALinear", "AnchorMap", "anchor_map", "roughness", "lora_delta", "transport_lora", "linear_weight"]
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) lora_B(lora_A(x)): a rank-r adapter beside a frozen nn.Linear.
+    """y = base(x) + (alpha / r) lora_B(lora_A(x)): a rank-r adapter beside a frozen linear layer.
+
+    ``base``: an nn.Linear or a transformers Conv1D (GPT-2's projections, weight stored (in, out)).
 
     lora_A is Kaiming-uniform initialised and lora_B zero, as PEFT does, so a fresh adapter
     leaves the layer's output unchanged. Only the adapter's parameters require gradients.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
+    def __init__(self, base: nn.Module, rank: int, alpha: float | None = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        out_features, in_features = linear_shape(base, "base")
         rank = _validate.integer("rank", rank, lo=1)
         alpha = float(rank if alpha is None else alpha)
         self.base, self.rank, self.alpha = base, rank, alpha
         for p in base.parameters():
             p.requires_grad_(False)
         w = base.weight
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
@@ -57,6 +59,28 @@ class LoRALinear(nn.Module):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, in), s B (out, r)): Delta W = (s B) A, the scaling folded into B."""
         return self.lora_A.weight.detach(), self.lora_B.weight.detach() * self.scaling
+
+
+def _is_conv1d(layer: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, recognised by shape so that transformers stays optional
+    w = getattr(layer, "weight", None)
+    return (type(layer).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and w.shape[1] == getattr(layer, "nf", None))
+
+
+def linear_shape(layer: nn.Module, name: str = "layer") -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear or a transformers Conv1D; a TypeError naming ``name`` else."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    if _is_conv1d(layer):
+        return layer.nf, layer.weight.shape[0]
+    raise TypeError(f"{name} must be an nn.Linear or a transformers Conv1D, got {type(layer).__name__}")
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out, in), Delta W's orientation: a view (Conv1D stores it transposed)."""
+    linear_shape(layer)
+    return layer.weight.T if _is_conv1d(layer) else layer.weight
 
 
 def lora_delta(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -85,7 +109,7 @@ class AnchorMap:
         return self.mu_b + (x_a - self.mu_a) @ self.R.T
 
 
-def anchor_map(x_a, x_b, *, proper: bool = True, center: bool = True) -> AnchorMap:
+def anchor_map(x_a, x_b, labels=None, num_segments=None, *, proper: bool = True, center: bool = True):
     """Orthogonal Procrustes between paired anchor activations x_a (n, d_a) and x_b (n, d_b).
 
     With the SVD (X_b - mu_b)^T (X_a - mu_a) = U S V^T (thin), R = U V^T. Its handedness is the sign
@@ -93,25 +117,56 @@ def anchor_map(x_a, x_b, *, proper: bool = True, center: bool = True) -> AnchorM
     chirality flip of the anchors' configuration). ``proper=True`` (default) returns the best proper
     map instead, R = U diag(1, ..., 1, -1) V^T (the smallest singular pair flipped, the classical
     Kabsch correction), and ``reflection`` reports what the unconstrained fit was.
+
+    With ``labels`` (n,) int64 in [0, num_segments): one map per condition, each fitted on its own
+    anchors (at least 2 each), returned as a list of AnchorMap; the per-condition cross-moments come
+    from tcfa's segment_moments kernel in one call. Without labels: one AnchorMap.
     """
-    x_a, x_b = _validate.paired_rows(x_a, x_b)
-    n, d_a, d_b = x_a.shape[0], x_a.shape[1], x_b.shape[1]
-    if n < 2:
-        raise ValueError(f"anchor_map needs at least 2 anchors, got {n}")
-    mu_a = x_a.mean(0) if center else torch.zeros(d_a, dtype=x_a.dtype, device=x_a.device)
-    mu_b = x_b.mean(0) if center else torch.zeros(d_b, dtype=x_b.dtype, device=x_b.device)
-    xa, xb = x_a - mu_a, x_b - mu_b
-    U, _, Vh = torch.linalg.svd(xb.T @ xa, full_matrices=False)
-    k = min(d_a, d_b)
-    R = U @ Vh
-    reflection = bool(torch.linalg.det(R[:k, :k]) < 0)
-    if proper and reflection:
-        flip = torch.ones(U.shape[1], dtype=U.dtype, device=U.device)
-        flip[-1] = -1
-        R = (U * flip) @ Vh
-    res = (xb - xa @ R.T).norm(dim=1)
-    scale = xb.norm(dim=1).mean().clamp_min(torch.finfo(xb.dtype).tiny)
-    return AnchorMap(R, mu_a, mu_b, float(res.mean() / scale), float(res.max() / scale), reflection, proper)
+    x_a, x_b = _validate.paired_rows(x_a, x_b, "x_a", "x_b")
+    per_condition = labels is not None
+    if not per_condition:
+        if num_segments not in (None, 1):
+            raise ValueError(f"num_segments must be None or 1 when labels is None, got {num_segments}")
+        num_segments, labels = 1, torch.zeros(x_a.shape[0], dtype=torch.int64, device=x_a.device)
+    elif num_segments is None:
+        raise ValueError("num_segments must be given with labels")
+    num_segments = _validate.integer("num_segments", num_segments, lo=1)
+    labels = _validate.labels("labels", labels, x_a.shape[0], num_segments)
+    m = moments_of_checked(x_a, x_b, labels, num_segments, ("xy",))
+    short = (m.count < 2).nonzero().flatten().tolist()
+    if short:
+        what = f"condition(s) {short}" if per_condition else "the map"
+        raise ValueError(f"anchor_map needs at least 2 anchors per map, {what} got fewer (counts "
+                         f"{m.count.tolist()})")
+    cross, mu_a, mu_b = m.sxy, m.mean_x, m.mean_y  # cross: (C, d_a, d_b) = Xa_c^T Xb_c, centred
+    if not center:
+        cross = cross + m.count.to(cross.dtype)[:, None, None] * mu_a[:, :, None] * mu_b[:, None, :]
+        mu_a, mu_b = torch.zeros_like(mu_a), torch.zeros_like(mu_b)
+    V, _, Uh = torch.linalg.svd(cross, full_matrices=False)  # cross^T = U S V^T
+    R = Uh.mT @ V.mT
+    k = min(x_a.shape[1], x_b.shape[1])
+    reflection = torch.linalg.det(R[:, :k, :k]) < 0
+    if proper and bool(reflection.any()):
+        flip = torch.ones(num_segments, V.shape[-1], dtype=R.dtype, device=R.device)
+        flip[:, -1] = torch.where(reflection, -1.0, 1.0).to(R.dtype)
+        R = (Uh.mT * flip[:, None, :]) @ V.mT
+    maps = []
+    for c in range(num_segments):
+        rows = labels == c
+        xa, xb = x_a[rows] - mu_a[c], x_b[rows] - mu_b[c]
+        res = (xb - xa @ R[c].T).norm(dim=1)
+        scale = xb.norm(dim=1).mean().clamp_min(torch.finfo(xb.dtype).tiny)
+        maps.append(AnchorMap(R[c], mu_a[c], mu_b[c], float(res.mean() / scale), float(res.max() / scale),
+                              bool(reflection[c]), proper))
+    return maps if per_condition else maps[0]
+
+
+def roughness(R: torch.Tensor, R_prev: torch.Tensor) -> float:
+    """|R - R_prev|_F / |R_prev|_F: how much a map turns from one layer to its neighbour (0: the same map;
+    about sqrt(2) between unrelated rotations of a large space)."""
+    if R.shape != R_prev.shape:
+        raise ValueError(f"roughness compares maps of one shape, got {tuple(R.shape)} and {tuple(R_prev.shape)}")
+    return float((R - R_prev).norm() / R_prev.norm().clamp_min(torch.finfo(R.dtype).tiny))
 
 
 def transport_lora(adapter: dict, maps: dict, *, rank: int | None = None) -> dict:

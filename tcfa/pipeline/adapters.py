@@ -14,7 +14,7 @@ import os
 import torch
 from torch import nn
 
-from ..lora import LoRALinear, lora_delta
+from ..lora import LoRALinear, linear_shape, linear_weight, lora_delta
 from .models import get_module
 
 __all__ = ["add_lora", "adapter_factors", "save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter"]
@@ -23,15 +23,15 @@ _PREFIX = "base_model.model."
 
 
 def add_lora(model: nn.Module, paths, rank: int, alpha: float | None = None) -> dict:
-    """Replaces the nn.Linear at each path of ``model`` by a :class:`LoRALinear` around it; returns them."""
+    """Replaces the linear layer (nn.Linear or transformers Conv1D) at each path of ``model`` by a
+    :class:`LoRALinear` around it; returns them {path: LoRALinear}."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         raise ValueError("paths must name at least one nn.Linear")
     layers = {}
     for path in paths:
         layer = get_module(model, path)
-        if not isinstance(layer, nn.Linear):
-            raise TypeError(f"path {path!r} is a {type(layer).__name__}, not an nn.Linear")
+        linear_shape(layer, f"the layer at path {path!r}")
         layers[path] = layer
     out = {}
     for path, layer in layers.items():
@@ -95,12 +95,12 @@ def load_adapter(directory) -> tuple[dict, dict]:
     return factors, config
 
 
-def _linear(model: nn.Module, path: str) -> nn.Linear:
+def _weight(model: nn.Module, path: str) -> torch.Tensor:
+    """The (out, in) weight of the linear layer at ``path`` (inside a LoRALinear if there is one)."""
     layer = get_module(model, path)
     layer = layer.base if isinstance(layer, LoRALinear) else layer
-    if not isinstance(layer, nn.Linear):
-        raise TypeError(f"adapter path {path!r} is a {type(layer).__name__}, not an nn.Linear")
-    return layer
+    linear_shape(layer, f"the adapter path {path!r}")
+    return linear_weight(layer)
 
 
 def merge_adapter(model: nn.Module, factors: dict, alpha: float = 1.0) -> dict:
@@ -111,19 +111,19 @@ def merge_adapter(model: nn.Module, factors: dict, alpha: float = 1.0) -> dict:
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    layers = {}
+    weights = {}
     for path, (A, B) in factors.items():
-        layer = _linear(model, path)
-        if (B.shape[0], A.shape[1]) != tuple(layer.weight.shape):
+        w = _weight(model, path)
+        if (B.shape[0], A.shape[1]) != tuple(w.shape):
             raise ValueError(f"factors[{path!r}] give Delta W of shape {(B.shape[0], A.shape[1])}, "
-                             f"the layer's weight is {tuple(layer.weight.shape)}")
-        layers[path] = layer
+                             f"the layer's weight is {tuple(w.shape)} (out, in)")
+        weights[path] = w
     saved = {}
     with torch.no_grad():
-        for path, layer in layers.items():
+        for path, w in weights.items():
             A, B = factors[path]
-            saved[path] = layer.weight.detach().clone()
-            layer.weight.add_(alpha * lora_delta(A.to(layer.weight), B.to(layer.weight)))
+            saved[path] = w.detach().clone()
+            w.add_(alpha * lora_delta(A.to(w), B.to(w)))
     return saved
 
 
@@ -131,4 +131,4 @@ def unmerge_adapter(model: nn.Module, saved: dict) -> None:
     """Restores the weights :func:`merge_adapter` changed."""
     with torch.no_grad():
         for path, weight in saved.items():
-            _linear(model, path).weight.copy_(weight)
+            _weight(model, path).copy_(weight)
