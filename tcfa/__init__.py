@@ -19,7 +19,8 @@ from . import correspondence, similarity
 from .pipeline.layer_map import LayerMap, layer_map
 from .lora import AnchorMap, LoRALinear, anchor_map, roughness, transport_lora
 from .pipeline.adapter_maps import AdapterMaps, fit_adapter_maps
-from .pipeline.adapters import add_lora, adapter_factors, load_adapter, merge_adapter, save_adapter, unmerge_adapter
+from .pipeline.adapters import (add_lora, adapter_factors, attach_adapter, load_adapter, merge_adapter, remove_lora,
+                                save_adapter, unmerge_adapter)
 
 from ._version import __version__ as __version__
 
@@ -33,6 +34,8 @@ __all__ = [
     "AdapterMaps",
     "fit_adapter_maps",
     "add_lora",
+    "attach_adapter",
+    "remove_lora",
     "adapter_factors",
     "save_adapter",
     "load_adapter",

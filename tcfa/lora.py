@@ -41,6 +41,7 @@ class LoRALinear(nn.Module):
         rank = _validate.integer("rank", rank, lo=1)
         alpha = float(rank if alpha is None else alpha)
         self.base, self.rank, self.alpha = base, rank, alpha
+        self.base_requires_grad = [p.requires_grad for p in base.parameters()]  # restored by remove_lora
         for p in base.parameters():
             p.requires_grad_(False)
         w = base.weight
@@ -177,7 +178,8 @@ def transport_lora(adapter: dict, maps: dict, *, rank: int | None = None) -> dic
     R_out (out_b, out_a) (e.g. :func:`anchor_map` ``.R`` of the layer's inputs and outputs).
     Delta W_B = R_out Delta W_A R_in^T. ``rank`` (default: the adapter's) at most the adapter's rank:
     B' = R_out B and A'^T = R_in A^T are QR-factored, the r x r core R_1 R_2^T is SVD-truncated to
-    ``rank`` and split evenly between the factors (best rank-k approximation of Delta W_B).
+    ``rank`` and split evenly between the factors (best rank-k approximation of Delta W_B). The
+    product is formed in the wider of the adapter's and the maps' dtypes and returned in the adapter's.
     """
     if not isinstance(adapter, dict) or not adapter:
         raise ValueError("adapter must be a non-empty dict {path_a: (A, B)}")
@@ -199,10 +201,13 @@ def transport_lora(adapter: dict, maps: dict, *, rank: int | None = None) -> dic
         k = r if rank is None else _validate.integer("rank", rank, lo=1)
         if k > r:
             raise ValueError(f"rank must be at most the adapter's rank {r} for {path_a!r}, got {k}")
-        Bp, Ap = R_out @ B, A @ R_in.T  # (out_b, r), (r, in_b)
+        # in the wider of the two dtypes (maps fitted in fp64 carry fp32 adapters), returned in the adapter's
+        wide = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.promote_types(R_in.dtype, R_out.dtype))
+        Bp, Ap = R_out.to(wide) @ B.to(wide), A.to(wide) @ R_in.to(wide).T  # (out_b, r), (r, in_b)
         Q1, T1 = torch.linalg.qr(Bp)
         Q2, T2 = torch.linalg.qr(Ap.T)
         U, S, Vh = torch.linalg.svd(T1 @ T2.T)
         root = S[:k].sqrt()
-        out[path_b] = ((Q2 @ Vh[:k].T * root).T.contiguous(), (Q1 @ U[:, :k] * root).contiguous())
+        out[path_b] = ((Q2 @ Vh[:k].T * root).T.to(A.dtype).contiguous(),
+                       (Q1 @ U[:, :k] * root).to(B.dtype).contiguous())
     return out

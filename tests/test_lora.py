@@ -140,15 +140,16 @@ def test_adapter_experiment_runs_end_to_end_and_its_ratios_follow_from_its_accur
     from tcfa.cli import demo_adapters
 
     monkeypatch.setenv("TCFA_CACHE", str(tmp_path / "cache"))
-    out = demo_adapters.run(str(tmp_path / "out"), epochs=1, lora_steps=3, ranks=(2,), alphas=(0.5,), n_anchors=30,
-                            n_train=120, log=lambda *a: None)
+    out = demo_adapters.run(str(tmp_path / "out"), seeds=(0,), epochs=1, lora_steps=3, ranks=(2,), alphas=(0.5,),
+                            n_anchors=30, n_train=120, log=lambda *a: None)
     doc = json.loads((tmp_path / "out" / "adapters.json").read_text())
-    assert doc["settings"]["ranks"] == [2] and doc["machine"]["cpu"]
+    assert doc["settings"]["ranks"] == [2] and doc["settings"]["seeds"] == [0] and doc["machine"]["cpu"]
     base = next(r for r in out["records"] if r["method"] == "B alone (no-op)")
     direct = next(r for r in out["records"] if r["method"] == "direct LoRA on B")
     moved = [r for r in out["records"] if r["method"] == "transported"]
-    assert {(r["anchors"], r["pairing"]) for r in moved} == {(a, p) for a in ("random", "stratified")
-                                                             for p in ("layer map", "proportional")}
+    assert {(r["anchors"], r["pairing"], r["maps"]) for r in moved} == {
+        (a, p, m) for a in ("random", "stratified", "layer map") for p in ("layer map", "proportional")
+        for m in ("pooled", "rotated only")}
     gain = direct["shifted"] - base["shifted"]
     for r in moved:
         assert r["drift"] == pytest.approx(base["original"] - r["original"])
@@ -156,4 +157,38 @@ def test_adapter_experiment_runs_end_to_end_and_its_ratios_follow_from_its_accur
             assert r["retention"] == pytest.approx((r["shifted"] - base["shifted"]) / gain)
     assert any("not applicable" in str(r.get("note", "")) or "differ" in str(r.get("note", ""))
                for r in out["records"] if r["method"] == "weight averaging / TIES")
-    assert all(d["residual_in"] >= 0 for d in out["diagnostics"])
+    assert all(d["residual_in_mean"] >= 0 and 0 < d["span_in"] <= 1 for d in out["diagnostics"])
+    assert "layer map" in demo_adapters.diagnostics_summary(out) and "±" in demo_adapters.summary(out)
+
+
+def test_fp32_adapter_through_fp64_maps_is_computed_wide_and_returned_in_fp32():
+    gen = torch.Generator().manual_seed(5)
+    A, B = torch.randn(3, 7, generator=gen), torch.randn(6, 3, generator=gen)
+    R_in, R_out = torch.randn(9, 7, generator=gen, dtype=D), torch.randn(8, 6, generator=gen, dtype=D)
+    A_b, B_b = transport_lora({"l": (A, B)}, {"l": ("m", R_in, R_out)})["m"]
+    assert A_b.dtype == B_b.dtype == torch.float32
+    want = R_out @ B.double() @ A.double() @ R_in.T
+    torch.testing.assert_close(lora_delta(A_b, B_b).double(), want, atol=1e-4 * want.abs().max().item(), rtol=0)
+
+
+def test_adapter_kept_as_a_side_branch_computes_the_merge_and_comes_off_cleanly():
+    from tcfa.pipeline.adapters import attach_adapter, remove_lora
+
+    gen = torch.Generator().manual_seed(6)
+    model = mlp([6, 9, 4], gen)
+    model[2].weight.requires_grad_(False)  # a flag the adapter must give back as it found it
+    layers = list(model)
+    factors = {"0": (torch.randn(2, 6, generator=gen, dtype=D), torch.randn(9, 2, generator=gen, dtype=D)),
+               "2": (torch.randn(3, 9, generator=gen, dtype=D), torch.randn(4, 3, generator=gen, dtype=D))}
+    x = torch.randn(5, 6, generator=gen, dtype=D)
+    merged = copy.deepcopy(model)
+    merge_adapter(merged, factors, alpha=0.35)
+    attach_adapter(model, factors, alpha=0.35)
+    assert isinstance(model[0], LoRALinear)
+    torch.testing.assert_close(model(x), merged(x), atol=1e-12, rtol=0)
+    remove_lora(model)
+    assert list(model) == layers and model[0].weight.requires_grad and not model[2].weight.requires_grad
+    with pytest.raises(ValueError, match=r"factors\['0'\] must be \(A \(r, 6\), B \(9, r\)\)"):
+        attach_adapter(model, {"0": factors["2"]})
+    with pytest.raises(ValueError, match=r"paths \['0'\] hold no LoRALinear"):
+        remove_lora(model, "0")

@@ -21,10 +21,11 @@ def _demo(args) -> int:
 
         out = args.out if args.out != "demo_output" else "demo_adapters_output"
         if args.quick:
-            demo_adapters.run(out, seed=args.seed, epochs=1, lora_steps=5, ranks=(4,), alphas=(0.5,), n_anchors=50,
+            demo_adapters.run(out, seeds=(args.seed,), epochs=1, lora_steps=5, ranks=(4,), alphas=(0.5,), n_anchors=50,
                               n_train=300, cache=not args.no_cache)
         else:
-            demo_adapters.run(out, seed=args.seed, epochs=args.epochs, cache=not args.no_cache)
+            demo_adapters.run(out, seeds=tuple(range(args.seed, args.seed + args.seeds)), epochs=args.epochs,
+                              cache=not args.no_cache)
         return 0
     if args.quick:  # the whole pipeline on a few hundred images in seconds: a check, not a result
         demo.run(args.out, seed=args.seed, epochs=1, tune_steps=2, n_train=300, cache=not args.no_cache)
@@ -191,6 +192,7 @@ def main(argv=None) -> int:
     d.add_argument("--adapters", action="store_true",
                    help="carry a LoRA from one timm ViT to another of a different width and depth (anchor maps, "
                         "transport, merge sweep, retention vs drift); writes adapters.json")
+    d.add_argument("--seeds", type=int, default=3, help="with --adapters: seeds --seed, --seed + 1, ... (mean, std)")
     d.set_defaults(func=_demo)
     a = sub.add_parser("align", help="fit a TCFA stitch between two models' layers; save it as safetensors")
     _model_flags(a)

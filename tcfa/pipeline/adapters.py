@@ -17,7 +17,7 @@ from torch import nn
 from ..lora import LoRALinear, linear_shape, linear_weight, lora_delta
 from .models import get_module
 
-__all__ = ["add_lora", "adapter_factors", "save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter"]
+__all__ = ["add_lora", "attach_adapter", "remove_lora", "adapter_factors", "save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter"]
 
 _PREFIX = "base_model.model."
 
@@ -39,6 +39,43 @@ def add_lora(model: nn.Module, paths, rank: int, alpha: float | None = None) -> 
         out[path] = LoRALinear(layer, rank, alpha)
         setattr(get_module(model, parent_path), name, out[path])
     return out
+
+
+def attach_adapter(model: nn.Module, factors: dict, alpha: float = 1.0) -> dict:
+    """Puts {path: (A, B)} on ``model`` as side branches (LoRALinear, y = base(x) + alpha B A x) instead of
+    merging them; :func:`remove_lora` takes them off. Returns {path: LoRALinear}."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    for path, (A, B) in factors.items():
+        out_f, in_f = linear_shape(get_module(model, path), f"the layer at path {path!r}")
+        if A.dim() != 2 or B.dim() != 2 or (B.shape[0], A.shape[1]) != (out_f, in_f) or B.shape[1] != A.shape[0]:
+            raise ValueError(f"factors[{path!r}] must be (A (r, {in_f}), B ({out_f}, r)), got {tuple(A.shape)} "
+                             f"and {tuple(B.shape)}")
+    layers = {}
+    for path, (A, B) in factors.items():
+        r = A.shape[0]
+        (layer,) = add_lora(model, [path], r, alpha=alpha * r).values()  # scaling alpha: B A carries the rest
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(A)
+            layer.lora_B.weight.copy_(B)
+        layers[path] = layer
+    return layers
+
+
+def remove_lora(model: nn.Module, paths=None) -> None:
+    """Replaces each LoRALinear of ``model`` (or those at ``paths``) by its base layer, with the base's
+    requires_grad flags as they were before the adapter."""
+    found = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+    paths = list(found) if paths is None else ([paths] if isinstance(paths, str) else list(paths))
+    missing = [p for p in paths if p not in found]
+    if missing:
+        raise ValueError(f"paths {missing} hold no LoRALinear; the adapted layers are {sorted(found)}")
+    for path in paths:
+        layer = found[path]
+        for p, flag in zip(layer.base.parameters(), layer.base_requires_grad):
+            p.requires_grad_(flag)
+        parent, _, name = path.rpartition(".")
+        setattr(get_module(model, parent), name, layer.base)
 
 
 def adapter_factors(model: nn.Module) -> dict:
