@@ -24,7 +24,7 @@ import torch
 from .ops import _validate
 from .stats import _ratio
 
-__all__ = ["pairwise_cka", "MinibatchCKA", "pairwise_cca", "pairwise_procrustes", "PairedLayers", "cka_of", "cca_of",
+__all__ = ["rsa", "rdm", "pairwise_cka", "MinibatchCKA", "pairwise_cca", "pairwise_procrustes", "PairedLayers", "cka_of", "cca_of",
            "procrustes_of"]
 
 
@@ -331,3 +331,38 @@ def procrustes_of(p: PairedLayers) -> torch.Tensor:
     nuclear = _batched_over_shapes(pair_blocks(p.cross().double(), p.wa, p.wb),
                                    lambda stack, keys: torch.linalg.svdvals(stack).sum(1), p.shape)
     return _ratio(nuclear, na[:, None].cpu(), nb[None, :].cpu())
+
+
+# ------------------------------------------------------------------ RSA
+def _average_ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of v, tied values sharing the mean of their ranks (Spearman's convention)."""
+    order = v.argsort()
+    _, inverse, counts = torch.unique_consecutive(v[order], return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).to(torch.float64)
+    ranks = torch.empty_like(v, dtype=torch.float64)
+    ranks[order] = (last - (counts.to(torch.float64) - 1) / 2)[inverse]
+    return ranks
+
+
+def rdm(x: torch.Tensor) -> torch.Tensor:
+    """The representational dissimilarity of every pair i < j of x's rows, 1 - Pearson corr(x_i, x_j), (n(n-1)/2,).
+    A row without spread has correlation 0 with every row."""
+    x = _validate.tensor("x", x, dim=2).double()
+    xc = x - x.mean(1, keepdim=True)
+    norm = xc.norm(dim=1, keepdim=True)
+    xc = torch.where(norm > 0, xc / norm.clamp_min(1e-300), torch.zeros_like(xc))
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    return 1 - (xc[i] * xc[j]).sum(1)
+
+
+def rsa(x, y) -> float:
+    """Representational similarity analysis of two representations of the same n samples, x (n, d1) and
+    y (n, d2): the Spearman rank correlation of their RDMs (:func:`rdm`, ties ranked by their mean)."""
+    x = _validate.tensor("x", x, dim=2)
+    y = _validate.tensor("y", y, dim=2)
+    if x.shape[0] != y.shape[0] or x.shape[0] < 3:
+        raise ValueError(f"x and y must hold the same samples, at least 3, got {x.shape[0]} and {y.shape[0]}")
+    rx, ry = _average_ranks(rdm(x)), _average_ranks(rdm(y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = rx.norm() * ry.norm()
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")

@@ -56,6 +56,24 @@ def _gated_stitch_backward_fake(grad_out, x, gate_weight, gate_bias, U, V, mu_x,
     return tuple(torch.empty_like(t) for t in (x, gate_weight, gate_bias, U, V, mu_x, mu_y))
 
 
+# ------------------------------------------------------------------ FLOP counts
+# torch.utils.flop_counter.FlopCounterMode counts matmuls and convolutions of aten ops and skips
+# unknown ops; these formulas let it count the fused stitch in a model's forward, by torch's own
+# convention (2 per multiply-add of the products, elementwise work not counted).
+from torch.utils.flop_counter import register_flop_formula  # noqa: E402
+
+
+@register_flop_formula(torch.ops.tcfa.gated_stitch)
+def _gated_stitch_flops(x_shape, gate_weight_shape, gate_bias_shape, U_shape, V_shape, *args, top_k=None,
+                        out_shape=None, **kwargs) -> int:
+    # the gate logits x W_g (N, dx) x (dx, C), then for each of the K maps a row evaluates
+    # (x - mu_x[c]) U_c (dx x r) and z V_c (r x dy); K = C dense, top_k routed
+    top_k = args[2] if len(args) > 2 else top_k
+    (N, dx), (C, _, r), dy = x_shape, U_shape, V_shape[2]
+    K = C if top_k is None else top_k
+    return 2 * N * dx * C + 2 * N * K * r * (dx + dy)
+
+
 # ------------------------------------------------------------------ autograd
 def _gated_stitch_setup_context(ctx, inputs, output):
     x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k, temperature = inputs
