@@ -34,6 +34,18 @@ def _demo(args) -> int:
     return 0
 
 
+def _ablate(args) -> int:
+    from . import ablate  # the grid and its cells: tcfa/cli/ablate.py
+
+    if args.quick:  # one pair, one seed, a reduced grid on 300 images: checks the plumbing in minutes
+        ablate.run(args.out, seeds=(args.seed,), pairs=("cnn->vit",), quick=True, epochs=1, tune_steps=3, n_train=300,
+                   cache=not args.no_cache)
+    else:
+        ablate.run(args.out, seeds=tuple(range(args.seed, args.seed + args.seeds)), pairs=tuple(args.pairs),
+                   tune_steps=args.tune_steps, cache=not args.no_cache)
+    return 0
+
+
 def _state_dict(path: str, flag: str) -> dict:
     """The parameter dict in a checkpoint file: .safetensors, or a torch.save'd dict of tensors."""
     import torch
@@ -194,6 +206,18 @@ def main(argv=None) -> int:
                         "transport, merge sweep, retention vs drift); writes adapters.json")
     d.add_argument("--seeds", type=int, default=3, help="with --adapters: seeds --seed, --seed + 1, ... (mean, std)")
     d.set_defaults(func=_demo)
+    from .ablate import PAIRS  # noqa: PLC0415  (light: the grid's names)
+
+    ab = sub.add_parser("ablate", help="the TCFA ablation grid (stitch point, method, conditions, architecture pair, "
+                                       "tuning, candidates) over seeds; writes ablation.json and ablation.png")
+    ab.add_argument("--out", default="ablation_output")
+    ab.add_argument("--seed", type=int, default=0, help="first seed")
+    ab.add_argument("--seeds", type=int, default=3, help="seeds --seed, --seed + 1, ... (mean, std per cell)")
+    ab.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    ab.add_argument("--tune-steps", type=int, default=60)
+    ab.add_argument("--no-cache", action="store_true", help="retrain the models instead of loading cached weights")
+    ab.add_argument("--quick", action="store_true", help="CNN->ViT, one seed, a reduced grid, toy training: a check")
+    ab.set_defaults(func=_ablate)
     a = sub.add_parser("align", help="fit a TCFA stitch between two models' layers; save it as safetensors")
     _model_flags(a)
     a.add_argument("--layer-a", required=True, help="dotted module path in model A (timm resnet18: layer2), or "

@@ -1,0 +1,106 @@
+"""tcfa ablate's pieces against independent references: the shared-basis stitch against its formula and a
+planted model, the stitch's FLOP count against the products it performs, the parameter matching, and the
+quick grid end to end (its verdict recomputed from its own records)."""
+import json
+
+import pytest
+import torch
+
+from tcfa.cli import ablate, ablate_report
+from tcfa.pipeline.ablation import conditions_of, shifted_data
+from tcfa.shared_stitch import SharedBasisStitch
+from tcfa.stitch import GatedMultiStitch
+
+D = torch.float64
+
+
+def test_shared_basis_forward_is_the_shared_map_plus_the_gated_corrections():
+    torch.manual_seed(0)
+    s = SharedBasisStitch(7, 5, 3, 4, 2, dtype=D)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.normal_()
+    x = torch.randn(11, 7, dtype=D)
+    r = s.residual
+    g = torch.softmax(x @ r.gate_weight + r.gate_bias, 1)
+    corr = sum(g[:, c:c + 1] * (r.mu_y[c] + (x - r.mu_x[c]) @ r.U[c] @ r.V[c]) for c in range(3))
+    want = s.mu_y0 + (x - s.mu_x0) @ s.U0 @ s.V0 + corr
+    torch.testing.assert_close(s(x), want, atol=1e-10, rtol=0)
+    dx, dy, C, r0, rc = 7, 5, 3, 4, 2
+    assert s.num_trainable() == r0 * (dx + dy) + dx + dy + C * (rc * (dx + dy) + dx + dy + dx + 1)
+
+
+def test_shared_basis_fit_recovers_a_planted_shared_map_with_low_rank_corrections():
+    gen = torch.Generator().manual_seed(1)
+    dx, dy, C, n = 6, 5, 3, 600
+    centres = torch.randn(C, dx, generator=gen, dtype=D) * 30  # far apart: the nearest-centroid gate is exact
+    ids = torch.arange(n) % C
+    x = centres[ids] + torch.randn(n, dx, generator=gen, dtype=D)
+    M0 = torch.randn(dx, dy, generator=gen, dtype=D)
+    deltas = [torch.randn(dx, 1, generator=gen, dtype=D) @ torch.randn(1, dy, generator=gen, dtype=D)
+              for _ in range(C)]
+    y = x @ M0 + torch.stack([x[i] @ deltas[int(c)] for i, c in enumerate(ids)])
+    # the pooled fit is not M0 (the corrections bias it), so each condition's remainder is a full-rank affine
+    # map: with full-rank corrections the stitch reproduces y exactly
+    full = SharedBasisStitch.fit(x, y, ids, C, base_rank=min(dx, dy), cond_rank=min(dx, dy), base="ridge", reg=0.0,
+                                 temperature=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), y, atol=1e-6, rtol=0)
+    # a purely shared map leaves nothing to correct: rank-1 corrections are exact too
+    shared = SharedBasisStitch.fit(x, x @ M0, ids, C, base_rank=min(dx, dy), cond_rank=1, base="ridge", reg=0.0,
+                                   temperature=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(x), x @ M0, atol=1e-6, rtol=0)
+        assert shared.residual.V.abs().max() * shared.residual.U.abs().max() < 1e-6
+
+
+def test_rank_for_params_is_the_largest_unconditioned_rank_within_the_budget():
+    for dx, dy, budget in ((64, 48, 6356), (48, 64, 22100), (96, 48, 900), (16, 16, 10**6)):
+        r = ablate._rank_for_params(budget, dx, dy)
+        assert r == min(dx, dy) or GatedMultiStitch(dx, dy, 1, r).num_trainable() <= budget < \
+            GatedMultiStitch(dx, dy, 1, r + 1).num_trainable()
+
+
+def test_conditions_and_shifted_data_name_their_arguments():
+    y = torch.arange(20) % 10
+    assert conditions_of("class", 5, y).ids.tolist() == (y % 5).tolist()
+    assert conditions_of("none", 1, y).num == 1
+    with pytest.raises(ValueError, match="confidence="):
+        conditions_of("confidence", 2, y)
+    with pytest.raises(ValueError, match="transformed data"):
+        conditions_of("transform", 2, y)
+    with pytest.raises(ValueError, match="conditions"):
+        conditions_of("colour", 2, y)
+    x = torch.rand(8, 3, 8, 8)
+    moved, cond = shifted_data(x, "rotation", 3, seed=0)
+    assert cond.num == 3 and moved.shape == x.shape
+    assert torch.equal(moved[cond.ids == 0], x[cond.ids == 0])  # level 0: no rotation
+    with pytest.raises(ValueError, match="data"):
+        shifted_data(x, "blur", 2, seed=0)
+
+
+def test_quick_grid_runs_end_to_end_and_its_tables_follow_from_its_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("TCFA_CACHE", str(tmp_path / "cache"))
+    out = ablate.run(str(tmp_path / "out"), seeds=(0,), pairs=("cnn->vit",), quick=True, epochs=1, tune_steps=2,
+                     n_train=200, log=lambda *a: None)
+    doc = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    assert (tmp_path / "out" / "ablation.png").stat().st_size > 10_000
+    assert doc["settings"]["quick"] and doc["machine"]["cpu"]
+    axes = {r["axis"] for r in doc["records"]}
+    assert axes == {"point", "method", "conditions", "tuning", "candidates", "baselines"}
+    cells = [r for r in doc["records"] if "layer_a" in r]
+    for r in cells:
+        assert 0 <= r["accuracy"] <= 1 and r["stitch_flops"] > 0 and 0 <= r["gate_accuracy"] <= 1
+        assert r["trainable_params"] > 0 and -1 <= r["rsa_after"] <= 1
+    # Δθ: one GatedMultiStitch for B's ordinary positions and one for its CLS token, counted from the modules
+    plain = next(r for r in cells if r["axis"] == "method" and r["method"] == "ridge" and r["k"] == 1)
+    default = next(r for r in cells if r["axis"] == "method" and r["method"] == "ridge" and r["k"] == 10)
+    for r, C in ((plain, 1), (default, 10)):
+        assert r["trainable_params"] == 2 * GatedMultiStitch(r["dx"], r["dy"], C, min(16, r["dx"], r["dy"])).num_trainable()
+    # the verdict is the best unconditioned and conditioned cells of the records, recomputed here
+    for v in ablate_report.verdict(out):
+        here = [r for r in ablate_report.cells(out) if r["pair"] == v["pair"] and r["tuning"] == v["tuning"]
+                and r["data"] == "original"]
+        best_u = max((r for r in here if r["conditions"] == "none"), key=lambda r: r["accuracy"])
+        assert v["acc (Δθ)"].startswith(f"{best_u['accuracy']:.3f}")
+    assert "full fine-tuning of B" in ablate_report.baselines_table(out)
