@@ -104,3 +104,16 @@ def test_quick_grid_runs_end_to_end_and_its_tables_follow_from_its_records(tmp_p
         best_u = max((r for r in here if r["conditions"] == "none"), key=lambda r: r["accuracy"])
         assert v["acc (Δθ)"].startswith(f"{best_u['accuracy']:.3f}")
     assert "full fine-tuning of B" in ablate_report.baselines_table(out)
+
+
+@pytest.mark.parametrize("dx,dy", [(16, 48), (64, 48), (48, 64), (96, 96)])
+def test_equal_ranks_stay_within_their_budgets_and_are_the_largest_that_do(dx, dy):
+    r = ablate.equal_ranks(dx, dy)
+    plain = GatedMultiStitch(dx, dy, 1, min(16, dx, dy)).num_trainable()
+    count = {"class at plain": lambda k: GatedMultiStitch(dx, dy, 10, k).num_trainable(),
+             "shared at plain": lambda k: SharedBasisStitch(dx, dy, 10, k, 1).num_trainable()}
+    for name, n in count.items():
+        if r[name]:
+            assert n(r[name]) <= plain and (r[name] == min(dx, dy) or n(r[name] + 1) > plain)
+    shared = SharedBasisStitch(dx, dy, 10, 16, ablate.COND_RANK).num_trainable()
+    assert GatedMultiStitch(dx, dy, 1, r["plain at shared"]).num_trainable() <= shared

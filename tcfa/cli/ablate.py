@@ -10,9 +10,12 @@ stitch points (up to 4 pairs along its path that leave B a block) and the defaul
 - conditions  class (k 2, 5, 10), A's confidence bins (k 2, 5, 10), and on rotated / noisy digits the
               transform level (k 2, 5) against no conditions on the same data   [CNN->ViT]
 - tuning      zero_shot, direct, task, fula, partial; class-conditioned CCA and unconditioned ridge
-- candidates  what might make conditioning pay: a gate trained to recognise the conditions, top-1
-              routing, shared-basis maps (M_0 + rank-2 corrections), zero-shot and task-tuned, and the
-              unconditioned maps at the shared-basis stitch's parameter count
+- candidates  what might make conditioning pay: a gate trained to recognise the conditions ("learned
+              gate"), a gate started uniform and learned from the task loss while tuning ("uniform
+              gate"), top-1 routing instead of soft gates, shared-basis maps (M_0 + rank-2
+              corrections), zero-shot and task-tuned; and at matched parameter counts: the
+              unconditioned maps at the shared-basis stitch's Δθ, the class maps and the shared basis
+              within the unconditioned rank-16 stitch's Δθ
 - baselines   A alone, B alone, linear stitching (unconditioned ridge at the default stitch's
               parameter count), full fine-tuning of B (same data and steps), weight averaging / TIES
               (when the pair's parameters match; never here)
@@ -58,8 +61,9 @@ def _cell(axis: str, point, **over) -> dict:
     return {"axis": axis, "layer_a": point[0], "layer_b": point[1], **DEFAULT, **over}
 
 
-def grid(pair: str, points, default_point, *, quick: bool) -> list[dict]:
-    """The cells of one architecture pair (one-factor-at-a-time around DEFAULT at default_point)."""
+def grid(pair: str, points, default_point, *, quick: bool, ranks: dict) -> list[dict]:
+    """The cells of one architecture pair (one-factor-at-a-time around DEFAULT at default_point);
+    ``ranks``: the parameter-matched ranks of the candidates (equal_ranks)."""
     none = {"conditions": "none", "k": 1}
     cells = []
     for p in points:
@@ -79,10 +83,36 @@ def grid(pair: str, points, default_point, *, quick: bool) -> list[dict]:
     for tuning in ("zero_shot", "task"):
         cells += [_cell("candidates", default_point, tuning=tuning, variant="learned gate"),
                   _cell("candidates", default_point, tuning=tuning, variant="top-1"),
+                  _cell("candidates", default_point, tuning=tuning, variant="uniform gate"),
                   _cell("candidates", default_point, tuning=tuning, variant="shared basis", cond_rank=COND_RANK),
-                  _cell("candidates", default_point, tuning=tuning, variant="equal params", method="ridge", **none),
-                  _cell("candidates", default_point, tuning=tuning, variant="equal params", **none)]
+                  _cell("candidates", default_point, tuning=tuning, variant="at the shared basis's Δθ", method="ridge",
+                        rank=ranks["plain at shared"], **none),
+                  _cell("candidates", default_point, tuning=tuning, variant="at the shared basis's Δθ",
+                        rank=ranks["plain at shared"], **none)]
+        if ranks["class at plain"]:
+            cells.append(_cell("candidates", default_point, tuning=tuning, variant="at the unconditioned Δθ",
+                               rank=ranks["class at plain"]))
+        if ranks["shared at plain"]:
+            cells.append(_cell("candidates", default_point, tuning=tuning, variant="shared basis at the unconditioned Δθ",
+                               rank=ranks["shared at plain"], cond_rank=1))
     return cells
+
+
+def _largest(fits, limit: int) -> int:
+    """The largest r in 1..limit with fits(r), or 0."""
+    return max((r for r in range(1, limit + 1) if fits(r)), default=0)
+
+
+def equal_ranks(dx: int, dy: int) -> dict:
+    """Ranks that match parameter counts at one tap pair (counted from the modules, 10 class conditions):
+    the unconditioned map with the shared-basis stitch's Δθ and with the default (10 rank-16 maps) Δθ,
+    and the class maps and the shared basis (rank-1 corrections) within the unconditioned rank-16 Δθ."""
+    top = min(dx, dy)
+    plain = GatedMultiStitch(dx, dy, 1, min(RANK, top)).num_trainable()
+    return {"plain at shared": _rank_for_params(SharedBasisStitch(dx, dy, 10, RANK, COND_RANK).num_trainable(), dx, dy),
+            "plain at default": _rank_for_params(GatedMultiStitch(dx, dy, 10, RANK).num_trainable(), dx, dy),
+            "class at plain": _largest(lambda r: GatedMultiStitch(dx, dy, 10, r).num_trainable() <= plain, top),
+            "shared at plain": _largest(lambda r: SharedBasisStitch(dx, dy, 10, r, 1).num_trainable() <= plain, top)}
 
 
 class _Pair:
@@ -111,7 +141,7 @@ class _Pair:
         self.map_scores = {f"{a_}->{b_}": float(lm.scores[lm.layers_a.index(a_), lm.layers_b.index(b_)])
                            for a_, b_ in self.points}
         self.seed = seed
-        self._confidence = {}
+        self._confidence, self.before = {}, {}
 
     def later(self, path_b):
         return self.layers_b[self.layers_b.index(path_b) + 1:]
@@ -141,14 +171,17 @@ def run_cell(p: _Pair, cell: dict, *, tune_steps: int) -> dict:
     t0 = time.perf_counter()
     sm = fit_stitched(p.model_a, cell["layer_a"], p.model_b, cell["layer_b"], x_tr, c_tr, method=cell["method"],
                       rank=rank, cond_rank=cell["cond_rank"], top_k=1 if cell["variant"] == "top-1" else None,
-                      seed=p.seed)
+                      gate="uniform" if cell["variant"] == "uniform gate" else "centroids", seed=p.seed)
     if cell["variant"] == "learned gate":
         train_gate(sm, x_tr, c_tr, seed=p.seed)
     later = p.later(cell["layer_b"])
     tune(sm, cell["tuning"], x_tr, p.y_tr, steps=tune_steps, lr=3e-3, later_paths=later[:2],
          next_path=later[0] if later else None, seed=p.seed)
     out = {"rank_used": rank, "fit_seconds": time.perf_counter() - t0, **measure(sm, x_te, p.y_te, c_te)}
-    out.update(similarity_before(p.model_a, cell["layer_a"], p.model_b, cell["layer_b"], x_te))
+    key = (cell["layer_a"], cell["layer_b"], name)  # A and B are frozen: one measurement per tap pair and data
+    if key not in p.before:
+        p.before[key] = similarity_before(p.model_a, cell["layer_a"], p.model_b, cell["layer_b"], x_te)
+    out.update(p.before[key])
     return out
 
 
@@ -173,16 +206,12 @@ def run(out_dir: str | None = "ablation_output", *, seeds=(0, 1, 2), pairs=tuple
     for pair in pairs:
         for seed in seeds:
             p = _Pair(pair, seed, epochs=epochs, n_train=n_train, cache=cache, log=log)
-            cells = grid(pair, p.points, p.default_point, quick=quick)
-            dx, dy = _widths(p, cells[0] | {"layer_a": p.default_point[0], "layer_b": p.default_point[1]})
-            # unconditioned ranks with the parameters of the shared-basis and of the default (10 class maps) stitch
-            shared_rank = _rank_for_params(SharedBasisStitch(dx, dy, 10, RANK, COND_RANK).num_trainable(), dx, dy)
-            default_rank = _rank_for_params(GatedMultiStitch(dx, dy, 10, RANK).num_trainable(), dx, dy)
+            dx, dy = _widths(p, {"layer_a": p.default_point[0], "layer_b": p.default_point[1]})
+            ranks = equal_ranks(dx, dy)
+            cells = grid(pair, p.points, p.default_point, quick=quick, ranks=ranks)
             cells.append(_cell("baselines", p.default_point, method="ridge", conditions="none", k=1,
-                               variant="linear stitching at the default's params", rank=default_rank))
+                               variant="linear stitching at the default's Δθ", rank=ranks["plain at default"]))
             for cell in cells:
-                if cell["variant"] == "equal params":
-                    cell["rank"] = shared_rank
                 metrics = run_cell(p, cell, tune_steps=tune_steps)
                 widths = dict(zip(("dx", "dy"), _widths(p, cell)))
                 records.append({"pair": pair, "seed": seed, **cell, **metrics, **widths,

@@ -6,9 +6,13 @@ import os
 import torch
 
 from ..bench.common import table
+from .report import README, REPO
 
-KEY = ("pair", "axis", "layer_a", "layer_b", "method", "conditions", "k", "data", "levels", "tuning", "variant",
-       "rank")
+RESULT = os.path.join(REPO, "benchmarks", "results", "ablation", "ablation.json")
+BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+
+# a cell across seeds: the default stitch point is the layer map's choice, which may differ between seeds
+KEY = ("pair", "axis", "point", "method", "conditions", "k", "data", "levels", "tuning", "variant")
 METRICS = ("accuracy", "trainable_params", "stitch_flops", "cka_before", "cka_after", "rsa_before", "rsa_after",
            "gate_accuracy")
 
@@ -23,10 +27,12 @@ def cells(out: dict) -> list[dict]:
     groups = {}
     for r in out["records"]:
         if r["axis"] != "baselines" or "layer_a" in r:
-            groups.setdefault(tuple(r.get(k) for k in KEY), []).append(r)
+            point = f"{r['layer_a']}->{r['layer_b']}" if r["axis"] == "point" else "default"
+            groups.setdefault(tuple({**r, "point": point}.get(k) for k in KEY), []).append(r)
     rows = []
     for key, rs in groups.items():
-        row = dict(zip(KEY, key), seeds=len(rs))
+        row = dict(zip(KEY, key), seeds=len(rs),
+                   points=", ".join(sorted({f"{r['layer_a']}->{r['layer_b']}" for r in rs})))
         for m in METRICS:
             row[m], row[m + "_std"] = _stats(r.get(m) for r in rs)
         rows.append(row)
@@ -62,7 +68,7 @@ def verdict(out: dict) -> list[dict]:
             best_cheap = max(cheap, key=lambda r: r["accuracy"]) if cheap else None
             out_rows.append({
                 "pair": pair, "tuning": tuning,
-                "best unconditioned": f"{_label(best_u)} @ {best_u['layer_a']}->{best_u['layer_b']}",
+                "best unconditioned": f"{_label(best_u)} @ {best_u['point']}",
                 "acc (Δθ)": f"{best_u['accuracy']:.3f} ± {best_u['accuracy_std']:.3f} ({best_u['trainable_params']:.0f})",
                 "best conditioned, Δθ ≤": "-" if best_cheap is None else _label(best_cheap),
                 "its acc (Δθ)": "-" if best_cheap is None else
@@ -92,14 +98,14 @@ def cells_table(out: dict, pair: str | None = None) -> str:
     for r in sorted(cells(out), key=lambda r: (r["pair"], r["axis"])):
         if pair is not None and r["pair"] != pair:
             continue
-        shown.append({"pair": r["pair"], "axis": r["axis"], "point": f"{r['layer_a']}->{r['layer_b']}",
+        shown.append({"pair": r["pair"], "axis": r["axis"], "point": r["points"], "seeds": r["seeds"],
                       "stitch": _label(r), "tuning": r["tuning"],
                       "accuracy": f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}",
                       "Δθ": f"{r['trainable_params']:.0f}", "FLOPs/img": f"{r['stitch_flops']:.3g}",
                       "CKA before→after": f"{r['cka_before']:.2f}→{r['cka_after']:.2f}",
                       "RSA before→after": f"{r['rsa_before']:.2f}→{r['rsa_after']:.2f}",
                       "gate acc": f"{r['gate_accuracy']:.2f}"})
-    cols = ["pair", "axis", "point", "stitch", "tuning", "accuracy", "Δθ", "FLOPs/img", "CKA before→after",
+    cols = ["pair", "axis", "point", "seeds", "stitch", "tuning", "accuracy", "Δθ", "FLOPs/img", "CKA before→after",
             "RSA before→after", "gate acc"]
     return table(shown, cols)
 
@@ -144,7 +150,7 @@ def plot(out: dict, out_dir: str) -> list[str]:
         ax.set_xticks(list(xs), [f"{r['method']}\n{'class' if conditioned(r) else 'none'}" for r in meth], fontsize=6)
         ax.set_title("CKA at B's tap, before / after")
         ax.legend(fontsize=6)
-        for j, (axis, key) in enumerate((("point", lambda r: f"{r['layer_a']}\n{r['layer_b']}"),
+        for j, (axis, key) in enumerate((("point", lambda r: r["point"].replace("->", "\n")),
                                          ("tuning", lambda r: r["tuning"]),
                                          ("conditions", _label)), start=2):
             ax = axes[i][j]
@@ -161,3 +167,28 @@ def plot(out: dict, out_dir: str) -> list[str]:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return [path]
+
+
+def readme_section(out: dict) -> str:
+    """The README's generated part: the run, the baselines, the verdict and every cell, and the plot."""
+    return "\n\n".join([summary(out), "![ablation](benchmarks/results/ablation/ablation.png)"])
+
+
+def main(path: str = RESULT) -> None:
+    """Splices the tables of ``path`` (default: the committed run) into README.md between the markers."""
+    import json
+
+    with open(path) as fh:
+        out = json.load(fh)
+    with open(README) as fh:
+        text = fh.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} section")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(README, "w") as fh:
+        fh.write(head + BEGIN + "\n" + readme_section(out) + "\n" + END + tail)
+
+
+if __name__ == "__main__":
+    main()

@@ -76,12 +76,14 @@ def _tap_rows(model_a, path_a, model_b, path_b, x):
 
 
 def fit_stitched(model_a, path_a, model_b, path_b, x, cond: Conditions, *, method: str = "cca", rank: int = 16,
-                 cond_rank: int | None = None, top_k: int | None = None, seed: int = 0) -> StitchedModel:
+                 cond_rank: int | None = None, top_k: int | None = None, gate: str = "centroids",
+                 seed: int = 0) -> StitchedModel:
     """A StitchedModel A[path_a] -> B[path_b] whose stitch is fitted on images x with conditions ``cond``.
 
     B's special (CLS) tokens, filled from A's pooled features, get their own stitch fitted the same way.
     ``cond_rank``: a SharedBasisStitch (shared rank-``rank`` map, ``method`` cca or ridge, plus a rank-
-    ``cond_rank`` correction per condition) instead of C independent maps.
+    ``cond_rank`` correction per condition) instead of C independent maps. ``gate``: "centroids" (nearest
+    condition mean) or "uniform" (equal gates, for a gate learned from the task loss while tuning).
     """
     rows_a, rows_b, per, special = _tap_rows(model_a, path_a, model_b, path_b, x)
     ids = cond.ids.repeat_interleave(per)
@@ -96,7 +98,7 @@ def fit_stitched(model_a, path_a, model_b, path_b, x, cond: Conditions, *, metho
         # CCA of a condition with n rows has at most n - 1 directions (the CLS stitch has one row per image)
         least = int(torch.bincount(c, minlength=cond.num).min()) - 1
         rank_here = max(1, min(r, least)) if method == "cca" else r
-        return TCFA(method, rank=rank_here, conditions=cond.num, top_k=top_k, seed=seed, eps=0.01,
+        return TCFA(method, rank=rank_here, conditions=cond.num, top_k=top_k, gate=gate, seed=seed, eps=0.01,
                     ot_max_rows=1024).fit(xa, xb, c)
 
     stitch = make(~is_special)
