@@ -54,6 +54,7 @@ def verdict(out: dict) -> list[dict]:
     """Per pair and tuning: the best unconditioned stitch on the original digits, the best conditioned one
     at no more trainable parameters, and the best conditioned one overall."""
     rows = [r for r in cells(out) if r["data"] == "original" and r["tuning"] in ("zero_shot", "task")]
+    base = _baselines(out)
     out_rows = []
     for pair in dict.fromkeys(r["pair"] for r in rows):
         for tuning in ("zero_shot", "task"):
@@ -66,8 +67,10 @@ def verdict(out: dict) -> list[dict]:
             cheap = [r for r in con if r["trainable_params"] <= best_u["trainable_params"]]
             best_c = max(con, key=lambda r: r["accuracy"])
             best_cheap = max(cheap, key=lambda r: r["accuracy"]) if cheap else None
+            alone = {m: base.get((pair, m)) for m in ("A alone", "B alone", "full fine-tuning of B")}
             out_rows.append({
                 "pair": pair, "tuning": tuning,
+                **{m: "-" if v is None else f"{v[0]:.3f}" for m, v in alone.items()},
                 "best unconditioned": f"{_label(best_u)} @ {best_u['point']}",
                 "acc (Δθ)": f"{best_u['accuracy']:.3f} ± {best_u['accuracy_std']:.3f} ({best_u['trainable_params']:.0f})",
                 "best conditioned, Δθ ≤": "-" if best_cheap is None else _label(best_cheap),
@@ -79,11 +82,22 @@ def verdict(out: dict) -> list[dict]:
     return out_rows
 
 
-def baselines_table(out: dict) -> str:
+def _baseline_records(out: dict) -> dict:
     rows = {}
     for r in out["records"]:
         if r["axis"] == "baselines" and "layer_a" not in r:
             rows.setdefault((r["pair"], r["method"]), []).append(r)
+    return rows
+
+
+def _baselines(out: dict) -> dict:
+    """{(pair, baseline): (mean, std) accuracy over seeds} of the model-level baselines."""
+    return {k: _stats(r.get("accuracy") for r in rs) for k, rs in _baseline_records(out).items()
+            if any(r.get("accuracy") is not None for r in rs)}
+
+
+def baselines_table(out: dict) -> str:
+    rows = _baseline_records(out)
     shown = []
     for (pair, method), rs in rows.items():
         acc = _stats(r.get("accuracy") for r in rs)
