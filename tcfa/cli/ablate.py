@@ -8,14 +8,14 @@ stitch points (up to 4 pairs along its path that leave B a block) and the defaul
 - point       every stitch point, conditioned (class) and not
 - method      cca, ot, ridge, procrustes, conditioned and not
 - conditions  class (k 2, 5, 10), A's confidence bins (k 2, 5, 10), and on rotated / noisy digits the
-              transform level (k 2, 5) against no conditions on the same data   [CNN->ViT]
+              transform level (k 2, 5, 10) against no conditions on the same data   [CNN->ViT]
 - tuning      zero_shot, direct, task, fula, partial; class-conditioned CCA and unconditioned ridge
 - candidates  what might make conditioning pay: a gate trained to recognise the conditions ("learned
               gate"), a gate started uniform and learned from the task loss while tuning ("uniform
               gate"), top-1 routing instead of soft gates, shared-basis maps (M_0 + rank-2
               corrections), zero-shot and task-tuned; and at matched parameter counts: the
               unconditioned maps at the shared-basis stitch's Δθ, the class maps and the shared basis
-              within the unconditioned rank-16 stitch's Δθ
+              within the unconditioned rank-16 stitch's Δθ, with soft and with top-1 routing
 - baselines   A alone, B alone, linear stitching (unconditioned ridge at the default stitch's
               parameter count), full fine-tuning of B (same data and steps), weight averaging / TIES
               (when the pair's parameters match; never here)
@@ -74,7 +74,7 @@ def grid(pair: str, points, default_point, *, quick: bool, ranks: dict) -> list[
         ks = (2,) if quick else (2, 5, 10)
         cells += [_cell("conditions", default_point, conditions=c, k=k) for c in ("class", "confidence") for k in ks]
         for kind in (("rotation",) if quick else ("rotation", "noise")):
-            for k in ((2,) if quick else (2, 5)):
+            for k in ((2,) if quick else (2, 5, 10)):
                 cells += [_cell("conditions", default_point, data=kind, levels=k, conditions="transform", k=k),
                           _cell("conditions", default_point, data=kind, levels=k, **none)]
     for mode in (("zero_shot", "task") if quick else TUNINGS):
@@ -89,12 +89,14 @@ def grid(pair: str, points, default_point, *, quick: bool, ranks: dict) -> list[
                         rank=ranks["plain at shared"], **none),
                   _cell("candidates", default_point, tuning=tuning, variant="at the shared basis's Δθ",
                         rank=ranks["plain at shared"], **none)]
-        if ranks["class at plain"]:
-            cells.append(_cell("candidates", default_point, tuning=tuning, variant="at the unconditioned Δθ",
-                               rank=ranks["class at plain"]))
-        if ranks["shared at plain"]:
-            cells.append(_cell("candidates", default_point, tuning=tuning, variant="shared basis at the unconditioned Δθ",
-                               rank=ranks["shared at plain"], cond_rank=1))
+        for routing in ("", ", top-1"):  # routing: soft gates, or the one best map (top_k = 1)
+            if ranks["class at plain"]:
+                cells.append(_cell("candidates", default_point, tuning=tuning, variant="at the unconditioned Δθ" + routing,
+                                   rank=ranks["class at plain"]))
+            if ranks["shared at plain"]:
+                cells.append(_cell("candidates", default_point, tuning=tuning,
+                                   variant="shared basis at the unconditioned Δθ" + routing,
+                                   rank=ranks["shared at plain"], cond_rank=1))
     return cells
 
 
@@ -170,7 +172,7 @@ def run_cell(p: _Pair, cell: dict, *, tune_steps: int) -> dict:
     rank = cell["rank"]
     t0 = time.perf_counter()
     sm = fit_stitched(p.model_a, cell["layer_a"], p.model_b, cell["layer_b"], x_tr, c_tr, method=cell["method"],
-                      rank=rank, cond_rank=cell["cond_rank"], top_k=1 if cell["variant"] == "top-1" else None,
+                      rank=rank, cond_rank=cell["cond_rank"], top_k=1 if "top-1" in (cell["variant"] or "") else None,
                       gate="uniform" if cell["variant"] == "uniform gate" else "centroids", seed=p.seed)
     if cell["variant"] == "learned gate":
         train_gate(sm, x_tr, c_tr, seed=p.seed)
