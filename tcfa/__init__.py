@@ -10,6 +10,7 @@ from .pipeline.stitched import StitchedModel
 from .ot import SinkhornResult, barycentric_map, sinkhorn
 from .ot_cost import CostSinkhornResult, sinkhorn_cost
 from .divergence import GWResult, entropic_gw, sinkhorn_divergence
+from .shared_stitch import ScaledBasisStitch, SharedBasisStitch
 from .stitch import GatedMultiStitch
 from .pipeline.align import TCFA, TUNING, tune
 from .pipeline.data import Conditions, binned_conditions, class_conditions, no_conditions, transform_conditions
@@ -56,6 +57,8 @@ __all__ = [
     "entropic_gw",
     "GWResult",
     "GatedMultiStitch",
+    "SharedBasisStitch",
+    "ScaledBasisStitch",
     "StitchedModel",
     "get_module",
     "extract",

@@ -19,6 +19,12 @@ from .maps import LowRankMaps, LowRankShape
 _PARAMS = ("gate_weight", "gate_bias", "U", "V", "mu_x", "mu_y")
 
 
+def centroid_gate(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate parameters (W_g (dx, C), b_g (C,)) whose logits x W_g + b_g = 2 x.m_c - |m_c|^2 rank the
+    (C, dx) centroids m_c by distance: the softmax of them is softmax(-|x - m_c|^2), since |x|^2 cancels."""
+    return 2 * centroids.t(), -(centroids * centroids).sum(1)
+
+
 class GatedMultiStitch(nn.Module, LowRankShape):
     """A gate over C conditions mixing C low-rank affine maps from width dx to dy.
 
@@ -119,8 +125,7 @@ class GatedMultiStitch(nn.Module, LowRankShape):
         if centroids is None:
             weight, bias = torch.zeros(dx, C, dtype=U.dtype, device=U.device), torch.zeros(C, dtype=U.dtype, device=U.device)
         else:
-            centroids = centroids.to(U)
-            weight, bias = 2 * centroids.t(), -(centroids * centroids).sum(1)
+            weight, bias = centroid_gate(centroids.to(U))
         # The op's checks name any bad map shape (V, mu_x, mu_y) before anything is built.
         _validate.stitch_args(torch.zeros(0, dx, dtype=U.dtype, device=U.device), weight, bias, U, maps.V,
                               maps.mu_x, maps.mu_y, top_k, temperature)

@@ -8,7 +8,8 @@ import torch
 
 from tcfa.cli import ablate, ablate_report
 from tcfa.pipeline.ablation import conditions_of, shifted_data
-from tcfa.shared_stitch import SharedBasisStitch
+from tcfa import TCFA
+from tcfa.shared_stitch import ScaledBasisStitch, SharedBasisStitch
 from tcfa.stitch import GatedMultiStitch
 
 D = torch.float64
@@ -81,8 +82,7 @@ def test_conditions_and_shifted_data_name_their_arguments():
 
 def test_quick_grid_runs_end_to_end_and_its_tables_follow_from_its_records(tmp_path, monkeypatch):
     monkeypatch.setenv("TCFA_CACHE", str(tmp_path / "cache"))
-    out = ablate.run(str(tmp_path / "out"), seeds=(0,), pairs=("cnn->vit",), quick=True, epochs=1, tune_steps=2,
-                     n_train=200, log=lambda *a: None)
+    out = ablate.run(str(tmp_path / "out"), seeds=(0,), log=lambda *a: None, **ablate.QUICK)  # = tcfa ablate --quick
     doc = json.loads((tmp_path / "out" / "ablation.json").read_text())
     assert (tmp_path / "out" / "ablation.png").stat().st_size > 10_000
     assert doc["settings"]["quick"] and doc["machine"]["cpu"]
@@ -111,9 +111,84 @@ def test_equal_ranks_stay_within_their_budgets_and_are_the_largest_that_do(dx, d
     r = ablate.equal_ranks(dx, dy)
     plain = GatedMultiStitch(dx, dy, 1, min(16, dx, dy)).num_trainable()
     count = {"class at plain": lambda k: GatedMultiStitch(dx, dy, 10, k).num_trainable(),
-             "shared at plain": lambda k: SharedBasisStitch(dx, dy, 10, k, 1).num_trainable()}
+             "shared at plain": lambda k: SharedBasisStitch(dx, dy, 10, k, 1).num_trainable(),
+             "scaled at plain": lambda k: ScaledBasisStitch(dx, dy, 10, k).num_trainable()}
     for name, n in count.items():
         if r[name]:
             assert n(r[name]) <= plain and (r[name] == min(dx, dy) or n(r[name] + 1) > plain)
     shared = SharedBasisStitch(dx, dy, 10, 16, ablate.COND_RANK).num_trainable()
     assert GatedMultiStitch(dx, dy, 1, r["plain at shared"]).num_trainable() <= shared
+
+
+def test_scaled_basis_forward_is_one_basis_with_gated_singular_values():
+    torch.manual_seed(2)
+    s = ScaledBasisStitch(6, 4, 3, 2, dtype=D)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.normal_()
+    x = torch.randn(9, 6, dtype=D)
+    g = torch.softmax(x @ s.gate_weight + s.gate_bias, 1)
+    want = torch.stack([s.mu_y + sum(g[i, c] * (x[i] - s.mu_x) @ s.U @ torch.diag(s.scales[c]) @ s.V
+                                     for c in range(3)) for i in range(9)])
+    torch.testing.assert_close(s(x), want, atol=1e-10, rtol=0)
+    s.top_k = 1  # hard routing: exactly the best-gated condition's map
+    best = g.argmax(1)
+    want = torch.stack([s.mu_y + (x[i] - s.mu_x) @ s.U @ torch.diag(s.scales[best[i]]) @ s.V for i in range(9)])
+    torch.testing.assert_close(s(x), want, atol=1e-10, rtol=0)
+    dx, dy, C, r = 6, 4, 3, 2
+    assert s.num_trainable() == r * (dx + dy) + dx + dy + C * r + C * (dx + 1)
+
+
+def test_scaled_basis_fit_solves_each_conditions_scales_by_least_squares_on_the_pooled_basis():
+    gen = torch.Generator().manual_seed(3)
+    n, dx, dy, C, r = 300, 7, 5, 4, 3
+    x = torch.randn(n, dx, generator=gen, dtype=D)
+    y = x @ torch.randn(dx, dy, generator=gen, dtype=D) + 0.3 * torch.randn(n, dy, generator=gen, dtype=D)
+    ids = torch.randint(0, C - 1, (n,), generator=gen)  # condition C - 1 has no rows
+    s = ScaledBasisStitch.fit(x, y, ids, C, rank=r, base="ridge", reg=0.0)
+    pooled = TCFA("ridge", rank=r, reg=0.0).fit(x, y)  # the basis is the unconditioned map of all rows
+    torch.testing.assert_close((s.U @ s.V).detach(), (pooled.U[0] @ pooled.V[0]).detach(), atol=1e-10, rtol=0)
+    for c in range(C - 1):  # reference: the vectorised regression of T_c on the r columns vec(z_k V_k)
+        rows = ids == c
+        z, t = (x[rows] - s.mu_x) @ s.U, y[rows] - s.mu_y
+        design = torch.stack([(z[:, k:k + 1] * s.V[k]).reshape(-1) for k in range(r)], 1)
+        want = torch.linalg.lstsq(design, t.reshape(-1, 1)).solution[:, 0]
+        torch.testing.assert_close(s.scales[c].detach(), want, atol=1e-8, rtol=0)
+    assert torch.equal(s.scales[C - 1].detach(), torch.ones(r, dtype=D))
+
+
+def test_scaled_basis_of_one_exact_map_keeps_every_scale_at_one():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(200, 6, generator=gen, dtype=D)
+    M = torch.randn(6, 2, generator=gen, dtype=D) @ torch.randn(2, 5, generator=gen, dtype=D)
+    y = x @ M + 1.5
+    s = ScaledBasisStitch.fit(x, y, torch.arange(200) % 5, 5, rank=2, base="ridge", reg=0.0)
+    torch.testing.assert_close(s.scales.detach(), torch.ones(5, 2, dtype=D), atol=1e-8, rtol=0)
+    torch.testing.assert_close(s(x).detach(), y, atol=1e-8, rtol=0)
+
+
+def test_readme_ablation_section_is_rendered_from_the_committed_run():
+    with open(ablate_report.RESULT) as fh:
+        out = json.load(fh)
+    with open(ablate_report.README) as fh:
+        text = fh.read()
+    assert ablate_report.BEGIN in text and ablate_report.END in text, "README.md has no ablation section"
+    inside = text.split(ablate_report.BEGIN, 1)[1].split(ablate_report.END, 1)[0]
+    assert inside == "\n" + ablate_report.readme_section(out) + "\n", (
+        "README.md's ablation section is stale: run `python -m tcfa.cli.ablate_report`")
+    assert not out["settings"]["quick"] and len(out["settings"]["seeds"]) >= 3
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x, y, i: ScaledBasisStitch.fit(x, y, i, 3, rank=0), "rank"),
+    (lambda x, y, i: ScaledBasisStitch.fit(x, y[:5], i, 3, rank=2), "xa and xb"),
+    (lambda x, y, i: ScaledBasisStitch.fit(x, y, i + 3, 3, rank=2), "ids"),
+    (lambda x, y, i: ScaledBasisStitch.fit(x, y, i, 3, rank=2, base="pca"), "base"),
+    (lambda x, y, i: ScaledBasisStitch.fit(x, y, i, 3, rank=2, top_k=4), "top_k"),
+    (lambda x, y, i: SharedBasisStitch.fit(x, y, i, 3, base_rank=2, cond_rank=0), "cond_rank"),
+    (lambda x, y, i: ScaledBasisStitch.fit(x, y, i, 3, rank=2)(torch.randn(2, 5, dtype=D)), "x must have shape"),
+])
+def test_shared_and_scaled_basis_name_their_bad_arguments(call, match):
+    x, y = torch.randn(30, 6, dtype=D), torch.randn(30, 4, dtype=D)
+    with pytest.raises(ValueError, match=match):
+        call(x, y, torch.arange(30) % 3)

@@ -38,8 +38,7 @@ def _ablate(args) -> int:
     from . import ablate  # the grid and its cells: tcfa/cli/ablate.py
 
     if args.quick:  # one pair, one seed, a reduced grid on 300 images: checks the plumbing in minutes
-        ablate.run(args.out, seeds=(args.seed,), pairs=("cnn->vit",), quick=True, epochs=1, tune_steps=3, n_train=300,
-                   cache=not args.no_cache)
+        ablate.run(args.out, seeds=(args.seed,), cache=not args.no_cache, **ablate.QUICK)
     else:
         ablate.run(args.out, seeds=tuple(range(args.seed, args.seed + args.seeds)), pairs=tuple(args.pairs),
                    tune_steps=args.tune_steps, cache=not args.no_cache)

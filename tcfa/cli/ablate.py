@@ -13,9 +13,10 @@ stitch points (up to 4 pairs along its path that leave B a block) and the defaul
 - candidates  what might make conditioning pay: a gate trained to recognise the conditions ("learned
               gate"), a gate started uniform and learned from the task loss while tuning ("uniform
               gate"), top-1 routing instead of soft gates, shared-basis maps (M_0 + rank-2
-              corrections), zero-shot and task-tuned; and at matched parameter counts: the
-              unconditioned maps at the shared-basis stitch's Δθ, the class maps and the shared basis
-              within the unconditioned rank-16 stitch's Δθ, with soft and with top-1 routing
+              corrections), scaled-basis maps (one basis, singular values per condition), zero-shot
+              and task-tuned; and at matched parameter counts: the unconditioned maps at the
+              shared-basis stitch's Δθ, the class maps, the shared and the scaled basis within the
+              unconditioned rank-16 stitch's Δθ, with soft and with top-1 routing
 - baselines   A alone, B alone, linear stitching (unconditioned ridge at the default stitch's
               parameter count), full fine-tuning of B (same data and steps), weight averaging / TIES
               (when the pair's parameters match; never here)
@@ -39,7 +40,7 @@ from ..pipeline.align import tune
 from ..pipeline.baselines import merge_applicability
 from ..pipeline.layer_map import layer_map
 from ..pipeline.layer_names import default_layers
-from ..shared_stitch import SharedBasisStitch
+from ..shared_stitch import ScaledBasisStitch, SharedBasisStitch
 from ..stitch import GatedMultiStitch
 from .demo import IMAGE, MODELS as DEMO_MODELS, trained_model
 from .demo_adapters import MODELS as VIT_MODELS
@@ -52,7 +53,7 @@ PAIRS = {"cnn->vit": ("cnn", "vit"), "vit->vit": ("vit", "vit_wide"), "cnn->cnn"
 METHODS = ("cca", "ot", "ridge", "procrustes")
 TUNINGS = ("zero_shot", "direct", "task", "fula", "partial")
 DEFAULT = {"method": "cca", "conditions": "class", "k": 10, "data": "original", "levels": None,
-           "tuning": "zero_shot", "variant": None, "rank": 16, "cond_rank": None}
+           "tuning": "zero_shot", "variant": None, "rank": 16, "cond_rank": None, "scaled": False}
 RANK = 16
 COND_RANK = 2  # the shared-basis stitch's per-condition correction
 
@@ -89,7 +90,12 @@ def grid(pair: str, points, default_point, *, quick: bool, ranks: dict) -> list[
                         rank=ranks["plain at shared"], **none),
                   _cell("candidates", default_point, tuning=tuning, variant="at the shared basis's Δθ",
                         rank=ranks["plain at shared"], **none)]
+        cells.append(_cell("candidates", default_point, tuning=tuning, variant="scaled basis", scaled=True))
         for routing in ("", ", top-1"):  # routing: soft gates, or the one best map (top_k = 1)
+            if ranks["scaled at plain"]:
+                cells.append(_cell("candidates", default_point, tuning=tuning,
+                                   variant="scaled basis at the unconditioned Δθ" + routing,
+                                   rank=ranks["scaled at plain"], scaled=True))
             if ranks["class at plain"]:
                 cells.append(_cell("candidates", default_point, tuning=tuning, variant="at the unconditioned Δθ" + routing,
                                    rank=ranks["class at plain"]))
@@ -108,13 +114,15 @@ def _largest(fits, limit: int) -> int:
 def equal_ranks(dx: int, dy: int) -> dict:
     """Ranks that match parameter counts at one tap pair (counted from the modules, 10 class conditions):
     the unconditioned map with the shared-basis stitch's Δθ and with the default (10 rank-16 maps) Δθ,
-    and the class maps and the shared basis (rank-1 corrections) within the unconditioned rank-16 Δθ."""
+    and the class maps, the shared basis (rank-1 corrections) and the scaled basis within the unconditioned
+    rank-16 Δθ."""
     top = min(dx, dy)
     plain = GatedMultiStitch(dx, dy, 1, min(RANK, top)).num_trainable()
     return {"plain at shared": _rank_for_params(SharedBasisStitch(dx, dy, 10, RANK, COND_RANK).num_trainable(), dx, dy),
             "plain at default": _rank_for_params(GatedMultiStitch(dx, dy, 10, RANK).num_trainable(), dx, dy),
             "class at plain": _largest(lambda r: GatedMultiStitch(dx, dy, 10, r).num_trainable() <= plain, top),
-            "shared at plain": _largest(lambda r: SharedBasisStitch(dx, dy, 10, r, 1).num_trainable() <= plain, top)}
+            "shared at plain": _largest(lambda r: SharedBasisStitch(dx, dy, 10, r, 1).num_trainable() <= plain, top),
+            "scaled at plain": _largest(lambda r: ScaledBasisStitch(dx, dy, 10, r).num_trainable() <= plain, top)}
 
 
 class _Pair:
@@ -171,8 +179,9 @@ def run_cell(p: _Pair, cell: dict, *, tune_steps: int) -> dict:
                          confidence=p.confidence(name + "/te", x_te) if cell["conditions"] == "confidence" else None)
     rank = cell["rank"]
     t0 = time.perf_counter()
+    top_k = 1 if "top-1" in (cell["variant"] or "") else None
     sm = fit_stitched(p.model_a, cell["layer_a"], p.model_b, cell["layer_b"], x_tr, c_tr, method=cell["method"],
-                      rank=rank, cond_rank=cell["cond_rank"], top_k=1 if "top-1" in (cell["variant"] or "") else None,
+                      rank=rank, cond_rank=cell["cond_rank"], scaled=cell["scaled"], top_k=top_k,
                       gate="uniform" if cell["variant"] == "uniform gate" else "centroids", seed=p.seed)
     if cell["variant"] == "learned gate":
         train_gate(sm, x_tr, c_tr, seed=p.seed)
@@ -198,6 +207,10 @@ def baselines(p: _Pair, pair: str, *, tune_steps: int) -> list[dict]:
     ok, why = merge_applicability(p.model_a, p.model_b)
     out.append({"method": "weight averaging / TIES", "note": "applicable" if ok else why})
     return [{"pair": pair, "seed": p.seed, "axis": "baselines", **r} for r in out]
+
+
+# `tcfa ablate --quick` (and the test suite): one pair, a reduced grid, one epoch of training on 300 images
+QUICK = {"pairs": ("cnn->vit",), "quick": True, "epochs": 1, "tune_steps": 3, "n_train": 300}
 
 
 def run(out_dir: str | None = "ablation_output", *, seeds=(0, 1, 2), pairs=tuple(PAIRS), quick: bool = False,

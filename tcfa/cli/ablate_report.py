@@ -31,7 +31,7 @@ def cells(out: dict) -> list[dict]:
             groups.setdefault(tuple({**r, "point": point}.get(k) for k in KEY), []).append(r)
     rows = []
     for key, rs in groups.items():
-        row = dict(zip(KEY, key), seeds=len(rs),
+        row = dict(zip(KEY, key), seeds=len(rs), by_seed={r["seed"]: r["accuracy"] for r in rs},
                    points=", ".join(sorted({f"{r['layer_a']}->{r['layer_b']}" for r in rs})))
         for m in METRICS:
             row[m], row[m + "_std"] = _stats(r.get(m) for r in rs)
@@ -50,10 +50,25 @@ def _label(row: dict) -> str:
     return f"{row['method']} {cond}{data}{variant}"
 
 
+def paired_gain(better: dict, worse: dict) -> tuple[float, float]:
+    """Mean and standard error over the seeds both cells ran of better's accuracy less worse's (same seed:
+    same models, data split and default stitch point, so the seeds' shared variation cancels)."""
+    seeds = sorted(set(better["by_seed"]) & set(worse["by_seed"]))
+    d = torch.tensor([better["by_seed"][s] - worse["by_seed"][s] for s in seeds], dtype=torch.float64)
+    if d.numel() < 2:
+        return float(d.sum()), float("inf")
+    return float(d.mean()), float(d.std() / len(seeds) ** 0.5)
+
+
 def verdict(out: dict) -> list[dict]:
     """Per pair and tuning: the best unconditioned stitch on the original digits, the best conditioned one
-    at no more trainable parameters, and the best conditioned one overall."""
-    rows = [r for r in cells(out) if r["data"] == "original" and r["tuning"] in ("zero_shot", "task")]
+    at no more trainable parameters, and the best conditioned one overall, among cells run on every seed.
+    It pays when the cheaper
+    conditioned stitch's paired gain over the seeds is more than twice its standard error."""
+    # only cells run on every seed: a stitch point on one seed's path alone is a max over one noisy draw
+    seeds = len(out["settings"]["seeds"])
+    rows = [r for r in cells(out) if r["data"] == "original" and r["tuning"] in ("zero_shot", "task")
+            and r["seeds"] == seeds]
     base = _baselines(out)
     out_rows = []
     for pair in dict.fromkeys(r["pair"] for r in rows):
@@ -67,6 +82,7 @@ def verdict(out: dict) -> list[dict]:
             cheap = [r for r in con if r["trainable_params"] <= best_u["trainable_params"]]
             best_c = max(con, key=lambda r: r["accuracy"])
             best_cheap = max(cheap, key=lambda r: r["accuracy"]) if cheap else None
+            gain = paired_gain(best_cheap, best_u) if cheap else None
             alone = {m: base.get((pair, m)) for m in ("A alone", "B alone", "full fine-tuning of B")}
             out_rows.append({
                 "pair": pair, "tuning": tuning,
@@ -78,7 +94,8 @@ def verdict(out: dict) -> list[dict]:
                 f"{best_cheap['accuracy']:.3f} ± {best_cheap['accuracy_std']:.3f} ({best_cheap['trainable_params']:.0f})",
                 "best conditioned, any Δθ": f"{_label(best_c)}: {best_c['accuracy']:.3f} ± {best_c['accuracy_std']:.3f} "
                                             f"({best_c['trainable_params']:.0f})",
-                "pays": best_cheap is not None and best_cheap["accuracy"] > best_u["accuracy"]})
+                "paired gain": "-" if best_cheap is None else "{:+.3f} ± {:.3f}".format(*gain),
+                "pays": best_cheap is not None and gain[0] > 2 * gain[1]})
     return out_rows
 
 
@@ -140,6 +157,7 @@ def plot(out: dict, out_dir: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = cells(out)
     pairs = list(dict.fromkeys(r["pair"] for r in rows))
@@ -153,6 +171,7 @@ def plot(out: dict, out_dir: str) -> list[str]:
                 ax.scatter([r["trainable_params"] for r in pts], [r["accuracy"] for r in pts], marker=marker,
                            color=color, alpha=0.6, label=f"{method} {'class' if cond else 'none'}" if i == 0 else None)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
         ax.set_xlabel("Δθ (trainable parameters)")
         ax.set_ylabel(f"{pair}\naccuracy")
         ax.set_title("accuracy vs Δθ (red: conditioned)")
@@ -169,11 +188,14 @@ def plot(out: dict, out_dir: str) -> list[str]:
                                          ("conditions", _label)), start=2):
             ax = axes[i][j]
             sel = [r for r in here if r["axis"] == axis]
-            ax.errorbar(range(len(sel)), [r["accuracy"] for r in sel], [r["accuracy_std"] for r in sel], fmt="o",
-                        ecolor="grey")
+            if not sel:
+                ax.text(0.5, 0.5, f"no {axis} axis for {pair}", ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
             for x, r in enumerate(sel):
-                ax.plot(x, r["accuracy"], "o", color="tab:red" if conditioned(r) else "tab:blue")
-            ax.set_xticks(range(len(sel)), [key(r) for r in sel], fontsize=6, rotation=60 if axis == "conditions" else 0)
+                ax.errorbar(x, r["accuracy"], r["accuracy_std"], fmt="o", ecolor="grey",
+                            color="tab:red" if conditioned(r) else "tab:blue")
+            ax.set_xticks(range(len(sel)), [key(r) for r in sel], fontsize=6, rotation=0 if axis == "tuning" else 60)
             ax.set_title(f"{axis} axis (red: conditioned)")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()

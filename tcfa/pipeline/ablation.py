@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..ops import _validate
-from ..shared_stitch import SharedBasisStitch
+from ..shared_stitch import ScaledBasisStitch, SharedBasisStitch
 from ..similarity import rsa
 from ..stats import linear_cka
 from .align import TCFA
@@ -76,13 +76,14 @@ def _tap_rows(model_a, path_a, model_b, path_b, x):
 
 
 def fit_stitched(model_a, path_a, model_b, path_b, x, cond: Conditions, *, method: str = "cca", rank: int = 16,
-                 cond_rank: int | None = None, top_k: int | None = None, gate: str = "centroids",
-                 seed: int = 0) -> StitchedModel:
+                 cond_rank: int | None = None, scaled: bool = False, top_k: int | None = None,
+                 gate: str = "centroids", seed: int = 0) -> StitchedModel:
     """A StitchedModel A[path_a] -> B[path_b] whose stitch is fitted on images x with conditions ``cond``.
 
     B's special (CLS) tokens, filled from A's pooled features, get their own stitch fitted the same way.
     ``cond_rank``: a SharedBasisStitch (shared rank-``rank`` map, ``method`` cca or ridge, plus a rank-
-    ``cond_rank`` correction per condition) instead of C independent maps. ``gate``: "centroids" (nearest
+    ``cond_rank`` correction per condition) instead of C independent maps; ``scaled``: a ScaledBasisStitch
+    (one rank-``rank`` basis, its singular values rescaled per condition). ``gate``: "centroids" (nearest
     condition mean) or "uniform" (equal gates, for a gate learned from the task loss while tuning).
     """
     rows_a, rows_b, per, special = _tap_rows(model_a, path_a, model_b, path_b, x)
@@ -92,6 +93,8 @@ def fit_stitched(model_a, path_a, model_b, path_b, x, cond: Conditions, *, metho
 
     def make(rows):
         xa, xb, c = rows_a[rows], rows_b[rows], ids[rows]
+        if scaled:
+            return ScaledBasisStitch.fit(xa, xb, c, cond.num, rank=r, base=method, top_k=top_k)
         if cond_rank is not None:
             return SharedBasisStitch.fit(xa, xb, c, cond.num, base_rank=r, cond_rank=cond_rank, base=method,
                                          top_k=top_k)
