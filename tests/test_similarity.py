@@ -39,7 +39,10 @@ def test_fp32_heavy_tailed_anisotropic_features():
 
     def layer(d, seed):
         h = torch.Generator().manual_seed(seed)
-        x = z @ torch.randn(8, d, generator=h, dtype=torch.float64) + torch.distributions.StudentT(3.0).sample((n, d))
+        with torch.random.fork_rng():  # StudentT samples from the global generator: seed it, leave it as it was
+            torch.manual_seed(seed)
+            tails = torch.distributions.StudentT(3.0).sample((n, d))
+        x = z @ torch.randn(8, d, generator=h, dtype=torch.float64) + tails
         x[:, :3] *= 100.0
         return x + 50.0
 
