@@ -56,6 +56,10 @@ DEFAULT = {"method": "cca", "conditions": "class", "k": 10, "data": "original", 
            "tuning": "zero_shot", "variant": None, "rank": 16, "cond_rank": None, "scaled": False}
 RANK = 16
 COND_RANK = 2  # the shared-basis stitch's per-condition correction
+# conditioned stitches within the unconditioned rank-16 stitch's Δθ: (equal_ranks key, variant, cell fields)
+MATCHED = (("scaled at plain", "scaled basis at the unconditioned Δθ", {"scaled": True}),
+           ("class at plain", "at the unconditioned Δθ", {}),
+           ("shared at plain", "shared basis at the unconditioned Δθ", {"cond_rank": 1}))
 
 
 def _cell(axis: str, point, **over) -> dict:
@@ -92,17 +96,10 @@ def grid(pair: str, points, default_point, *, quick: bool, ranks: dict) -> list[
                         rank=ranks["plain at shared"], **none)]
         cells.append(_cell("candidates", default_point, tuning=tuning, variant="scaled basis", scaled=True))
         for routing in ("", ", top-1"):  # routing: soft gates, or the one best map (top_k = 1)
-            if ranks["scaled at plain"]:
-                cells.append(_cell("candidates", default_point, tuning=tuning,
-                                   variant="scaled basis at the unconditioned Δθ" + routing,
-                                   rank=ranks["scaled at plain"], scaled=True))
-            if ranks["class at plain"]:
-                cells.append(_cell("candidates", default_point, tuning=tuning, variant="at the unconditioned Δθ" + routing,
-                                   rank=ranks["class at plain"]))
-            if ranks["shared at plain"]:
-                cells.append(_cell("candidates", default_point, tuning=tuning,
-                                   variant="shared basis at the unconditioned Δθ" + routing,
-                                   rank=ranks["shared at plain"], cond_rank=1))
+            for budget, variant, stitch in MATCHED:
+                if ranks[budget]:
+                    cells.append(_cell("candidates", default_point, tuning=tuning, variant=variant + routing,
+                                       rank=ranks[budget], **stitch))
     return cells
 
 

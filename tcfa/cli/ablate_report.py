@@ -63,8 +63,8 @@ def paired_gain(better: dict, worse: dict) -> tuple[float, float]:
 def verdict(out: dict) -> list[dict]:
     """Per pair and tuning: the best unconditioned stitch on the original digits, the best conditioned one
     at no more trainable parameters, and the best conditioned one overall, among cells run on every seed.
-    It pays when the cheaper
-    conditioned stitch's paired gain over the seeds is more than twice its standard error."""
+    It pays when the cheaper conditioned stitch's paired gain over the seeds is more than twice its
+    standard error."""
     # only cells run on every seed: a stitch point on one seed's path alone is a max over one noisy draw
     seeds = len(out["settings"]["seeds"])
     rows = [r for r in cells(out) if r["data"] == "original" and r["tuning"] in ("zero_shot", "task")
