@@ -48,6 +48,7 @@ TORCH_LIBRARY_IMPL(tcfa, CPU, m) {
   m.impl("gated_stitch_backward", TCFA_FORWARD(gated_stitch_backward));
   m.impl("segment_moments", TCFA_FORWARD(segment_moments));
   m.impl("symmetric_top_eigh", TCFA_FORWARD(symmetric_top_eigh));
+  m.impl("gram_triu", TCFA_FORWARD(gram_triu));
 }
 
 // The best level this CPU and OS can run. GCC's x86-64-vN checks include the

@@ -54,4 +54,6 @@ TORCH_LIBRARY(tcfa, m) {
   // Returns (values, vectors, ok): the k largest eigenpairs, ok[b] false where
   // the kernel's own check failed (the Python wrapper recomputes those).
   m.def("symmetric_top_eigh(Tensor A, int k) -> (Tensor values, Tensor vectors, Tensor ok)");
+  // Returns (L, n, n): the upper triangle of each (centred) layer's Gram, zeros below.
+  m.def("gram_triu(Tensor[] xs, bool centre=True) -> Tensor");
 }

@@ -47,11 +47,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> segment_moments_cpu(
     const Tensor& x, const Tensor& y, const Tensor& labels, int64_t num_segments, bool xx, bool yy,
     bool xy);
 std::tuple<Tensor, Tensor, Tensor> symmetric_top_eigh_cpu(const Tensor& A, int64_t k);
+at::Tensor gram_triu_cpu(at::TensorList xs, bool centre);
 
 // Changed whenever the table or a signature above changes, so that tcfa._C
 // refuses a level library left over from an older build instead of calling
 // through a mismatched pointer.
-constexpr int64_t kKernelTableVersion = 4;
+constexpr int64_t kKernelTableVersion = 5;
 
 struct CpuKernels {
   int64_t version;
@@ -65,6 +66,7 @@ struct CpuKernels {
   decltype(&gated_stitch_backward_cpu) gated_stitch_backward;
   decltype(&segment_moments_cpu) segment_moments;
   decltype(&symmetric_top_eigh_cpu) symmetric_top_eigh;
+  decltype(&gram_triu_cpu) gram_triu;
 };
 
 }  // namespace tcfa

@@ -16,12 +16,14 @@ namespace tcfa {
 // 200 MB buffer (three 4096^2 fp32 costs, sinkhorn_divergence's) page-faulted for 67 ms in
 // 4 KB pages against 27-33 ms in 2 MB ones, as long as the GEMMs that fill it. The advice
 // only changes how untouched pages are backed; if the kernel refuses it, nothing changes.
-inline at::Tensor empty_large(int64_t n, const at::TensorOptions& options) {
+// `min_bytes`: smaller buffers are left to the allocator as they are.
+inline at::Tensor empty_large(int64_t n, const at::TensorOptions& options,
+                              uintptr_t min_bytes = uintptr_t(8) << 20) {
   at::Tensor t = at::empty({n}, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   const uintptr_t bytes = static_cast<uintptr_t>(n) * t.element_size();
-  if (bytes >= 4 * kHuge) {
+  if (bytes >= min_bytes) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
     const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
     if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);

@@ -19,6 +19,7 @@ extern "C" __attribute__((visibility("default"))) const tcfa::CpuKernels* tcfa_c
       &tcfa::gated_stitch_backward_cpu,
       &tcfa::segment_moments_cpu,
       &tcfa::symmetric_top_eigh_cpu,
+      &tcfa::gram_triu_cpu,
   };
   return &table;
 }

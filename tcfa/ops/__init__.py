@@ -211,3 +211,33 @@ def symmetric_top_eigh(A, k: int):
         values, vectors = values.clone(), vectors.clone()
         values[bad], vectors[bad] = w[:, -k:].flip(-1), V[..., -k:].flip(-1)
     return values, vectors
+
+
+def gram_triu(xs, centre: bool = True):
+    """The upper triangle of each matrix's Gram, one (n, n) slab per matrix.
+
+        out[l, i, j] = sum_k (x_l[i, k] - m_l[k]) (x_l[j, k] - m_l[k])   for j >= i,
+        out[l, i, j] = 0                                                  for j < i,
+
+    with m_l the column means of x_l (summed in fp64, rounded to the dtype)
+    when ``centre``, else 0. A Gram is symmetric, so the triangle holds all
+    of it: <K, L> = 2 <triu K, triu L> - sum_i K_ii L_ii. HSIC needs exactly
+    those inner products (tcfa.similarity), and the CPU kernel computes the
+    triangle only: half the multiply-adds of ``x @ x.T`` (csrc/cpu/gram_triu.cpp,
+    where the speed is measured).
+    ``xs``: a list of L matrices (n, d_l) with the same n and dtype (fp32 or
+    fp64; widths may differ); out (L, n, n) in that dtype. Not differentiable:
+    tcfa.similarity takes its autograd route through matmul when gradients
+    are wanted.
+    """
+    xs = list(xs) if isinstance(xs, (list, tuple)) else xs
+    if not isinstance(xs, list) or not xs:
+        raise ValueError("xs must be a non-empty list of (n, d) tensors")
+    for i, x in enumerate(xs):
+        _validate.tensor(f"xs[{i}]", x, dim=2, dtypes=(torch.float32, torch.float64))
+    first = xs[0]
+    for i, x in enumerate(xs[1:], 1):
+        if x.shape[0] != first.shape[0] or x.dtype != first.dtype or x.device != first.device:
+            raise ValueError(f"xs[{i}] must have xs[0]'s rows, dtype and device ({first.shape[0]}, {first.dtype}, "
+                             f"{first.device}), got ({x.shape[0]}, {x.dtype}, {x.device})")
+    return torch.ops.tcfa.gram_triu(xs, bool(centre))

@@ -116,6 +116,23 @@ def _symmetric_top_eigh_eigh(A, k):
 torch.library.register_kernel("tcfa::symmetric_top_eigh", "cuda", _symmetric_top_eigh_eigh)
 
 
+@torch.library.register_fake("tcfa::gram_triu")
+def _gram_triu_fake(xs, centre=True):
+    return xs[0].new_empty(len(xs), xs[0].shape[0], xs[0].shape[0])
+
+
+def gram_triu_composite(xs, centre=True):
+    """The op from torch's matmul (cuBLAS has no symmetric product through torch): the kernel of
+    devices without a tcfa one, and tcfa.similarity's route when gradients are wanted."""
+    def centred(x):
+        return x - x.mean(0, dtype=torch.float64).to(x.dtype) if centre else x
+
+    return torch.stack([torch.triu(c @ c.mT) for c in map(centred, xs)])
+
+
+torch.library.register_kernel("tcfa::gram_triu", "cuda", gram_triu_composite)
+
+
 # ------------------------------------------------------------------ Triton (CUDA key)
 def _register_triton():
     """Registers the Triton launchers for CUDA tensors when Triton is installed.
