@@ -9,10 +9,11 @@ TOL = {torch.float32: 2e-6, torch.float64: 1e-13}  # relative to the largest |en
 
 
 def reference(xs, centre):
+    """The docstring's math in fp64, centring by the fp64 mean rounded to the input's dtype."""
     out = []
     for x in xs:
-        x = x.double()
-        c = x - x.mean(0) if centre else x
+        shift = x.double().mean(0).to(x.dtype).double() if centre else 0.0
+        c = x.double() - shift
         out.append(torch.triu(c @ c.T))
     return torch.stack(out)
 
@@ -92,3 +93,18 @@ def test_bad_input_names_the_argument(xs, err, match):
 def test_direct_op_calls_are_checked():
     with pytest.raises(ValueError, match="rows"):
         torch.ops.tcfa.gram_triu([torch.ones(3, 2), torch.ones(4, 2)], True)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, print_blob=True)
+@given(n=st.integers(1, 70), widths=st.lists(st.integers(0, 40), min_size=1, max_size=5),
+       dtype=st.sampled_from([torch.float32, torch.float64]), centre=st.booleans(),
+       offset=st.sampled_from([0.0, 1.0, 100.0]), seed=st.integers(0, 2**16))
+def test_property_matches_reference(n, widths, dtype, centre, offset, seed):
+    """Any rows, widths (zero included) and offset from the origin (where centring matters)."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [(torch.randn(n, d, generator=g, dtype=torch.float64) + offset).to(dtype) for d in widths]
+    check(ops.gram_triu(xs, centre), xs, centre)
