@@ -24,12 +24,39 @@ import math
 import torch
 from torch import nn
 
+from . import artifacts
 from .linear_maps import cca_maps, ridge_map
 from .ops import _validate
 from .stats import segment_moments
 from .stitch import GatedMultiStitch, centroid_gate
 
 __all__ = ["SharedBasisStitch", "ScaledBasisStitch"]
+
+
+class _SavedStitch:
+    """save/load for a stitch module built from its ``config()``: its state_dict as a verified artifact
+    (tcfa.artifacts), the config in the header; load checks every shape against a module built from
+    that config (on the meta device) before copying anything."""
+
+    def save(self, path: str, *, method: str | None = None, layers=None, conditions=None) -> None:
+        """Writes the parameters atomically (safetensors); ``method``, ``layers`` and ``conditions``
+        record where the stitch came from."""
+        artifacts.save(path, dict(self.state_dict()), kind=type(self).__name__, method=method, layers=layers,
+                       conditions=conditions, config=self.config())
+
+    @classmethod
+    def load(cls, path: str, device=None):
+        """The module saved at ``path`` by :meth:`save`; hashes and shapes are verified first."""
+        art = artifacts.load(path, kind=cls.__name__)
+        try:
+            empty = cls(**art.config, device="meta")
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: the header's config {art.config} does not build a {cls.__name__}: {err}") from err
+        shapes = {name: tuple(t.shape) for name, t in empty.state_dict().items()}
+        art.check_shapes(shapes)
+        stitch = cls(**art.config, device=device, dtype=next(iter(art.tensors.values())).dtype)
+        stitch.load_state_dict({name: art.tensors[name] for name in shapes})
+        return stitch
 
 
 def _base_map(xa, xb, rank: int, base: str, reg: float):
@@ -39,7 +66,7 @@ def _base_map(xa, xb, rank: int, base: str, reg: float):
     return (cca_maps(one, rank, reg) if base == "cca" else ridge_map(one, reg, rank)).to(xa.dtype)
 
 
-class SharedBasisStitch(nn.Module):
+class SharedBasisStitch(_SavedStitch, nn.Module):
     """A shared map M_0 plus gated per-condition corrections (``residual``, a GatedMultiStitch)."""
 
     def __init__(self, dx: int, dy: int, num_conditions: int, base_rank: int, cond_rank: int, *, top_k=None,
@@ -60,6 +87,11 @@ class SharedBasisStitch(nn.Module):
     @property
     def dy(self) -> int:
         return self.V0.shape[1]
+
+    def config(self) -> dict:
+        r = self.residual
+        return {"dx": self.dx, "dy": self.dy, "num_conditions": r.num_conditions, "base_rank": self.U0.shape[1],
+                "cond_rank": r.rank, "top_k": r.top_k, "temperature": r.temperature}
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -90,7 +122,7 @@ class SharedBasisStitch(nn.Module):
         return out
 
 
-class ScaledBasisStitch(nn.Module):
+class ScaledBasisStitch(_SavedStitch, nn.Module):
     """One rank-r basis (U, V) whose r directions are rescaled per condition (S), mixed by a gate.
 
     Parameters: ``U`` (dx, r), ``V`` (r, dy), ``mu_x`` (dx,), ``mu_y`` (dy,), ``scales`` S (C, r),
@@ -113,6 +145,10 @@ class ScaledBasisStitch(nn.Module):
         self.scales = nn.Parameter(torch.ones(C, rank, **f))
         self.gate_weight = nn.Parameter(torch.zeros(dx, C, **f))
         self.gate_bias = nn.Parameter(torch.zeros(C, **f))
+
+    def config(self) -> dict:
+        return {"dx": self.U.shape[0], "dy": self.V.shape[1], "num_conditions": self.scales.shape[0],
+                "rank": self.U.shape[1], "top_k": self.top_k, "temperature": self.temperature}
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

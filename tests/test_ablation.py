@@ -15,6 +15,29 @@ from tcfa.stitch import GatedMultiStitch
 D = torch.float64
 
 
+@pytest.mark.parametrize("make", [
+    lambda: SharedBasisStitch(7, 5, 3, 4, 2, top_k=2, temperature=0.5, dtype=D),
+    lambda: ScaledBasisStitch(7, 5, 3, 4, top_k=1, temperature=2.0, dtype=torch.float32),
+])
+def test_save_load_round_trip_restores_the_module(tmp_path, make):
+    torch.manual_seed(0)
+    s = make()
+    with torch.no_grad():
+        for p in s.parameters():
+            p.normal_()
+    path = tmp_path / "stitch.safetensors"
+    s.save(str(path), method="cca", layers={"a": "blocks.1", "b": "layer2"})
+    t = type(s).load(str(path))
+    assert t.config() == s.config() and set(t.state_dict()) == set(s.state_dict())
+    for name, value in s.state_dict().items():
+        assert torch.equal(t.state_dict()[name], value), name
+    x = torch.randn(9, 7, dtype=next(s.parameters()).dtype)
+    assert torch.equal(t(x), s(x))
+    other = ScaledBasisStitch if isinstance(s, SharedBasisStitch) else SharedBasisStitch
+    with pytest.raises(ValueError, match=f"holds a '{type(s).__name__}' artifact, expected '{other.__name__}'"):
+        other.load(str(path))
+
+
 def test_shared_basis_forward_is_the_shared_map_plus_the_gated_corrections():
     torch.manual_seed(0)
     s = SharedBasisStitch(7, 5, 3, 4, 2, dtype=D)
