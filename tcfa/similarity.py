@@ -180,10 +180,11 @@ def _hsic_all_pairs(xc, yc, unbiased: bool, use_gram: bool, cross=None, centre: 
 
 
 def _upper_grams(feats: list[torch.Tensor], centre: bool) -> torch.Tensor:
-    """ops.gram_triu of the layers; through matmul when gradients are wanted (the op has no autograd).
+    """ops.gram_triu of the layers; through matmul when gradients are wanted (the op has no autograd)
+    and off the CPU (the op's CUDA kernel is that composite; other devices have no tcfa kernel).
     The op is called directly: the features were validated by PairedLayers / check_layer_pair, and
     the wrapper's finiteness pass over every layer would cost as much as centring them."""
-    if torch.is_grad_enabled() and any(f.requires_grad for f in feats):
+    if feats[0].device.type != "cpu" or (torch.is_grad_enabled() and any(f.requires_grad for f in feats)):
         return gram_triu_composite(feats, centre)
     return torch.ops.tcfa.gram_triu(feats, centre)
 
