@@ -118,20 +118,26 @@ def _widths(feats) -> list[int]:
 
 
 # ------------------------------------------------------------------ CKA
-def _gram_is_cheaper(n: int, wa: list[int], wb: list[int]) -> bool:
+def _gram_is_cheaper(n: int, wa: list[int], wb: list[int], half: bool) -> bool:
     """Multiply-adds of the two routes to every <K_c, L_c>: features, X_A^T X_B over the concatenated
     layers plus each X_l^T X_l; Grams, the upper triangle of each X_l X_l^T (ops.gram_triu) plus one
     (L_A, n^2) x (n^2, L_B) product. The count picks the faster route in each case measured (AMD EPYC,
     2 threads, debiased, 8 + 8 layers of widths 256 / 512 unless said): n 4096: features 576 ms,
     Grams 1037; n 2048: 291 against 223; n 1024: 141 against 42; n 512, 4 + 4 layers of 1024 / 2048:
-    321 against 25."""
+    321 against 25.
+    ``half``: the Grams are triangles (the CPU kernel); off it, whole products (the composite)."""
     features = n * (sum(wa) * sum(wb) + sum(d * d for d in wa + wb))
-    grams = n * n * (sum(wa + wb) / 2 + len(wa) * len(wb))
+    grams = n * n * (sum(wa + wb) / (2 if half else 1) + len(wa) * len(wb))
     return grams < features
 
 
-def _use_gram(route: str, n: int, wa: list[int], wb: list[int]) -> bool:
-    return route == "gram" or (route == "auto" and _gram_is_cheaper(n, wa, wb))
+def _triangles_only(feats) -> bool:
+    """Whether _upper_grams runs the CPU kernel (half a Gram's work) rather than the matmul composite."""
+    return feats[0].device.type == "cpu" and not (torch.is_grad_enabled() and any(f.requires_grad for f in feats))
+
+
+def _use_gram(route: str, n: int, wa: list[int], wb: list[int], half: bool) -> bool:
+    return route == "gram" or (route == "auto" and _gram_is_cheaper(n, wa, wb, half))
 
 
 def _hsic_all_pairs(xc, yc, unbiased: bool, use_gram: bool, cross=None, centre: bool = False):
@@ -181,10 +187,11 @@ def _hsic_all_pairs(xc, yc, unbiased: bool, use_gram: bool, cross=None, centre: 
 
 def _upper_grams(feats: list[torch.Tensor], centre: bool) -> torch.Tensor:
     """ops.gram_triu of the layers; through matmul when gradients are wanted (the op has no autograd)
-    and off the CPU (the op's CUDA kernel is that composite; other devices have no tcfa kernel).
+    and off the CPU (the op's CUDA kernel is that composite; other devices have no tcfa kernel; MPS,
+    which has no fp64, cannot run the Gram route at all).
     The op is called directly: the features were validated by PairedLayers / check_layer_pair, and
     the wrapper's finiteness pass over every layer would cost as much as centring them."""
-    if feats[0].device.type != "cpu" or (torch.is_grad_enabled() and any(f.requires_grad for f in feats)):
+    if not _triangles_only(feats):
         return gram_triu_composite(feats, centre)
     return torch.ops.tcfa.gram_triu(feats, centre)
 
@@ -225,7 +232,7 @@ def cka_of(p: PairedLayers, debiased: bool = False, route: str = "auto") -> torc
     _validate.choice("route", route, ("auto", "features", "gram"))
     if debiased and p.n < 4:
         raise ValueError(f"xs and ys need at least 4 rows (samples) for debiased CKA, got {p.n}")
-    use_gram = _use_gram(route, p.n, p.wa, p.wb) or (route == "auto" and not p.cross_fits())
+    use_gram = _use_gram(route, p.n, p.wa, p.wb, _triangles_only(p.xc)) or (route == "auto" and not p.cross_fits())
     hxy, hxx, hyy = _hsic_all_pairs(p.xc, p.yc, debiased, use_gram, None if use_gram else p.cross())
     return _ratio(hxy, hxx[:, None], hyy[None, :])
 
@@ -272,7 +279,7 @@ class MinibatchCKA:
                 continue
             pick = (lambda f: f) if rows is None else (lambda f: f.index_select(0, rows))  # noqa: E731
             sub_x, sub_y = [pick(f) for f in xs], [pick(f) for f in ys]
-            use_gram = _use_gram(self.route, count, _widths(sub_x), _widths(sub_y))
+            use_gram = _use_gram(self.route, count, _widths(sub_x), _widths(sub_y), _triangles_only(sub_x))
             hxy, hxx, hyy = _hsic_all_pairs(sub_x, sub_y, self.debiased, use_gram, centre=True)
             self.hxy[c] += hxy.cpu()
             self.hxx[c] += hxx.cpu()

@@ -108,3 +108,24 @@ def test_property_matches_reference(n, widths, dtype, centre, offset, seed):
     g = torch.Generator().manual_seed(seed)
     xs = [(torch.randn(n, d, generator=g, dtype=torch.float64) + offset).to(dtype) for d in widths]
     check(ops.gram_triu(xs, centre), xs, centre)
+
+
+def test_composite_fills_one_buffer_without_grad_and_differentiates_with_it():
+    xs = [torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 7, dtype=torch.float64)]
+    check(gram_triu_composite(xs, True), xs, True)
+    leaf = xs[0].clone().requires_grad_()
+    out = gram_triu_composite([leaf, xs[1]], True)
+    out.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+def test_route_cost_counts_half_a_gram_only_where_the_triangle_kernel_runs():
+    from tcfa import similarity
+    x = torch.randn(8, 3)
+    assert similarity._triangles_only([x])
+    assert not similarity._triangles_only([x.clone().requires_grad_()])
+    assert not similarity._triangles_only([torch.empty(8, 3, device="meta")])
+    # n 2048, 8 + 8 layers of 256 / 512: the triangles are cheaper than the features, whole Grams are not
+    wa, wb = [256] * 8, [512] * 8
+    assert similarity._gram_is_cheaper(2048, wa, wb, half=True)
+    assert not similarity._gram_is_cheaper(2048, wa, wb, half=False)

@@ -127,7 +127,14 @@ def gram_triu_composite(xs, centre=True):
     def centred(x):
         return x - x.mean(0, dtype=torch.float64).to(x.dtype) if centre else x
 
-    return torch.stack([torch.triu(c @ c.mT) for c in map(centred, xs)])
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return torch.stack([torch.triu(c @ c.mT) for c in map(centred, xs)])  # differentiable
+    # one (L, n, n) buffer filled in place: the stack of per-layer products held two copies at its peak
+    n = xs[0].shape[0]
+    out = xs[0].new_empty(len(xs), n, n)
+    for i, c in enumerate(map(centred, xs)):
+        torch.matmul(c, c.mT, out=out[i]).triu_()
+    return out
 
 
 torch.library.register_kernel("tcfa::gram_triu", "cuda", gram_triu_composite)
