@@ -232,7 +232,7 @@ def cka_of(p: PairedLayers, debiased: bool = False, route: str = "auto") -> torc
     _validate.choice("route", route, ("auto", "features", "gram"))
     if debiased and p.n < 4:
         raise ValueError(f"xs and ys need at least 4 rows (samples) for debiased CKA, got {p.n}")
-    use_gram = _use_gram(route, p.n, p.wa, p.wb, _triangles_only(p.xc)) or (route == "auto" and not p.cross_fits())
+    use_gram = _use_gram(route, p.n, p.wa, p.wb, _triangles_only(p.xc + p.yc)) or (route == "auto" and not p.cross_fits())
     hxy, hxx, hyy = _hsic_all_pairs(p.xc, p.yc, debiased, use_gram, None if use_gram else p.cross())
     return _ratio(hxy, hxx[:, None], hyy[None, :])
 
@@ -279,7 +279,7 @@ class MinibatchCKA:
                 continue
             pick = (lambda f: f) if rows is None else (lambda f: f.index_select(0, rows))  # noqa: E731
             sub_x, sub_y = [pick(f) for f in xs], [pick(f) for f in ys]
-            use_gram = _use_gram(self.route, count, _widths(sub_x), _widths(sub_y), _triangles_only(sub_x))
+            use_gram = _use_gram(self.route, count, _widths(sub_x), _widths(sub_y), _triangles_only(sub_x + sub_y))
             hxy, hxx, hyy = _hsic_all_pairs(sub_x, sub_y, self.debiased, use_gram, centre=True)
             self.hxy[c] += hxy.cpu()
             self.hxx[c] += hxx.cpu()
