@@ -191,6 +191,28 @@ def test_bad_inputs_name_the_argument():
         correspondence.monotone_path(torch.tensor([[1.0, float("nan")]]))
 
 
+@pytest.mark.parametrize("route", ["features", "gram"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_minibatch_update_names_a_non_finite_layer_and_adds_nothing(route, value):
+    # without labels, MinibatchCKA reads the layers only when the Grams' diagonals are not finite:
+    # the error must still name the layer and the entry, and leave the sums as they were
+    xs, ys = stacks()
+    est = similarity.MinibatchCKA(len(xs), len(ys), route=route).update(xs, ys)
+    before = {k: getattr(est, k).clone() for k in est.SUMS}
+    for name, feats in (("xs", xs), ("ys", ys)):
+        bad = [f.clone() for f in feats]
+        bad[-1][7, 2] = value
+        args = (bad, ys) if name == "xs" else (xs, bad)
+        with pytest.raises(ValueError, match=rf"{name}\[{len(feats) - 1}\] must be finite, found .* at index \(7, 2\)"):
+            est.update(*args)
+        with pytest.raises(ValueError, match=rf"{name}\[{len(feats) - 1}\] must be finite"):
+            est.update(*args, labels=torch.zeros(xs[0].shape[0], dtype=torch.int64))
+        with pytest.raises(ValueError, match=rf"{name}\[{len(feats) - 1}\] must be finite"):  # a batch too small to add
+            est.update(*[[f[5:8] for f in a] for a in args])
+    for k in est.SUMS:
+        assert torch.equal(getattr(est, k), before[k])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_features_are_computed_in_fp32(dtype):
     xs, ys = stacks(n=50, dtype=dtype)
