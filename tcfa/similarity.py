@@ -390,10 +390,22 @@ def procrustes_of(p: PairedLayers) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ RSA
-def _average_ranks(v: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n of v, tied values sharing the mean of their ranks (Spearman's convention)."""
+# Dissimilarities closer than this count as tied in rsa's ranks. They are fp64 correlations of unit
+# rows, and rounding (a few 1e-16 per product) splits exact ties -- identical or proportional samples,
+# quantised features -- into last-bit differences, which moved Spearman by 0.02 on an 8-sample case
+# with 7 zero dissimilarities. Distinct values this close change no rank sum a user could see.
+TIE_TOLERANCE = 1e-12
+
+
+def _average_ranks(v: torch.Tensor, tol: float) -> torch.Tensor:
+    """Ranks 1..n of v, tied values sharing the mean of their ranks (Spearman's convention); values
+    within ``tol`` of their sorted neighbour are tied."""
     order = v.argsort()
-    _, inverse, counts = torch.unique_consecutive(v[order], return_inverse=True, return_counts=True)
+    s = v[order]
+    starts = torch.ones_like(s, dtype=torch.bool)
+    starts[1:] = (s[1:] - s[:-1]) > tol
+    inverse = starts.cumsum(0) - 1  # the tie group of each sorted value
+    counts = torch.bincount(inverse)
     last = counts.cumsum(0).to(torch.float64)
     ranks = torch.empty_like(v, dtype=torch.float64)
     ranks[order] = (last - (counts.to(torch.float64) - 1) / 2)[inverse]
@@ -402,23 +414,25 @@ def _average_ranks(v: torch.Tensor) -> torch.Tensor:
 
 def rdm(x: torch.Tensor) -> torch.Tensor:
     """The representational dissimilarity of every pair i < j of x's rows, 1 - Pearson corr(x_i, x_j), (n(n-1)/2,).
-    A row without spread has correlation 0 with every row."""
+    A row without spread has correlation 0 with every row. Computed in fp64 from the n x n correlations
+    (one GEMM of the unit-norm centred rows)."""
     x = _validate.tensor("x", x, dim=2).double()
     xc = x - x.mean(1, keepdim=True)
     norm = xc.norm(dim=1, keepdim=True)
     xc = torch.where(norm > 0, xc / norm.clamp_min(1e-300), torch.zeros_like(xc))
     i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
-    return 1 - (xc[i] * xc[j]).sum(1)
+    return 1 - (xc @ xc.mT)[i, j]
 
 
 def rsa(x, y) -> float:
     """Representational similarity analysis of two representations of the same n samples, x (n, d1) and
-    y (n, d2): the Spearman rank correlation of their RDMs (:func:`rdm`, ties ranked by their mean)."""
+    y (n, d2): the Spearman rank correlation of their RDMs (:func:`rdm`; ties, dissimilarities within
+    TIE_TOLERANCE = 1e-12 of each other, share the mean of their ranks)."""
     x = _validate.tensor("x", x, dim=2)
     y = _validate.tensor("y", y, dim=2)
     if x.shape[0] != y.shape[0] or x.shape[0] < 3:
         raise ValueError(f"x and y must hold the same samples, at least 3, got {x.shape[0]} and {y.shape[0]}")
-    rx, ry = _average_ranks(rdm(x)), _average_ranks(rdm(y))
+    rx, ry = _average_ranks(rdm(x), TIE_TOLERANCE), _average_ranks(rdm(y), TIE_TOLERANCE)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     den = rx.norm() * ry.norm()
     return float((rx * ry).sum() / den) if den > 0 else float("nan")
