@@ -242,3 +242,7 @@ def test_review_cases_mixed_dtypes_options_minibatch_batches_and_unreached_condi
     mb = tcfa.layer_map(a32, ["0", "1"], b, ["1"], xf, estimator="minibatch", conditions=cond, batch_size=20,
                         progress=False)
     assert bool(mb.scores_per_condition[1].isnan().all()) and bool(mb.scores_per_condition[0].isfinite().all())
+    # a condition the map never reached has no path: the error says so instead of "scores must be finite"
+    with pytest.raises(ValueError, match="condition 1 has no scores: too few of its samples"):
+        mb.path(condition=1)
+    assert len(mb.path(condition=0)) == 2

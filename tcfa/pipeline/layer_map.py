@@ -68,7 +68,11 @@ class LayerMap:
     def path(self, condition=None) -> list[tuple[str, str]]:
         """The depth-order-preserving correspondence (correspondence.monotone_path): one layer of B per layer
         of A, never going back in B's depth, with the best total score."""
-        steps = correspondence.monotone_path(self._map(condition), self.larger_is_better)
+        scores = self._map(condition)
+        if condition is not None and bool(scores.isnan().all()):
+            raise ValueError(f"condition {condition} has no scores: too few of its samples reached the map (a "
+                             "condition's scores need the metric's least anchors; a minibatch, 4 rows of a batch)")
+        steps = correspondence.monotone_path(scores, self.larger_is_better)
         return [(self.layers_a[i], self.layers_b[j]) for i, j in steps]
 
     def choose_stitch(self, blocks_after: dict | None = None) -> tuple[str, str, str]:
