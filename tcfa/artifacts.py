@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 
@@ -92,8 +93,9 @@ def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, kind: str
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensors[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
         t = t.detach().to("cpu").contiguous()
-        # safetensors refuses tensors sharing storage (views of one parameter): copy those.
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        # safetensors refuses tensors sharing storage (views of one parameter, overlapping or not,
+        # from any offset): every tensor after the first on a storage is written from a copy.
+        key = t.untyped_storage().data_ptr()
         prepared[name] = t.clone() if key in seen and t.numel() else t
         seen.add(key)
     from ._version import __version__
@@ -123,6 +125,21 @@ def _safetensors():
     return safetensors
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where the OS shows it (setting it, even to put it
+    back, changes the mode of files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def _atomic_save(path: str, tensors: dict, metadata: dict) -> None:
     save_file = _safetensors().torch.save_file
     directory = os.path.dirname(os.path.abspath(path))
@@ -132,6 +149,14 @@ def _atomic_save(path: str, tensors: dict, metadata: dict) -> None:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as fh:  # safetensors closed it without fsync: data may sit in the page cache
             os.fsync(fh.fileno())
+        # mkstemp's file is 0600: give the artifact the mode a plain open() would (the umask's), or the
+        # mode of the file it replaces, so that others who could read the old one still can (after the fsync:
+        # a read-only mode would refuse the rb+ open)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -178,6 +203,8 @@ def load(path: str | os.PathLike, *, kind: str | None = None, shapes: dict | Non
         header = json.loads(meta[_KEY])
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: the tcfa header is not valid JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the tcfa header must be a JSON object, got {type(header).__name__}")
     if header.get("format") != FORMAT:
         raise ValueError(f"{path}: header format must be {FORMAT!r}, got {header.get('format')!r}")
     if kind is not None and header.get("kind") != kind:
@@ -235,7 +262,17 @@ def load_maps(path, device="cpu"):
     from .maps import LowRankMaps
 
     art = load(path, kind="LowRankMaps")
+    names = ("U", "V", "mu_x", "mu_y")
+    missing = [n for n in names if n not in art.tensors]
+    if missing:
+        raise ValueError(f"{art.path} lacks the LowRankMaps tensor(s) {missing}")
     shapes = art.header["shapes"]
+    if len(shapes["U"]) != 3 or len(shapes["V"]) != 3:
+        raise ValueError(f"{art.path}: U and V must be 3-D, (C, dx, r) and (C, r, dy), got shapes {shapes['U']} "
+                         f"and {shapes['V']}")
+    dtypes = {n: art.tensors[n].dtype for n in names}
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(f"{art.path}: U, V, mu_x and mu_y must share one dtype, got {dtypes}")
     C, dx, r = shapes["U"]
     dy = shapes["V"][2]
     art.check_shapes({"V": (C, r, dy), "mu_x": (C, dx), "mu_y": (C, dy)})

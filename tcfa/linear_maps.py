@@ -48,7 +48,9 @@ def _cholesky(name: str, a: torch.Tensor, first: int = 0, in_place: bool = False
     L, info = torch.linalg.cholesky_ex(a, out=(a, info)) if in_place else torch.linalg.cholesky_ex(a)
     if bool((info != 0).any()):
         c = int((info != 0).nonzero()[0]) + first
-        raise ValueError(f"{name} of condition {c} is not positive definite; increase reg")
+        raise ValueError(f"{name} of condition {c} is not positive definite; increase reg (unless the features do "
+                         "not vary within the condition: reg scales with the covariance's trace, so a zero "
+                         "covariance stays singular; drop or merge that condition)")
     return L
 
 

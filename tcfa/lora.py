@@ -39,7 +39,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         out_features, in_features = linear_shape(base, "base")
         rank = _validate.integer("rank", rank, lo=1)
-        alpha = float(rank if alpha is None else alpha)
+        alpha = float(rank) if alpha is None else _validate.positive("alpha", alpha)
         self.base, self.rank, self.alpha = base, rank, alpha
         self.base_requires_grad = [p.requires_grad for p in base.parameters()]  # restored by remove_lora
         for p in base.parameters():
@@ -177,9 +177,11 @@ def transport_lora(adapter: dict, maps: dict, *, rank: int | None = None) -> dic
     (:meth:`LoRALinear.factors`). ``maps``: {path_a: (path_b, R_in, R_out)}, R_in (in_b, in_a) and
     R_out (out_b, out_a) (e.g. :func:`anchor_map` ``.R`` of the layer's inputs and outputs).
     Delta W_B = R_out Delta W_A R_in^T. ``rank`` (default: the adapter's) at most the adapter's rank:
-    B' = R_out B and A'^T = R_in A^T are QR-factored, the r x r core R_1 R_2^T is SVD-truncated to
-    ``rank`` and split evenly between the factors (best rank-k approximation of Delta W_B). The
-    product is formed in the wider of the adapter's and the maps' dtypes and returned in the adapter's.
+    B' = R_out B and A'^T = R_in A^T are QR-factored, the core R_1 R_2^T is SVD-truncated to
+    ``rank`` and split evenly between the factors (best rank-k approximation of Delta W_B). Delta W_B
+    has rank at most min(in_b, out_b): a k above it keeps the factors' shapes, with zero rows of A_b
+    and columns of B_b past that rank. The product is formed in the wider of the adapter's and the
+    maps' dtypes and returned in the adapter's.
     """
     if not isinstance(adapter, dict) or not adapter:
         raise ValueError("adapter must be a non-empty dict {path_a: (A, B)}")
@@ -191,6 +193,10 @@ def transport_lora(adapter: dict, maps: dict, *, rank: int | None = None) -> dic
     out = {}
     for path_a, (A, B) in adapter.items():
         path_b, R_in, R_out = maps[path_a]
+        A = _validate.tensor(f"adapter[{path_a!r}] A", A, dim=2)
+        B = _validate.tensor(f"adapter[{path_a!r}] B", B, dim=2)
+        R_in = _validate.tensor(f"maps[{path_a!r}] R_in", R_in, dim=2)
+        R_out = _validate.tensor(f"maps[{path_a!r}] R_out", R_out, dim=2)
         r = A.shape[0]
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
             raise ValueError(f"adapter[{path_a!r}] must be (A (r, in), B (out, r)), got {tuple(A.shape)} and "
@@ -206,8 +212,11 @@ def transport_lora(adapter: dict, maps: dict, *, rank: int | None = None) -> dic
         Bp, Ap = R_out.to(wide) @ B.to(wide), A.to(wide) @ R_in.to(wide).T  # (out_b, r), (r, in_b)
         Q1, T1 = torch.linalg.qr(Bp)
         Q2, T2 = torch.linalg.qr(Ap.T)
-        U, S, Vh = torch.linalg.svd(T1 @ T2.T)
+        U, S, Vh = torch.linalg.svd(T1 @ T2.T)  # (min(out_b, r), min(in_b, r)): S holds the reachable ranks
         root = S[:k].sqrt()
-        out[path_b] = ((Q2 @ Vh[:k].T * root).T.to(A.dtype).contiguous(),
-                       (Q1 @ U[:, :k] * root).to(B.dtype).contiguous())
+        a_b = Ap.new_zeros(k, Ap.shape[1])
+        b_b = Bp.new_zeros(Bp.shape[0], k)
+        a_b[:root.numel()] = (Q2 @ Vh[:root.numel()].T * root).T
+        b_b[:, :root.numel()] = Q1 @ U[:, :root.numel()] * root
+        out[path_b] = (a_b.to(A.dtype), b_b.to(B.dtype))
     return out

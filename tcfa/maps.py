@@ -44,13 +44,16 @@ class LowRankMaps(LowRankShape):
     mu_y: torch.Tensor  # (C, dy)
 
     def apply(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Maps every row x_i with its condition's map T_{labels_i}; returns (N, dy)."""
+        """Maps every row x_i with its condition's map T_{labels_i}; returns (N, dy) in the wider of x's
+        and the maps' dtypes (fp32 activations through maps fitted in fp64 come out fp64, and back)."""
         x = _validate.tensor("x", x, dim=2)
         if x.shape[1] != self.U.shape[1]:
             raise ValueError(f"x must have width {self.U.shape[1]}, got {x.shape[1]}")
         labels = _validate.labels("labels", labels, x.shape[0], self.num_conditions)
-        z = torch.bmm((x - self.mu_x[labels]).unsqueeze(1), self.U[labels]).squeeze(1)
-        return self.mu_y[labels] + torch.bmm(z.unsqueeze(1), self.V[labels]).squeeze(1)
+        wide = torch.promote_types(x.dtype, self.U.dtype)
+        U, V, mu_x, mu_y = (t[labels].to(wide) for t in (self.U, self.V, self.mu_x, self.mu_y))
+        z = torch.bmm((x.to(wide) - mu_x).unsqueeze(1), U).squeeze(1)
+        return mu_y + torch.bmm(z.unsqueeze(1), V).squeeze(1)
 
     def to(self, *args, **kwargs) -> "LowRankMaps":
         return LowRankMaps(*(t.to(*args, **kwargs) for t in (self.U, self.V, self.mu_x, self.mu_y)))

@@ -164,7 +164,10 @@ class GatedMultiStitch(nn.Module, LowRankShape):
         if missing:
             raise ValueError(f"{path}: the header's config lacks {sorted(missing)}")
         art.check_shapes(cls._shapes(cfg))
-        stitch = cls(**cfg, device=device, dtype=art.tensors["U"].dtype)
+        try:
+            stitch = cls(**cfg, device=device, dtype=art.tensors["U"].dtype)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: the header's config {cfg} does not build a {cls.__name__}: {err}") from err
         with torch.no_grad():
             for name in _PARAMS:
                 getattr(stitch, name).copy_(art.tensors[name])

@@ -160,3 +160,49 @@ def test_bad_arguments(tmp_path):
         artifacts.save_maps(tmp_path / "x", {"U": torch.zeros(1)})
     with pytest.raises(FileNotFoundError):
         artifacts.load(tmp_path / "missing")
+
+
+def test_views_of_one_storage_at_any_offset_round_trip(tmp_path):
+    w = torch.randn(3, 4)
+    tensors = {"w": w, "tail": w[1:], "row": w[2], "col": w[:, 1]}
+    artifacts.save(tmp_path / "v.safetensors", tensors)
+    got = artifacts.load(tmp_path / "v.safetensors").tensors
+    assert all(torch.equal(got[k], t) for k, t in tensors.items())
+
+
+def test_saved_file_mode_follows_the_umask_or_the_replaced_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "m.safetensors"
+        artifacts.save(path, {"x": torch.zeros(2)})
+        assert os.stat(path).st_mode & 0o777 == 0o644  # what open() would give, not mkstemp's 0600
+        os.chmod(path, 0o640)
+        artifacts.save(path, {"x": torch.ones(2)})
+        assert os.stat(path).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_malformed_headers_and_maps_are_value_errors_naming_the_file(tmp_path):
+    path = str(tmp_path / "h.safetensors")
+    rewrite(path, {"x": torch.zeros(2)}, {"tcfa": "[1, 2]"})
+    with pytest.raises(ValueError, match="the tcfa header must be a JSON object, got list"):
+        artifacts.load(path)
+    maps = random_maps()
+    artifacts.save(path, {"V": maps.V, "mu_x": maps.mu_x, "mu_y": maps.mu_y}, kind="LowRankMaps")
+    with pytest.raises(ValueError, match=r"lacks the LowRankMaps tensor\(s\) \['U'\]"):
+        artifacts.load_maps(path)
+    artifacts.save(path, {"U": maps.U[0], "V": maps.V, "mu_x": maps.mu_x, "mu_y": maps.mu_y}, kind="LowRankMaps")
+    with pytest.raises(ValueError, match="U and V must be 3-D"):
+        artifacts.load_maps(path)
+    artifacts.save(path, {"U": maps.U.float(), "V": maps.V, "mu_x": maps.mu_x, "mu_y": maps.mu_y}, kind="LowRankMaps")
+    with pytest.raises(ValueError, match="must share one dtype"):
+        artifacts.load_maps(path)
+    s = tcfa.GatedMultiStitch(4, 3, 2, 2)
+    s.save(path)
+    tensors = artifacts.load(path).tensors
+    header = json.loads(safetensors.safe_open(path, "pt").metadata()["tcfa"])
+    header["config"]["colour"] = "red"
+    rewrite(path, tensors, {"tcfa": json.dumps(header)})
+    with pytest.raises(ValueError, match="does not build a GatedMultiStitch"):
+        tcfa.GatedMultiStitch.load(path)

@@ -150,3 +150,15 @@ def test_bad_input_raises_named_errors():
         xd[: 3 * x.shape[0]] = torch.randn(3 * x.shape[0], 2, dtype=x.dtype)
         four = torch.arange(4).repeat_interleave(x.shape[0])
         tcfa.cca(tcfa.segment_moments(xd, y.repeat(4, 1), four, 4), 1, reg=0.0)
+
+
+def test_apply_computes_in_the_wider_of_the_inputs_and_maps_dtypes():
+    gen = torch.Generator().manual_seed(5)
+    maps = tcfa.LowRankMaps(*(torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((2, 4, 2), (2, 2, 3), (2, 4), (2, 3))))
+    x, labels = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+    want = maps.apply(x, labels)
+    for got in (maps.to(torch.float32).apply(x, labels), maps.apply(x.float(), labels)):  # fp64 either way
+        assert got.dtype == torch.float64
+    torch.testing.assert_close(maps.apply(x.float(), labels), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(maps.to(torch.float32).apply(x, labels), want, atol=1e-5, rtol=0)
+    assert maps.to(torch.float32).apply(x.float(), labels).dtype == torch.float32

@@ -73,7 +73,23 @@ def test_low_rank_path_equals_the_dense_formula_and_its_truncation(rank):
     torch.testing.assert_close(lora_delta(A_b, B_b), U[:, :k] @ torch.diag(S[:k]) @ Vh[:k], atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("in_b, out_b, r", [(3, 8, 4), (8, 3, 4), (2, 3, 4), (2, 7, 5), (2, 2, 4)])
+def test_rank_above_a_width_of_b_keeps_the_shapes_with_zero_ranks(in_b, out_b, r):
+    # Delta W_B has rank <= min(in_b, out_b) < r: the factors keep shapes (r, in_b), (out_b, r), the
+    # ranks past min(...) zero, and their product is still the dense formula
+    gen = torch.Generator().manual_seed(in_b * 10 + out_b)
+    A, B = torch.randn(r, 6, generator=gen, dtype=D), torch.randn(5, r, generator=gen, dtype=D)
+    R_in, R_out = torch.randn(in_b, 6, generator=gen, dtype=D), torch.randn(out_b, 5, generator=gen, dtype=D)
+    A_b, B_b = transport_lora({"l": (A, B)}, {"l": ("m", R_in, R_out)})["m"]
+    assert A_b.shape == (r, in_b) and B_b.shape == (out_b, r)
+    assert not A_b[min(in_b, out_b):].any() and not B_b[:, min(in_b, out_b):].any()
+    torch.testing.assert_close(lora_delta(A_b, B_b), R_out @ B @ A @ R_in.T, atol=1e-10, rtol=0)
+
+
 def test_bad_inputs_are_named():
+    for alpha, err in ((float("nan"), ValueError), (float("inf"), ValueError), (0.0, ValueError), ("x", TypeError)):
+        with pytest.raises(err, match="alpha must be"):
+            LoRALinear(torch.nn.Linear(3, 2), 2, alpha=alpha)
     A, B = torch.randn(4, 6, dtype=D), torch.randn(5, 4, dtype=D)
     maps = {"l": ("m", torch.randn(7, 6, dtype=D), torch.randn(8, 5, dtype=D))}
     with pytest.raises(ValueError, match="rank must be at most the adapter's rank 4"):
@@ -82,6 +98,12 @@ def test_bad_inputs_are_named():
         transport_lora({"l": (A, B), "k": (A, B)}, maps)
     with pytest.raises(ValueError, match="a width mismatch with no map"):
         transport_lora({"l": (A, B)}, {"l": ("m", torch.randn(7, 3, dtype=D), torch.randn(8, 5, dtype=D))})
+    with pytest.raises(ValueError, match=r"maps\['l'\] R_in must be 2-D"):
+        transport_lora({"l": (A, B)}, {"l": ("m", torch.randn(6, dtype=D), torch.randn(8, 5, dtype=D))})
+    with pytest.raises(ValueError, match=r"maps\['l'\] R_out must be finite"):
+        transport_lora({"l": (A, B)}, {"l": ("m", torch.randn(7, 6, dtype=D), torch.full((8, 5), float("nan"), dtype=D))})
+    with pytest.raises(TypeError, match=r"adapter\['l'\] A must be a torch.Tensor"):
+        transport_lora({"l": (A.numpy(), B)}, maps)
     with pytest.raises(ValueError, match="at least 2 anchors"):
         anchor_map(torch.randn(1, 3), torch.randn(1, 4))
 

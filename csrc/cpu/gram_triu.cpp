@@ -140,10 +140,15 @@ at::Tensor gram_triu_typed(const std::vector<at::Tensor>& xs, bool centre) {
     const T* x = xt.data() + offset[t.k];
     const int64_t d = xs[t.k].size(1);
     T* g = o + t.k * n * n;
-    for (int64_t i0 = t.r0; i0 < t.r1; i0 += kRows) {
+    for (int64_t i0 = t.r0; i0 < t.r1; i0 += kRows)
       for (int64_t i = i0; i < std::min(i0 + kRows, t.r1); ++i)
         std::fill(g + i * n, g + i * n + i0 / W * W, T(0));
-      for (int64_t j = i0 / W * W; j < n; j += kVecs * W) {
+    // Column blocks outside, the band's row tiles inside: a block's d x kVecs W slice of xt is
+    // read from memory once per band and reused by its row tiles from cache (once per row tile,
+    // the other way round, when xt outgrows L2 at large n).
+    for (int64_t j = t.r0 / W * W; j < n; j += kVecs * W) {
+      for (int64_t i0 = t.r0; i0 < t.r1; i0 += kRows) {
+        if (j + kVecs * W <= i0 / W * W) continue;  // wholly left of the row tile's diagonal
         vec_t<T> acc[kRows][kVecs];
         gram_tile<T>(x, ld, d, i0, j, acc);
         for (int i = 0; i < kRows && i0 + i < t.r1; ++i)
