@@ -75,13 +75,37 @@ def test_unbalanced_matches_pot(reg_m):
             float(ot.unbalanced.sinkhorn_unbalanced2(a, b, M, 0.3, reg_m, returnCost=cost, **kw)), abs=1e-9)
 
 
-def test_torch_in_torch_out_with_a_gradient_for_M():
-    xs, xt, a, b = samples(seed=3)
-    M = torch.tensor(ot.dist(xs, xt), requires_grad=True)
-    loss = tot.sinkhorn2(torch.tensor(a), torch.tensor(b), M, 0.5, stopThr=1e-12)
-    assert isinstance(loss, torch.Tensor)
-    (grad,) = torch.autograd.grad(loss, M)
-    np.testing.assert_allclose(grad.numpy(), tot.sinkhorn(a, b, M.detach().numpy(), 0.5, stopThr=1e-12), atol=1e-12)
+def _grads(fn, tensors, *args, **kw):
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    return torch.autograd.grad(fn(*leaves, *args, **kw), leaves)
+
+
+@pytest.mark.parametrize("n, m, reg, mass", [(20, 30, 0.5, 1.0), (9, 4, 0.05, 1.0), (1, 5, 0.3, 1.0), (12, 12, 1.0, 2.5)])
+def test_loss_gradients_for_M_a_and_b_equal_pots_unrolled_ones(n, m, reg, mass):
+    # POT differentiates through its iterations; tcfa through the converged plan (implicit): the same
+    # gradient, including its gauge for a and b (defined only up to a shared constant on sum a = sum b)
+    xs, xt, a, b = samples(n, m, seed=n)
+    M, a, b = torch.tensor(ot.dist(xs, xt)), torch.tensor(a) * mass, torch.tensor(b) * mass
+    kw = dict(stopThr=1e-14, numItermax=100000)
+    got = _grads(lambda a, b, M: tot.sinkhorn2(a, b, M, reg, **kw), (a, b, M))
+    want = _grads(lambda a, b, M: ot.sinkhorn2(a, b, M, reg, method="sinkhorn_log", **kw), (a, b, M))
+    for g, w, name in zip(got, want, "abM"):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-9 * max(1.0, float(w.abs().max())), err_msg=name)
+    # the plan alone (P held fixed) is not the gradient: it misses P's own dependence on M (none with one
+    # row, where P = a b^T whatever M, and little at small reg, where P sits near a vertex)
+    if min(n, m) > 1 and reg >= 0.5:
+        assert float((got[2] - tot.sinkhorn(a, b, M, reg, **kw)).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+def test_empirical_loss_gradients_for_the_samples_equal_pots(metric):
+    xs, xt, a, b = (torch.tensor(v) for v in samples(7, 11, seed=4))
+    kw = dict(metric=metric, stopThr=1e-14)
+    got = _grads(lambda *t: tot.empirical_sinkhorn2(*t[:2], 0.2, *t[2:], **kw), (xs, xt, a, b))
+    want = _grads(lambda *t: ot.bregman.empirical_sinkhorn2(*t[:2], 0.2, *t[2:], method="sinkhorn_log",
+                                                             numIterMax=100000, **kw), (xs, xt, a, b))
+    for g, w, name in zip(got, want, ("X_s", "X_t", "a", "b")):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-9 * max(1.0, float(w.abs().max())), err_msg=name)
 
 
 def test_unsupported_arguments_raise_naming_them():

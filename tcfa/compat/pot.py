@@ -20,13 +20,12 @@ Where results differ from POT's, and by how much:
 - sinkhorn_unbalanced2(returnCost="total") reproduces POT 0.9's number, whose KL terms lack the
   mass terms (-p + q): at the optimum it is 0 up to rounding. The objective with the generalised
   KL, which the plan minimises, is tcfa.sinkhorn_cost(..., reach=...).value().
-- Gradients differ from POT's. The losses (sinkhorn2, empirical_sinkhorn2, sinkhorn_unbalanced2)
-  are differentiable with respect to M (and X_s, X_t) through <M, P> with the plan P held fixed:
-  dL/dM = P. POT's torch backend differentiates through its Sinkhorn iterations, so its dL/dM also
-  carries P's own dependence on M (an audit measured 20 % of the gradient's size on a 4 x 5 problem
-  at reg 0.1), and it returns gradients for a and b, which these do not. The loss values agree. For
-  an exact gradient of an entropic objective, use tcfa.sinkhorn_cost(M, ...).value(), whose
-  gradient (the plan, by the envelope theorem) is exact for the regularised cost it returns.
+- Gradients: the losses sinkhorn2 and empirical_sinkhorn2 are differentiable with respect to M
+  (X_s, X_t) and a, b through the plan itself, as POT's torch backend is by unrolling its
+  iterations; here by implicit differentiation of the converged plan (tcfa/compat/plan_loss.py),
+  equal to POT's to rounding. sinkhorn_unbalanced2 differentiates <M, P> with the plan held fixed
+  (dL/dM = P): POT's also carries P's own dependence on M (an audit measured ~20 % of the
+  gradient's size at reg 0.1, reg_m 1).
 """
 from __future__ import annotations
 
@@ -37,6 +36,7 @@ import torch
 
 from ..ot import sinkhorn as _sinkhorn_points
 from ..ot_cost import sinkhorn_cost as _sinkhorn_cost
+from .plan_loss import plan_loss
 
 __all__ = ["sinkhorn", "sinkhorn2", "sinkhorn_log", "empirical_sinkhorn", "empirical_sinkhorn2",
            "empirical_sinkhorn_divergence", "sinkhorn_unbalanced", "sinkhorn_unbalanced2"]
@@ -178,7 +178,7 @@ def sinkhorn2(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ve
     """POT's ot.sinkhorn2: the loss <M, P> of the entropic plan (without the entropy term)."""
     _unsupported(warmstart, verbose, kwargs)
     res, M_t, a_t, b_t, mass, numpy = _balanced(a, b, M, reg, method, numItermax, stopThr, warn)
-    loss = (M_t * (res.plan() * mass).detach()).sum()
+    loss = plan_loss(M_t, a_t, b_t, res.plan() * mass, _scalar("reg", reg))
     return _returned(loss, numpy, _log(res, a_t, b_t, reg, mass) if log else None)
 
 
@@ -219,7 +219,7 @@ def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", num
     """POT's ot.bregman.empirical_sinkhorn2: the loss <M, P> between samples."""
     _unsupported(warmstart, verbose, kwargs, isLazy=isLazy)
     res, xs, xt, a_t, b_t, mass, numpy = _empirical(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, warn)
-    loss = (_cost(xs, xt, metric) * (res.plan() * mass).detach()).sum()
+    loss = plan_loss(_cost(xs, xt, metric), a_t, b_t, res.plan() * mass, _scalar("reg", reg))
     return _returned(loss, numpy, _log(res, a_t, b_t, reg, mass) if log else None)
 
 
