@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 
 from .ops import _validate
-from .ops.registration import gram_triu_composite
 from .stats import _ratio
 
 __all__ = ["rsa", "rdm", "pairwise_cka", "MinibatchCKA", "pairwise_cca", "pairwise_procrustes", "PairedLayers", "cka_of", "cca_of",
@@ -133,7 +132,7 @@ def _gram_is_cheaper(n: int, wa: list[int], wb: list[int], half: bool) -> bool:
 
 
 def _triangles_only(feats) -> bool:
-    """Whether _upper_grams runs the CPU kernel (half a Gram's work) rather than the matmul composite."""
+    """Whether _gram_products may run the CPU triangle kernel (half a Gram's work) rather than matmul."""
     return feats[0].device.type == "cpu" and not (torch.is_grad_enabled() and any(f.requires_grad for f in feats))
 
 
@@ -161,9 +160,7 @@ def _hsic_all_pairs(xc, yc, unbiased: bool, use_gram: bool, cross=None, centre: 
         # |K_l|^2 in a single pass over them: <K, L> = 2 <triu K, triu L> - sum_i K_ii L_ii, with the
         # diagonals (the debiased terms' row norms) read from the triangles
         ct = _validate.compute_dtype(xc[0].dtype)
-        upper = _upper_grams([f.to(ct) for f in xc + yc], centre)
-        diag = upper.diagonal(dim1=1, dim2=2).double().mT  # (n, L_A + L_B): the Grams' diagonals
-        prod = 2.0 * _flat_products(upper.view(upper.shape[0], n * n)) - diag.mT @ diag
+        prod, diag = _gram_products([f.to(ct) for f in xc + yc], centre)
         cross, self_all = prod[:na, na:], prod.diagonal()
         self_a, self_b = self_all[:na], self_all[na:]
         da, db = diag[:, :na], diag[:, na:]
@@ -205,15 +202,57 @@ def _finite_through_diagonals(xs, ys, da, db) -> None:
             _validate.finite_through(f"{name}[{i}]", f, diag[:, i])
 
 
-def _upper_grams(feats: list[torch.Tensor], centre: bool) -> torch.Tensor:
-    """ops.gram_triu of the layers; through matmul when gradients are wanted (the op has no autograd)
-    and off the CPU (the op's CUDA kernel is that composite; other devices have no tcfa kernel; MPS,
-    which has no fp64, cannot run the Gram route at all).
-    The op is called directly: the features were validated by PairedLayers / check_layer_pair, and
-    the wrapper's finiteness pass over every layer would cost as much as centring them."""
-    if not _triangles_only(feats):
-        return gram_triu_composite(feats, centre)
-    return torch.ops.tcfa.gram_triu(feats, centre)
+# Entries of all layers' Gram triangles the triangle kernel may return at once (128 MiB in fp32); beyond
+# it the Grams go in row blocks. Measured (AMD EPYC, widths 256 / 512, debiased pairwise_cka, first /
+# later calls in one process): n 4096, 12 + 12 layers, whole triangles 3456 / 1202 ms and 1639 MiB,
+# blocks 1374 / 1251 ms and 73 MiB (the triangles' first call is mostly page faults); n 2048, 8 + 8:
+# 337 / 189-226 ms, 306 MiB against 265 / 222-226, 73 MiB; n 1024, 4 + 4: 27-32 against 46-48 ms.
+TRIANGLE_ENTRIES = 1 << 25
+# Entries of one row block's panels, all layers (64 MiB in fp32): small enough to stay resident
+# between blocks, large enough for MKL's GEMM rate (blocks of >= 64 rows)
+PANEL_ENTRIES = 1 << 24
+
+
+def _gram_products(feats: list[torch.Tensor], centre: bool):
+    """(<K_l, K_m> of every pair of layers (L, L) fp64, the Grams' diagonals (n, L) fp64), K_l the
+    (centred when ``centre``) Gram X_l X_l^T. On the CPU without gradients, from the triangles of
+    ops.gram_triu (half the multiply-adds of X X^T) while they fit TRIANGLE_ENTRIES:
+    <K, L> = 2 <triu K, triu L> - sum_i K_ii L_ii. Otherwise in row blocks (_blocked_gram_products).
+    The op is called directly: the features were validated by the callers, and the wrapper's
+    finiteness pass over every layer would cost as much as centring them."""
+    n, count = feats[0].shape[0], len(feats)
+    if _triangles_only(feats) and count * n * n <= TRIANGLE_ENTRIES:
+        upper = torch.ops.tcfa.gram_triu(feats, centre)
+        diag = upper.diagonal(dim1=1, dim2=2).double().mT
+        return 2.0 * _flat_products(upper.view(count, n * n)) - diag.mT @ diag, diag
+    return _blocked_gram_products(_centred(feats) if centre else feats)
+
+
+def _blocked_gram_products(feats: list[torch.Tensor]):
+    """_gram_products by row blocks R = [s, e) of every Gram at once: the panels K_l[R, s:] = X_l[R] X_l[s:]^T
+    (through matmul: any device, autograd) hold R's square block and every block right of it, whose
+    mirror images below the diagonal are never formed, so <K, L> sums 2 <panels> - <square blocks>
+    over the blocks: about half of X X^T's multiply-adds, and memory for one block's panels
+    (PANEL_ENTRIES) instead of L n^2."""
+    n, count = feats[0].shape[0], len(feats)
+    rows = min(n, max(64, PANEL_ENTRIES // max(1, count * n)))
+    grad = torch.is_grad_enabled() and any(f.requires_grad for f in feats)
+    # one buffer for every block's panels (each block views a prefix): no allocation per block
+    buffer = None if grad else feats[0].new_empty(count * rows * n)
+    prod = torch.zeros(count, count, dtype=torch.float64, device=feats[0].device)
+    diags = []
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        if grad:
+            panels = torch.stack([f[s:e] @ f[s:].mT for f in feats])
+        else:
+            panels = buffer[:count * (e - s) * (n - s)].view(count, e - s, n - s)
+            for f, out in zip(feats, panels):
+                torch.matmul(f[s:e], f[s:].mT, out=out)
+        square = panels[:, :, : e - s]
+        prod = prod + 2.0 * _flat_products(panels.reshape(count, -1)) - _flat_products(square.reshape(count, -1))
+        diags.append(square.diagonal(dim1=1, dim2=2).to(torch.float64, copy=True).mT)  # the buffer is reused
+    return prod, torch.cat(diags)
 
 
 def _flat_products(flat: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
@@ -240,7 +279,8 @@ def pairwise_cka(xs, ys, *, debiased: bool = False, route: str = "auto") -> torc
 
     Each entry equals ``tcfa.linear_cka(xs[l], ys[m], debiased)``. ``route``: "features" forms
     X_A^T X_B once for all pairs (n * sum d_l * sum e_m multiply-adds), "gram" the n x n centred
-    Gram of every layer (its upper triangle) and one product of the flattened triangles
+    Gram of every layer (its upper triangle, or row blocks of it when L n^2 is large: memory for one
+    block, not L n^2) and the products of the flattened triangles
     (n^2 ((sum d + sum e) / 2 + L_A L_B));
     "auto" takes the cheaper. Needs n >= 4 when debiased, else n >= 2.
     """

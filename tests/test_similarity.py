@@ -58,6 +58,33 @@ def test_fp32_heavy_tailed_anisotropic_features():
                                want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("debiased", [False, True])
+def test_gram_route_in_row_blocks_equals_the_triangles_and_kornblith(monkeypatch, debiased):
+    # large L n^2 goes in row blocks of panels: force blocks of 64 rows on 150 samples (the last one
+    # partial) and compare with the triangle kernel, the per-pair formula and the features route
+    xs, ys = stacks(n=150, wa=(5, 90, 3), wb=(70, 4))
+    whole = similarity.pairwise_cka(xs, ys, debiased=debiased, route="gram")
+    monkeypatch.setattr(similarity, "TRIANGLE_ENTRIES", 0)
+    monkeypatch.setattr(similarity, "PANEL_ENTRIES", 1)
+    got = similarity.pairwise_cka(xs, ys, debiased=debiased, route="gram")
+    torch.testing.assert_close(got, whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(got, similarity.pairwise_cka(xs, ys, debiased=debiased, route="features"),
+                               atol=1e-12, rtol=0)
+    for (i, x), (j, y) in itertools.product(enumerate(xs), enumerate(ys)):
+        assert float(got[i, j]) == pytest.approx(kornblith_cka(x.numpy(), y.numpy(), debiased), abs=1e-10)
+    est = similarity.MinibatchCKA(len(xs), len(ys), debiased=debiased, route="gram").update(xs, ys)  # one batch
+    torch.testing.assert_close(est.result()[0], whole, atol=1e-12, rtol=0)
+    # gradients through the blocks' panels equal the features route's
+    leaf = xs[1].clone().requires_grad_()
+    (g_blocks,) = torch.autograd.grad(similarity.pairwise_cka([xs[0], leaf], ys, route="gram").sum(), leaf)
+    (g_feats,) = torch.autograd.grad(similarity.pairwise_cka([xs[0], leaf], ys, route="features").sum(), leaf)
+    torch.testing.assert_close(g_blocks, g_feats, atol=1e-12, rtol=0)
+    # fp32 heavy-tailed rows far from the origin stay within 1e-4 of fp64 in blocks too
+    big = [x * torch.tensor([100.0] * 3 + [1.0] * (x.shape[1] - 3), dtype=x.dtype) + 50.0 for x in xs]
+    torch.testing.assert_close(similarity.pairwise_cka([x.float() for x in big], [y.float() for y in ys], route="gram"),
+                               similarity.pairwise_cka(big, ys, route="features"), atol=1e-4, rtol=0)
+
+
 def numpy_unbiased_hsic(x, y):
     K, L = x @ x.T, y @ y.T
     n = len(K)
