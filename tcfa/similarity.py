@@ -250,7 +250,10 @@ def _blocked_gram_products(feats: list[torch.Tensor]):
             for f, out in zip(feats, panels):
                 torch.matmul(f[s:e], f[s:].mT, out=out)
         square = panels[:, :, : e - s]
-        prod = prod + 2.0 * _flat_products(panels.reshape(count, -1)) - _flat_products(square.reshape(count, -1))
+        if e - s == n:  # one block: the whole Grams
+            prod = _flat_products(panels.reshape(count, -1))
+        else:
+            prod = prod + 2.0 * _flat_products(panels.reshape(count, -1)) - _flat_products(square.reshape(count, -1))
         diags.append(square.diagonal(dim1=1, dim2=2).to(torch.float64, copy=True).mT)  # the buffer is reused
     return prod, torch.cat(diags)
 
