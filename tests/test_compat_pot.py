@@ -108,6 +108,41 @@ def test_empirical_loss_gradients_for_the_samples_equal_pots(metric):
         np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-9 * max(1.0, float(w.abs().max())), err_msg=name)
 
 
+@pytest.mark.parametrize("reg_m", [1.0, (0.5, 2.0), (float("inf"), 0.7), float("inf")])
+def test_unbalanced_plans_and_losses_have_pots_gradients(reg_m):
+    xs, xt, a, b = samples(6, 5, seed=7)
+    M, a = torch.tensor(ot.dist(xs, xt)) / 4, torch.tensor(a) * 1.3
+    # reg_m = inf on both sides is balanced: equal masses (POT's plan is NaN otherwise, tcfa's an error)
+    b = torch.tensor(b) * (1.3 if reg_m == float("inf") else 0.8)
+    kw = dict(stopThr=1e-15, numItermax=200000)
+    upstream = torch.randn(6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cases = [(lambda m, *ab: (upstream * m.sinkhorn_unbalanced(*ab, 0.3, reg_m, **kw)).sum(), "plan")]
+    cases += [(lambda m, *ab, c=c: m.sinkhorn_unbalanced2(*ab, 0.3, reg_m, returnCost=c, **kw), c)
+              for c in ("linear", "total")]
+    for loss, what in cases:
+        got = _grads(lambda a, b, M: loss(tot, a, b, M), (a, b, M))
+        want = _grads(lambda a, b, M: loss(ot.unbalanced, a, b, M), (a, b, M))
+        for g, w, name in zip(got, want, "abM"):
+            np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-9 * max(1.0, float(w.abs().max())),
+                                       err_msg=f"{what}: {name}")
+    if reg_m == float("inf"):
+        np.testing.assert_allclose(tot.sinkhorn_unbalanced(a, b, M, 0.3, reg_m, **kw),
+                                   ot.sinkhorn(a, b, M, 0.3, **kw), atol=1e-12)
+        with pytest.raises(ValueError, match="same total mass"):
+            tot.sinkhorn_unbalanced(a, b * 2, M, 0.3, reg_m)
+
+
+def test_balanced_plan_has_pots_gradient():
+    xs, xt, a, b = samples(8, 6, seed=11)
+    M, a, b = torch.tensor(ot.dist(xs, xt)), torch.tensor(a), torch.tensor(b)
+    upstream = torch.randn(8, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kw = dict(stopThr=1e-15, numItermax=100000)
+    got = _grads(lambda a, b, M: (upstream * tot.sinkhorn(a, b, M, 0.4, **kw)).sum(), (a, b, M))
+    want = _grads(lambda a, b, M: (upstream * ot.sinkhorn(a, b, M, 0.4, method="sinkhorn_log", **kw)).sum(), (a, b, M))
+    for g, w, name in zip(got, want, "abM"):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-9 * max(1.0, float(w.abs().max())), err_msg=name)
+
+
 def test_unsupported_arguments_raise_naming_them():
     xs, xt, a, b = samples(5, 6)
     M = ot.dist(xs, xt)

@@ -20,12 +20,9 @@ Where results differ from POT's, and by how much:
 - sinkhorn_unbalanced2(returnCost="total") reproduces POT 0.9's number, whose KL terms lack the
   mass terms (-p + q): at the optimum it is 0 up to rounding. The objective with the generalised
   KL, which the plan minimises, is tcfa.sinkhorn_cost(..., reach=...).value().
-- Gradients: the losses sinkhorn2 and empirical_sinkhorn2 are differentiable with respect to M
-  (X_s, X_t) and a, b through the plan itself, as POT's torch backend is by unrolling its
-  iterations; here by implicit differentiation of the converged plan (tcfa/compat/plan_loss.py),
-  equal to POT's to rounding. sinkhorn_unbalanced2 differentiates <M, P> with the plan held fixed
-  (dL/dM = P): POT's also carries P's own dependence on M (an audit measured ~20 % of the
-  gradient's size at reg 0.1, reg_m 1).
+- Gradients: every plan and loss is differentiable with respect to M (X_s, X_t), a and b through
+  the plan itself, as POT's torch backend is by unrolling its iterations; here by implicit
+  differentiation of the converged plan (tcfa/compat/implicit_plan.py), equal to POT's to rounding.
 """
 from __future__ import annotations
 
@@ -36,7 +33,7 @@ import torch
 
 from ..ot import sinkhorn as _sinkhorn_points
 from ..ot_cost import sinkhorn_cost as _sinkhorn_cost
-from .plan_loss import plan_loss
+from .implicit_plan import implicit_plan
 
 __all__ = ["sinkhorn", "sinkhorn2", "sinkhorn_log", "empirical_sinkhorn", "empirical_sinkhorn2",
            "empirical_sinkhorn_divergence", "sinkhorn_unbalanced", "sinkhorn_unbalanced2"]
@@ -163,7 +160,7 @@ def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ver
     """POT's ot.sinkhorn: the entropic OT plan of histograms a, b under cost M (and the log dict)."""
     _unsupported(warmstart, verbose, kwargs)
     res, M_t, a_t, b_t, mass, numpy = _balanced(a, b, M, reg, method, numItermax, stopThr, warn)
-    P = res.plan() * mass
+    P = implicit_plan(M_t, a_t, b_t, res.plan() * mass, _scalar("reg", reg))
     return _returned(P, numpy, _log(res, a_t, b_t, reg, mass) if log else None)
 
 
@@ -178,7 +175,7 @@ def sinkhorn2(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ve
     """POT's ot.sinkhorn2: the loss <M, P> of the entropic plan (without the entropy term)."""
     _unsupported(warmstart, verbose, kwargs)
     res, M_t, a_t, b_t, mass, numpy = _balanced(a, b, M, reg, method, numItermax, stopThr, warn)
-    loss = plan_loss(M_t, a_t, b_t, res.plan() * mass, _scalar("reg", reg))
+    loss = (M_t * implicit_plan(M_t, a_t, b_t, res.plan() * mass, _scalar("reg", reg))).sum()
     return _returned(loss, numpy, _log(res, a_t, b_t, reg, mass) if log else None)
 
 
@@ -209,8 +206,8 @@ def empirical_sinkhorn(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", numI
                        isLazy=False, batchSize=100, verbose=False, log=False, warn=True, warmstart=None, **kwargs):
     """POT's ot.bregman.empirical_sinkhorn: the plan between samples X_s and X_t (cost on the fly)."""
     _unsupported(warmstart, verbose, kwargs, isLazy=isLazy)
-    res, _, _, a_t, b_t, mass, numpy = _empirical(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, warn)
-    P = res.plan() * mass
+    res, xs, xt, a_t, b_t, mass, numpy = _empirical(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, warn)
+    P = implicit_plan(_cost(xs, xt, metric), a_t, b_t, res.plan() * mass, _scalar("reg", reg))
     return _returned(P, numpy, _log(res, a_t, b_t, reg, mass) if log else None)
 
 
@@ -219,7 +216,8 @@ def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", num
     """POT's ot.bregman.empirical_sinkhorn2: the loss <M, P> between samples."""
     _unsupported(warmstart, verbose, kwargs, isLazy=isLazy)
     res, xs, xt, a_t, b_t, mass, numpy = _empirical(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, warn)
-    loss = plan_loss(_cost(xs, xt, metric), a_t, b_t, res.plan() * mass, _scalar("reg", reg))
+    M_t = _cost(xs, xt, metric)
+    loss = (M_t * implicit_plan(M_t, a_t, b_t, res.plan() * mass, _scalar("reg", reg))).sum()
     return _returned(loss, numpy, _log(res, a_t, b_t, reg, mass) if log else None)
 
 
@@ -256,17 +254,21 @@ def _unbalanced(a, b, M, reg, reg_m, method, reg_type, c, numItermax, stopThr):
     _unsupported(c=c is not None)
     M_t, numpy, a_t, b_t = _given_cost(a, b, M, method)
     numItermax, stopThr = _solver_options(numItermax, stopThr)
-    res = _sinkhorn_cost(M_t, a_t, b_t, eps=_scalar("reg", reg), reach=_reach(reg_m), max_iter=numItermax,
+    reach = _reach(reg_m)
+    # reg_m = inf on both sides is the balanced problem, whose solver normalises the masses: its plan
+    # is scaled back to theirs (equal masses required, where POT returns NaN)
+    mass = _mass(a_t, b_t) if reach == (None, None) else 1.0
+    res = _sinkhorn_cost(M_t, a_t, b_t, eps=_scalar("reg", reg), reach=reach, max_iter=numItermax,
                          tol=stopThr, omega=1.0)
-    return res, M_t, a_t, b_t, numpy
+    P = implicit_plan(M_t, a_t, b_t, res.plan() * mass, _scalar("reg", reg), reach, last="cols")
+    return res, P, M_t, a_t, b_t, numpy
 
 
 def sinkhorn_unbalanced(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", c=None, warmstart=None, numItermax=1000,
                         stopThr=1e-6, verbose=False, log=False, **kwargs):
     """POT's ot.unbalanced.sinkhorn_unbalanced (reg_type "kl"): the plan of the KL-relaxed problem."""
     _unsupported(warmstart, verbose, kwargs)
-    res, _, a_t, b_t, numpy = _unbalanced(a, b, M, reg, reg_m, method, reg_type, c, numItermax, stopThr)
-    P = res.plan()
+    res, P, _, a_t, b_t, numpy = _unbalanced(a, b, M, reg, reg_m, method, reg_type, c, numItermax, stopThr)
     return _returned(P, numpy, _log(res, a_t, b_t, reg, None, unbalanced=True) if log else None)
 
 
@@ -276,12 +278,11 @@ def sinkhorn_unbalanced2(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", 
     _unsupported(warmstart, verbose, kwargs)
     if returnCost not in ("linear", "total"):
         raise ValueError(f"returnCost must be 'linear' or 'total', got {returnCost!r}")
-    res, M_t, a_t, b_t, numpy = _unbalanced(a, b, M, reg, reg_m, method, reg_type, c, numItermax, stopThr)
-    P = res.plan().detach()
+    res, P, M_t, a_t, b_t, numpy = _unbalanced(a, b, M, reg, reg_m, method, reg_type, c, numItermax, stopThr)
     cost = (M_t * P).sum()
     if returnCost == "total":  # POT 0.9's formula: its KL has no mass terms (see the module docstring)
         kl = lambda p, q: (p * torch.log(p / q + 1e-16)).sum()  # noqa: E731
-        rho_a, rho_b = res._prob.reach
+        rho_a, rho_b = res._prob.reach or (None, None)  # None: reg_m = inf on both sides, balanced
         cost = cost + reg * kl(P, a_t[:, None] * b_t[None, :])
         cost = cost + (rho_a * kl(P.sum(1), a_t) if rho_a is not None else 0) + (
             rho_b * kl(P.sum(0), b_t) if rho_b is not None else 0)
