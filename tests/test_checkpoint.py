@@ -38,7 +38,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(entry, tmp_path):
     kill_at = random.Random(entry).randint(3, 12)  # 15 batches; checkpoints every 2
     path = str(tmp_path / "run.ckpt")
     killed_run(entry, path, kill_at)
-    assert os.path.exists(path if "fit" not in entry else path + ".a")
+    assert os.path.exists(path)
     assert_bitwise(run(entry, path), run(entry))
 
 
@@ -74,6 +74,36 @@ def test_foreign_checkpoint_is_refused_by_name(tmp_path):
         run("stream_moments", path, data=x + 1)
     with pytest.raises(ValueError, match="call was 'stream_moments', this call has 'layer_map'"):
         run("layer_map", path)
+
+
+def test_checkpoint_of_other_weights_is_refused(tmp_path):
+    # same architecture, other weights: resuming would return the first model's activations
+    a, b, x, _ = models_and_data()
+    path = str(tmp_path / "x.ckpt")
+    first = tcfa.extract(a, "2", x, batch_size=16, checkpoint=path, checkpoint_every=1)
+    other = models_and_data(seed=5)[0]
+    with pytest.raises(ValueError, match="models was"):
+        tcfa.extract(other, "2", x, batch_size=16, checkpoint=path, checkpoint_every=1)
+    assert torch.equal(tcfa.extract(a, "2", x, batch_size=16, checkpoint=path), first)
+    path = str(tmp_path / "m.ckpt")
+    run("stream_moments", path)
+    with pytest.raises(ValueError, match="models was"):
+        tcfa.stream_moments(other, "2", b, "2", x, torch.arange(230) % 3,
+                            tcfa.MomentAccumulator(3, 7, 8, dtype=torch.float64), batch_size=16, checkpoint=path,
+                            checkpoint_every=2)
+
+
+def test_fit_models_pairs_rows_of_a_shuffling_loader():
+    # both models tap each batch as it comes: a shuffled order fits the same (order-free) ridge maps
+    a, b, x, _ = models_and_data()
+    want = tcfa.TCFA("ridge", rank=3).fit_models(a, "2", b, "2", x, None, progress=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=32, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    got = tcfa.TCFA("ridge", rank=3).fit_models(a, "2", b, "2", loader, None, progress=False)
+    for name in ("U", "V", "mu_x", "mu_y"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-10, rtol=0)
+    one_shot = tcfa.TCFA("ridge", rank=3).fit_models(a, "2", b, "2", iter(x.split(40)), None, progress=False)
+    torch.testing.assert_close(one_shot.U, want.U, atol=1e-10, rtol=0)
 
 
 def test_finished_run_resumes_without_running_the_models(tmp_path):

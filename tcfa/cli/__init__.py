@@ -107,13 +107,28 @@ def _models_and_inputs(args):
     import torch
 
     from ..pipeline import data
+    from ..pipeline.models import _batch_len
 
     torch.manual_seed(args.seed)  # the random init of timm models built by name
     model_a = _load_model(args.model_a, args.checkpoint_a, "a", args.num_classes)
     model_b = _load_model(args.model_b, args.checkpoint_b, "b", args.num_classes)
     if args.inputs:
-        blob = torch.load(args.inputs, map_location="cpu")
+        try:
+            blob = torch.load(args.inputs, map_location="cpu")
+        except (OSError, RuntimeError, EOFError, ValueError) as exc:  # missing, unreadable, not torch.save's
+            raise SystemExit(f"--inputs {args.inputs} is not a torch.save file of inputs or (inputs, labels): {exc}")
+        if isinstance(blob, (tuple, list)) and len(blob) != 2:
+            raise SystemExit(f"--inputs {args.inputs} must hold inputs or (inputs, labels), got a "
+                             f"{type(blob).__name__} of {len(blob)} items")
         x, labels = (blob if isinstance(blob, (tuple, list)) else (blob, None))
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if labels.is_floating_point() or labels.dim() != 1:
+                raise SystemExit(f"--inputs {args.inputs}: labels must be a 1-D integer tensor, got "
+                                 f"{labels.dtype} of shape {tuple(labels.shape)}")
+            labels = labels.long()
+            if labels.shape[0] != _batch_len(x):
+                raise SystemExit(f"--inputs {args.inputs} holds {_batch_len(x)} inputs but {labels.shape[0]} labels")
     else:  # the embedded digits, upsampled to the requested size
         x, labels = data.digits_images(args.image_size)
     if args.conditions == "class":
@@ -121,7 +136,7 @@ def _models_and_inputs(args):
             raise SystemExit("--conditions class needs labels: save (inputs, labels) in --inputs")
         cond = data.class_conditions(labels)
     else:
-        cond = data.no_conditions(x.shape[0])
+        cond = data.no_conditions(_batch_len(x))
     return model_a, model_b, x, cond
 
 
@@ -145,8 +160,7 @@ def _model_flags(parser) -> None:
 
 def _align(args) -> int:
     from ..pipeline.align import TCFA
-    from ..pipeline.checkpoint import side_file
-    from ..pipeline.models import extract, layout_of, paired_rows
+    from ..pipeline.models import extract_many, layout_of, paired_rows
 
     model_a, model_b, x, cond = _models_and_inputs(args)
     if "auto" in (args.layer_a, args.layer_b):
@@ -154,13 +168,12 @@ def _align(args) -> int:
 
         args.layer_a, args.layer_b, why, _ = auto_layers(model_a, args.layer_a, model_b, args.layer_b, x)
         print(f"chose --layer-a {args.layer_a} --layer-b {args.layer_b}: {why}")
-    resume = dict(checkpoint_every=args.checkpoint_every)
-    act_a = extract(model_a, args.layer_a, x, progress=True, **resume, checkpoint=side_file(args.stream_checkpoint, "a"))
-    act_b = extract(model_b, args.layer_b, x, progress=True, **resume, checkpoint=side_file(args.stream_checkpoint, "b"))
+    act_a, act_b = extract_many([(model_a, args.layer_a), (model_b, args.layer_b)], x, progress=True,
+                                checkpoint=args.stream_checkpoint, checkpoint_every=args.checkpoint_every)
     # the models say how many prefix (CLS, register) tokens precede their patch grids
     rows_a, rows_b = paired_rows(act_a, act_b, args.mode, layout_a=layout_of(act_a, model=model_a),
                                  layout_b=layout_of(act_b, model=model_b))
-    per = rows_a.shape[0] // x.shape[0]
+    per = rows_a.shape[0] // act_a.shape[0]  # rows per sample (x may be a dict of model kwargs)
     stitch = TCFA(args.method, rank=args.rank, conditions=cond.num, reg=args.reg, eps=args.eps).fit(
         rows_a, rows_b, cond.ids.repeat_interleave(per))
     stitch.save(args.out, method=args.method, layers={"a": args.layer_a, "b": args.layer_b},
@@ -229,8 +242,8 @@ def main(argv=None) -> int:
     a.add_argument("--mode", default="tokens", choices=["tokens", "pooled"])
     a.add_argument("--out", required=True, help="output .safetensors file")
     a.add_argument("--stream-checkpoint", metavar="PATH",
-                   help="save the extraction state to PATH.a / PATH.b every --checkpoint-every batches; rerunning "
-                        "the same command resumes from them (a crash loses at most that many batches)")
+                   help="save the extraction state (both models, one pass) to PATH every --checkpoint-every batches; "
+                        "rerunning the same command resumes from it (a crash loses at most that many batches)")
     a.add_argument("--checkpoint-every", type=int, default=100, help="batches between stream checkpoints")
     a.set_defaults(func=_align)
     layers.add_parser(sub)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..ops import _validate
-from .checkpoint import side_file
+from .layouts import _check_mode
 from .data import condition_ids as _condition_ids
 from ..maps import LowRankMaps
 from ..ragged import sort_by_labels
@@ -126,9 +126,10 @@ class TCFA:
         ``path_a`` / ``path_b`` = "auto": the tap points are chosen from a layer map of the
         models' blocks on ``data`` (tcfa.pipeline.layer_map.auto_layers: the best linear CKA
         among pairs leaving B a block after its tap); ``layers_`` holds the pair, ``layer_choice_``
-        why, ``layer_map_`` the map. ``checkpoint``: a path; each model's extraction is saved to
-        ``checkpoint + ".a"`` / ``".b"`` every ``checkpoint_every`` batches and a rerun resumes from
-        there (tcfa.pipeline.checkpoint).
+        why, ``layer_map_`` the map. Both models tap each batch of ``data`` in one pass (a shuffling
+        loader keeps its pairs). ``checkpoint``: a path; both extractions are saved there every
+        ``checkpoint_every`` batches and a rerun with the same models and data resumes from there
+        (tcfa.pipeline.checkpoint).
         """
         from . import models
 
@@ -142,9 +143,12 @@ class TCFA:
             if progress:
                 print(f"tcfa: chose {self.layer_choice_}")
 
-        resume = dict(batch_size=batch_size, progress=progress, checkpoint_every=checkpoint_every)
-        act_a = models.extract(model_a, path_a, data, checkpoint=side_file(checkpoint, "a"), **resume)
-        act_b = models.extract(model_b, path_b, data, checkpoint=side_file(checkpoint, "b"), **resume)
+        _check_mode(mode)
+        # one pass: both models tap each batch as it comes (two passes over a shuffling loader paired
+        # row i of A with another sample's row i of B)
+        act_a, act_b = models.extract_many([(model_a, path_a), (model_b, path_b)], data, batch_size=batch_size,
+                                           progress=progress, checkpoint=checkpoint,
+                                           checkpoint_every=checkpoint_every)
         ids, num = _condition_ids("cond", cond, act_a.shape[0], self.conditions)
         xa, xb = models.paired_rows(act_a, act_b, mode)
         per = xa.shape[0] // act_a.shape[0]

@@ -44,11 +44,6 @@ def batch_fingerprint(inputs) -> str:
     return h.hexdigest()
 
 
-def side_file(path, side: str):
-    """Model A's and model B's extraction checkpoints beside each other: PATH.a, PATH.b (None: none)."""
-    return None if path is None else f"{os.fspath(path)}.{side}"
-
-
 def tensors_of(state: dict) -> dict[str, torch.Tensor]:
     """The tensor entries of a state_dict (what a checkpoint stores; the rest is configuration)."""
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -57,6 +52,12 @@ def tensors_of(state: dict) -> dict[str, torch.Tensor]:
 def state_fingerprint(state: dict) -> str:
     """sha256 of a state_dict's tensors: an accumulator that starts with other content is another run."""
     return artifacts.content_sha256({k: v.detach().cpu() for k, v in tensors_of(state).items()})
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of a model's class and state_dict tensors: a checkpoint written with other weights (the
+    same architecture included) holds another model's activations. Computed only when checkpointing."""
+    return f"{type(model).__name__}:{state_fingerprint(model.state_dict())}"
 
 
 def data_length(data) -> int | None:

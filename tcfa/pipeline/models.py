@@ -224,28 +224,47 @@ def extract(model: nn.Module, path: str, data, *, batch_size: int = 256, device=
     every ``checkpoint_every`` batches, and from which a rerun resumes (tcfa.pipeline.checkpoint;
     each save rewrites everything extracted so far, so space the saves for large activations).
     """
-    get_module(model, path)  # fail early, naming the path
+    return extract_many([(model, path)], data, batch_size=batch_size, device=device, progress=progress,
+                        checkpoint=checkpoint, checkpoint_every=checkpoint_every)[0]
+
+
+def extract_many(taps, data, *, batch_size: int = 256, device=None, progress: bool = False, checkpoint=None,
+                 checkpoint_every: int = 100) -> list[torch.Tensor]:
+    """extract() of several (model, path) taps in one pass over ``data``: every model sees each batch
+    as it comes, so the rows of all taps are the same samples even when ``data`` shuffles or is a
+    one-shot iterator. Returns one tensor per tap; the checkpoint holds them all (and the models'
+    fingerprints: a rerun with other weights is refused)."""
+    for model, path in taps:
+        get_module(model, path)  # fail early, naming the path
     first, batches = ckpt.peek(_batches(data, batch_size))
     if first is None:
         raise ValueError("data holds no batches")
-    chunks = []
+    chunks = [[] for _ in taps]
 
     def step(inputs):
-        chunks.append(capture(model, [path], _to_device(inputs, device))[path])
+        for (model, path), out in zip(taps, chunks):
+            out.append(capture(model, [path], _to_device(inputs, device))[path])
 
     def restore(tensors):  # where the taps land: the model's device unless the inputs are moved
-        home = device or next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-        chunks[:] = [tensors["activations"].to(home)]
+        for i, (model, _) in enumerate(taps):
+            home = device or next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+            chunks[i][:] = [tensors[_tap_key(i, len(taps))].to(home)]
 
     def config():
-        return dict(call="extract", path=path, batch_size=batch_size, data_length=ckpt.data_length(data),
+        return dict(call="extract", paths=[p for _, p in taps], models=[ckpt.model_fingerprint(m) for m, _ in taps],
+                    batch_size=batch_size, data_length=ckpt.data_length(data),
                     first_batch=ckpt.batch_fingerprint(first))
 
-    with _inference(model):
-        ckpt.run(_progress(batches, progress, f"extract {path}"), step,
+    label = "extract " + ", ".join(p for _, p in taps)
+    with _inference(*(m for m, _ in taps)):
+        ckpt.run(_progress(batches, progress, label), step,
                  ckpt.Checkpoint.optional(checkpoint, checkpoint_every, config),
-                 lambda: {"activations": torch.cat(chunks)}, restore)
-    return torch.cat(chunks)
+                 lambda: {_tap_key(i, len(taps)): torch.cat(c) for i, c in enumerate(chunks)}, restore)
+    return [torch.cat(c) for c in chunks]
+
+
+def _tap_key(i: int, count: int) -> str:
+    return "activations" if count == 1 else f"activations.{i}"
 
 
 def stream_moments(model_a, path_a, model_b, path_b, data, labels, accumulator, *, mode: str = "pooled",
@@ -270,6 +289,7 @@ def stream_moments(model_a, path_a, model_b, path_b, data, labels, accumulator, 
 
     def config():
         return dict(call="stream_moments", path_a=path_a, path_b=path_b, mode=mode, batch_size=batch_size,
+                    models=[ckpt.model_fingerprint(model_a), ckpt.model_fingerprint(model_b)],
                     data_length=ckpt.data_length(data), labels_length=None if labels is None else labels.shape[0],
                     first_batch=None if first is None else ckpt.batch_fingerprint(first[0]),
                     accumulator=ckpt.state_fingerprint(accumulator.state_dict()))
