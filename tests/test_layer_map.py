@@ -246,3 +246,13 @@ def test_review_cases_mixed_dtypes_options_minibatch_batches_and_unreached_condi
     with pytest.raises(ValueError, match="condition 1 has no scores: too few of its samples"):
         mb.path(condition=1)
     assert len(mb.path(condition=0)) == 2
+
+
+def test_conditions_longer_than_the_data_are_refused():
+    a, b, x = mlp(6), mlp(5, depth=2, seed=3), data(n=40)
+    for estimator in ("full", "minibatch"):
+        with pytest.raises(ValueError, match="conditions has 50 entries but data held 40 samples"):
+            tcfa.layer_map(a, ["1"], b, ["1"], x, conditions=torch.arange(50) % 2, estimator=estimator,
+                           batch_size=16, progress=False)
+    # a map cut by num_anchors reads only the first conditions, as many as anchors
+    tcfa.layer_map(a, ["1"], b, ["1"], x, conditions=torch.arange(40) % 2, num_anchors=20, progress=False)

@@ -362,6 +362,12 @@ def test_forward_taps_returns_b_later_activations_as_b_computes_them():
         torch.testing.assert_close(logits, model(x).logits, atol=ATOL, rtol=0)
     for path in ref:
         torch.testing.assert_close(acts[path], ref[path], atol=ATOL, rtol=0)
+    # layers before the tap do not run in a stitched forward: their stand-ins would have returned the
+    # stitched activation itself
+    late = StitchedModel(model, "vit.layers.1", model, "vit.layers.1", nn.Identity())
+    for early in ("vit.layers.0", "vit.layers.0.mlp", "vit.embeddings"):
+        with pytest.raises(ValueError, match=r"come before the tap 'vit.layers.1'"):
+            late.forward_taps(x, [early, "vit.layers.2"])
 
 
 # ------------------------------------------------------------------ bad input

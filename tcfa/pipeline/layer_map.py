@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import artifacts, correspondence, distributed, similarity
 from ..ops import _validate
-from .checkpoint import Checkpoint, batch_fingerprint, data_length, peek, run
+from .checkpoint import Checkpoint, batch_fingerprint, data_length, model_fingerprint, peek, run
 from .data import condition_ids
 from .layer_names import default_layers, resolve_layers
 from .layouts import _pooled, _source, layout_of
@@ -286,7 +286,9 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
             labels[:] = [saved.get("labels")]
 
     def config():
-        return dict(call="layer_map", layers_a=la, layers_b=lb, metric=metric, estimator=estimator, mode=mode,
+        return dict(call="layer_map", layers_a=la, layers_b=lb, models=[model_fingerprint(model_a),
+                                                                          model_fingerprint(model_b)],
+                    metric=metric, estimator=estimator, mode=mode,
                     num_anchors=num_anchors, batch_size=batch_size, conditions=num, data_length=data_length(data),
                     first_batch=None if first is None else batch_fingerprint(first[0]))
 
@@ -294,6 +296,9 @@ def layer_map(model_a: nn.Module, layers_a, model_b: nn.Module, layers_b, data, 
         run(_progress(batches, progress, f"layer map {len(la)}x{len(lb)}"), step,
             Checkpoint.optional(checkpoint, checkpoint_every, config), get_state, set_state,
             stop=lambda: num_anchors is not None and int(state["seen"]) >= num_anchors)
+    stopped_early = num_anchors is not None and int(state["seen"]) >= num_anchors
+    if ids is not None and not stopped_early and int(state["seen"]) != ids.shape[0]:
+        raise ValueError(f"conditions has {ids.shape[0]} entries but data held {int(state['seen'])} samples")
     if comm.sharded:  # HSIC sums add over disjoint batches: the ranks' sums are the whole data's
         for est in (minibatch, per_condition):
             for name in est.SUMS if est is not None else ():

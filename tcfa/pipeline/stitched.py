@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._skip import run_from
+from ._skip import _Skipped, run_from
 from .layouts import Layout, _check_mode, _from_rows, _source, layout_of
 from .models import _call, _head, _inference, _logits, _taps, capture, get_module
 
@@ -132,8 +132,16 @@ class StitchedModel(nn.Module):
         paths_b = [paths_b] if isinstance(paths_b, str) else list(paths_b)
         activation = self.stitched_activation(inputs)
         later = [p for p in paths_b if p != self.path_b]
-        with run_from(self.model_b, self.path_b, activation), _taps(self.model_b, later, False) as found:
-            out = _call(self.model_b, inputs)
+        for p in later:
+            get_module(self.model_b, p)  # names an unknown path before anything runs
+        with run_from(self.model_b, self.path_b, activation):
+            # a module before the tap is a stand-in now, whose hook would fire with the injected activation
+            early = [p for p in later if _before_tap(self.model_b, p)]
+            if early:
+                raise ValueError(f"layers {early} of model_b come before the tap {self.path_b!r}: the stitched "
+                                 "forward does not run them (paths_b must be at or after the tap)")
+            with _taps(self.model_b, later, False) as found:
+                out = _call(self.model_b, inputs)
         missing = [p for p in later if p not in found]
         if missing:
             raise ValueError(f"layers {missing} of model_b did not run after the tap {self.path_b!r}")
@@ -151,3 +159,13 @@ class StitchedModel(nn.Module):
     def num_trainable(self) -> int:
         """Trainable parameters (the stitch's, plus any the caller unfroze in A or B)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def _before_tap(model: nn.Module, path: str) -> bool:
+    """Inside run_from: whether ``path`` is, or lies inside, a module skipped before the tap."""
+    module = model
+    for part in path.split("."):
+        module = module._modules.get(part) if module is not None else None
+        if isinstance(module, _Skipped):
+            return True
+    return False
