@@ -26,6 +26,7 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -142,16 +143,24 @@ def _umask() -> int:
 
 def _atomic_save(path: str, tensors: dict, metadata: dict) -> None:
     save_file = _safetensors().torch.save_file
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_atomically(path, write: Callable[[str], None]) -> None:
+    """Calls ``write(tmp)`` on a temporary file beside ``path``, then renames it over ``path``: a
+    crash or error mid-write leaves the previous file (and no temporary one). Every output file of
+    tcfa (artifacts, figures, JSON) goes through here."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as fh:  # safetensors closed it without fsync: data may sit in the page cache
+        write(tmp)
+        with open(tmp, "rb+") as fh:  # writers close without fsync: data may sit in the page cache
             os.fsync(fh.fileno())
-        # mkstemp's file is 0600: give the artifact the mode a plain open() would (the umask's), or the
-        # mode of the file it replaces, so that others who could read the old one still can (after the fsync:
-        # a read-only mode would refuse the rb+ open)
+        # mkstemp's file is 0600: give the result the mode a plain open() would (the umask's), or the
+        # mode of the file it replaces, so that others who could read the old one still can (after the
+        # fsync: a read-only mode would refuse the rb+ open)
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except FileNotFoundError:
@@ -176,6 +185,21 @@ def _atomic_save(path: str, tensors: dict, metadata: dict) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def write_text_atomically(path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    write_atomically(path, write)
+
+
+def save_figure(fig, path, **kwargs) -> str:
+    """fig.savefig through write_atomically, the format taken from ``path``'s extension."""
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+    return os.fspath(path)
 
 
 # ------------------------------------------------------------------ read

@@ -206,3 +206,20 @@ def test_malformed_headers_and_maps_are_value_errors_naming_the_file(tmp_path):
     rewrite(path, tensors, {"tcfa": json.dumps(header)})
     with pytest.raises(ValueError, match="does not build a GatedMultiStitch"):
         tcfa.GatedMultiStitch.load(path)
+
+
+def test_failed_figure_or_text_write_leaves_the_previous_file(tmp_path):
+    path = tmp_path / "out.png"
+    path.write_bytes(b"previous")
+
+    class Broken:
+        def savefig(self, target, **kwargs):
+            with open(target, "wb") as fh:
+                fh.write(b"half a png")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        artifacts.save_figure(Broken(), path)
+    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["out.png"]
+    artifacts.write_text_atomically(tmp_path / "r.json", "{}")
+    assert (tmp_path / "r.json").read_text() == "{}"

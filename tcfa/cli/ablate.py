@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from ..artifacts import write_text_atomically
 from ..pipeline import data, evaluate
 from ..pipeline.ablation import (conditions_of, fine_tune, fit_stitched, measure, shifted_data, similarity_before,
                                  top_probability, train_gate)
@@ -238,8 +239,7 @@ def run(out_dir: str | None = "ablation_output", *, seeds=(0, 1, 2), pairs=tuple
         from .ablate_report import plot, summary
 
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "ablation.json"), "w") as fh:
-            json.dump(out, fh, indent=1)
+        write_text_atomically(os.path.join(out_dir, "ablation.json"), json.dumps(out, indent=1))
         plot(out, out_dir)
         log(summary(out))
     return out

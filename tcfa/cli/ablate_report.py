@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from ..artifacts import save_figure, write_text_atomically
 from ..bench.common import table
 from .report import README, REPO
 
@@ -200,7 +201,7 @@ def plot(out: dict, out_dir: str) -> list[str]:
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     path = os.path.join(out_dir, "ablation.png")
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
     return [path]
 
@@ -222,8 +223,7 @@ def main(path: str = RESULT) -> None:
         raise SystemExit(f"README.md has no {BEGIN} ... {END} section")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    with open(README, "w") as fh:
-        fh.write(head + BEGIN + "\n" + readme_section(out) + "\n" + END + tail)
+    write_text_atomically(README, head + BEGIN + "\n" + readme_section(out) + "\n" + END + tail)
 
 
 if __name__ == "__main__":

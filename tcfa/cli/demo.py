@@ -27,6 +27,7 @@ import time
 import torch
 from torch import nn
 
+from ..artifacts import save_figure, write_text_atomically
 from ..pipeline import data, evaluate
 from ..pipeline.align import TCFA, tune
 from ..pipeline.baselines import merge_applicability
@@ -203,9 +204,7 @@ def run(out_dir: str | None = "demo_output", *, seed: int = 0, epochs: int = 12,
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "results.json")
-        with open(path + ".tmp", "w") as fh:
-            json.dump(doc, fh, indent=2)
-        os.replace(path + ".tmp", path)
+        write_text_atomically(path, json.dumps(doc, indent=2))
         log(f"wrote {path}")
         if plot:
             plot_results(records, os.path.join(out_dir, "stitching.png"))
@@ -236,5 +235,5 @@ def plot_results(records, path: str) -> None:
     axes[2].set_ylabel("CKA per condition (zero-shot)")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -25,6 +25,7 @@ import time
 import torch
 from torch import nn
 
+from ..artifacts import save_figure, write_text_atomically
 from ..lora import transport_lora
 from ..pipeline import data, evaluate
 from ..pipeline.adapter_maps import fit_adapter_maps
@@ -222,8 +223,7 @@ def run(out_dir: str | None = "demo_adapters_output", *, seeds=(0, 1, 2), epochs
            "seconds": time.perf_counter() - t0}
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "adapters.json"), "w") as fh:
-            json.dump(out, fh, indent=1)
+        write_text_atomically(os.path.join(out_dir, "adapters.json"), json.dumps(out, indent=1))
         plot(out, os.path.join(out_dir, "retention_vs_drift.png"))
         log(summary(out))
         log(diagnostics_summary(out))
@@ -284,7 +284,7 @@ def plot(out: dict, path: str) -> None:
     ax.set_title(f"LoRA carried from ViT A (48 x 4) to ViT B (64 x 3), mean of {len(out['settings']['seeds'])} seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

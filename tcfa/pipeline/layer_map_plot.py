@@ -36,6 +36,7 @@ def plot_layer_map(lm, file: str, path: bool = True) -> str:
     from matplotlib.figure import Figure
 
     from ..correspondence import monotone_path
+    from ..artifacts import save_figure
 
     if not isinstance(file, (str, os.PathLike)):
         raise TypeError(f"file must be a path, got {type(file).__name__}")
@@ -56,5 +57,4 @@ def plot_layer_map(lm, file: str, path: bool = True) -> str:
         cond_steps = monotone_path(per[c], lm.larger_is_better) if path and finite else None
         _panel(ax, per[c], lm, f"condition {c}", cond_steps, labels=False)
     fig.tight_layout()
-    fig.savefig(file)
-    return os.fspath(file)
+    return save_figure(fig, file)
