@@ -269,3 +269,22 @@ def test_merges_refuse_cross_architecture():
     assert not ok and "not applicable" in why
     with pytest.raises(ValueError, match="models\\[1\\]"):
         weight_average([_mlp(0), nn.Sequential(nn.Linear(4, 2))])
+
+
+def test_fit_models_takes_an_fp32_model_against_an_fp64_one():
+    # the activations meet in the wider dtype (as layer_map's do); the fit equals the fp64 one
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5))
+
+    class ToDouble(nn.Module):
+        def forward(self, t):
+            return t.double()
+
+    b = torch.nn.Sequential(ToDouble(), torch.nn.Linear(4, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    x = torch.randn(60, 4)
+    got = tcfa.TCFA("ridge", rank=2).fit_models(a, "1", b, "2", x, None, progress=False)
+    want = tcfa.TCFA("ridge", rank=2).fit_models(a.double(), "1", b, "2", x.double(), None, progress=False)
+    assert got.U.dtype == torch.float64
+    torch.testing.assert_close(got.U @ got.V, want.U @ want.V, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="mode must be 'pooled' or 'tokens'"):
+        tcfa.TCFA("ridge").fit_models(a, "1", b, "2", x, None, mode="flatten", progress=False)

@@ -164,6 +164,46 @@ def test_grid_axes_within_cuda_limits(monkeypatch):
         assert all(n <= 65_535 for n in grid[1:]), grid
 
 
+def test_widths_past_the_grid_axis_limit_are_refused_by_name(monkeypatch):
+    """Widths are tiled on grid axis 1 (64 or 128 per program): past 65,535 programs a launch would
+    fail on the GPU, so the launchers refuse those widths, naming the argument."""
+    from tcfa.kernels import _ragged, barycentric, segment_moments
+
+    rec = Recorder()
+    for module in (barycentric, segment_moments):
+        for name in dir(module):
+            if name.startswith("_") and name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, rec)
+    assert _ragged.width_tiles("w", 65_535 * 64, 64) == 65_535
+    with pytest.raises(ValueError, match=r"w is 4194241 wide.*at most 4194240"):
+        _ragged.width_tiles("w", 65_535 * 64 + 1, 64)
+    wide = 65_535 * 64 + 1
+    with pytest.raises(ValueError, match="x and y \\(each\\) is 4194241 wide"):
+        segment_moments.segment_moments_forward(torch.zeros(1, wide), torch.zeros(1, 1), torch.zeros(1, dtype=torch.int64), 1)
+    x, off = torch.zeros(1, 2), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="values is 8388481 wide"):
+        barycentric.barycentric_forward(x, x, off, off, torch.zeros(1), torch.zeros(1), torch.zeros(1, 65_535 * 128 + 1), 1.0)
+    assert not rec.grids  # refused before any launch
+
+
+def test_triton_segment_moments_removes_the_rounding_residue_of_a_common_offset():
+    """fp32 rows far from the origin: the fp64 means rounded to fp32 leave n delta delta^T in the
+    co-moments unless it is removed (as the C++ kernel does); it was 1.7e-3 of them at offset 1e4."""
+    from tcfa.kernels.segment_moments import segment_moments_forward
+
+    gen = torch.Generator().manual_seed(0)
+    for offset, spread in ((1e6, 1.0), (1e4, 1e-2), (1e2, 1e-4)):
+        x = (offset + spread * torch.randn(90, 3, generator=gen, dtype=torch.float64)).float()
+        labels = torch.arange(90) % 3
+        got = segment_moments_forward(x, x[:, :2], labels, 3)
+        for c in range(3):
+            rows = x[labels == c].double()
+            centred = rows - rows.mean(0)
+            want = centred.T @ centred
+            for block, ref in ((got[3][c], want), (got[5][c], want[:, :2])):
+                assert float((block.double() - ref).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
 def test_mixed_devices_are_named():
     """Every launcher checks that its tensors share one device before it launches (meta stands in for cuda:1)."""
     from tcfa.kernels.gated_stitch import gated_stitch_forward

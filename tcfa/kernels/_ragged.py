@@ -26,6 +26,20 @@ LN2 = 0.6931471805599453
 # ---------------------------------------------------------------- checks
 # The argument checks are tcfa/ops/_validate.py's, shared with every backend; the
 # launchers only add what a kernel needs (host copies of offsets, block tables).
+# CUDA grids stop at 65,535 programs on axes 1 and 2 (axis 0 reaches 2^31 - 1)
+MAX_GRID_YZ = 65535
+
+
+def width_tiles(name: str, width: int, block: int) -> int:
+    """cdiv(width, block): the programs a width takes on grid axis 1 or 2, checked against CUDA's
+    limit there, so a too-wide input is refused by name instead of failing the launch."""
+    tiles = triton.cdiv(width, block)
+    if tiles > MAX_GRID_YZ:
+        raise ValueError(f"{name} is {width} wide: the Triton kernel tiles it by {block} on a grid axis that "
+                         f"stops at {MAX_GRID_YZ} programs, so at most {MAX_GRID_YZ * block}")
+    return tiles
+
+
 def launch_device(**tensors):
     """The device guard of a launch: tensors on one device (a named error otherwise), made current.
 

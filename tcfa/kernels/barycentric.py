@@ -94,7 +94,7 @@ def barycentric_forward(x, y, x_offsets, y_offsets, g, log_b, values, eps, cost=
     if blocks.shape[0] and dv:
         block_dv = rg.dot_block(dv, MAX_DV_BLOCK)
         with guard:
-            _barycentric_kernel[(blocks.shape[0], triton.cdiv(dv, block_dv))](
+            _barycentric_kernel[(blocks.shape[0], rg.width_tiles("values", dv, block_dv))](
                 x_rows, y_rows, u, v, out, xo.to(x.device), yo.to(x.device), blocks, coef, x.shape[1], dv,
                 BLOCK_M=ROW_BLOCK, BLOCK_N=COL_BLOCK, BLOCK_K=rg.dot_block(x.shape[1], MAX_K_BLOCK),
                 BLOCK_DV=block_dv, DOT_PRECISION=dot_precision(ct), LOWEST=torch.finfo(ct).min, num_warps=OT_WARPS,

@@ -31,7 +31,7 @@ import triton.language as tl
 from ..ops import _validate
 from . import _precision as precision
 from ._precision import mma
-from ._ragged import launch_device
+from ._ragged import launch_device, width_tiles
 
 
 @triton.jit
@@ -291,7 +291,7 @@ def gated_stitch_forward(x, gate_weight, gate_bias, U, V, mu_x, mu_y, top_k=None
         bulk = dict(BLOCK_N=_block(DY, hi=MAX_BLOCK_N), BLOCK_R=_block(R, hi=MAX_BLOCK_R),
                     PRECISION=precision.stitch(ct), num_warps=STITCH_WARPS)
         # at least one column tile, so that dy = 0 still writes the gates (and z)
-        n_tiles = max(1, triton.cdiv(DY, bulk["BLOCK_N"]))
+        n_tiles = max(1, width_tiles("mu_y (dy)", DY, bulk["BLOCK_N"]))
         if top_k is None:
             gates = torch.empty(N, C, dtype=ct, device=x.device)
             _gated_stitch_kernel[(triton.cdiv(N, BLOCK_M), n_tiles)](

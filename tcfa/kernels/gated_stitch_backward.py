@@ -19,7 +19,7 @@ import triton.language as tl
 from ..ops import _validate
 from . import _precision as precision
 from ._precision import mma
-from ._ragged import launch_device
+from ._ragged import launch_device, width_tiles
 from .gated_stitch import (BLOCK_M, MAX_BLOCK_C, MAX_BLOCK_N, MAX_BLOCK_R, STITCH_WARPS, _block, _condition_block,
                            _condition_blocks, _shrink, check_routing)
 
@@ -276,7 +276,8 @@ def _backward(grad_out, like, gates, index, z, top_k, temperature):
     BLOCK_DX, BLOCK_C = _block(DX, hi=64), _block(C, hi=MAX_BLOCK_C)
     bulk = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, PRECISION=precision.stitch(ct),
                 num_warps=STITCH_WARPS)
-    r_chunks, dx_tiles, dy_tiles = triton.cdiv(R, BLOCK_R), triton.cdiv(DX, BLOCK_DX), max(1, triton.cdiv(DY, BLOCK_N))
+    r_chunks = width_tiles("U (rank)", R, BLOCK_R)
+    dx_tiles, dy_tiles = width_tiles("x (dx)", DX, BLOCK_DX), max(1, width_tiles("mu_y (dy)", DY, BLOCK_N))
 
     # Every (row, slot) pair, sorted by condition: blocks for per-pair work, segments per condition.
     flat = index.reshape(-1)

@@ -133,6 +133,7 @@ class TCFA:
         """
         from . import models
 
+        _check_mode(mode)  # before any forward pass
         self.layers_ = (path_a, path_b)
         if "auto" in (path_a, path_b):
             from .layer_map import auto_layers
@@ -143,7 +144,6 @@ class TCFA:
             if progress:
                 print(f"tcfa: chose {self.layer_choice_}")
 
-        _check_mode(mode)
         # one pass: both models tap each batch as it comes (two passes over a shuffling loader paired
         # row i of A with another sample's row i of B)
         act_a, act_b = models.extract_many([(model_a, path_a), (model_b, path_b)], data, batch_size=batch_size,
@@ -151,8 +151,10 @@ class TCFA:
                                            checkpoint_every=checkpoint_every)
         ids, num = _condition_ids("cond", cond, act_a.shape[0], self.conditions)
         xa, xb = models.paired_rows(act_a, act_b, mode)
+        # one dtype for both sides (an fp32 model against an fp64 one: the wider), as layer_map does
+        wide = torch.promote_types(xa.dtype, xb.dtype)
         per = xa.shape[0] // act_a.shape[0]
-        return self.fit(xa, xb, ids.repeat_interleave(per))
+        return self.fit(xa.to(wide), xb.to(wide), ids.repeat_interleave(per))
 
     def _fit_ot(self, xa, xb, ids_a, ids_b, num, paired, anchors) -> LowRankMaps:
         gen = torch.Generator().manual_seed(self.seed)
