@@ -239,6 +239,9 @@ def test_process_group_without_init_is_rejected():
         tcfa.sinkhorn(x, y, eps=0.3, process_group=object())
     with pytest.raises(ValueError, match="init_process_group"):
         tcfa.MomentAccumulator(2, 2, 2).all_reduce()
+    # the divergence's OT(x, x) needs all of x on both sides: refused before any collective
+    with pytest.raises(ValueError, match="sinkhorn_divergence does not take process_group"):
+        tcfa.sinkhorn_divergence(x, y, eps=0.3, process_group=object())
 
 
 # ------------------------------------------------------------------ moments

@@ -251,3 +251,18 @@ def test_half_precision_features_are_computed_in_fp32(dtype):
     half.update(xs, ys)
     full.update(up(xs), up(ys))
     torch.testing.assert_close(half.result(), full.result(), atol=1e-6, rtol=0)
+
+
+def test_entropic_gw_is_not_converged_when_an_inner_solve_was_cut_short():
+    # at eps 0.2 the first inner Sinkhorn needs ~14k iterations: cut at 1000 the outer loop settles
+    # elsewhere (42.086 against 42.054) and must not say converged; given the iterations it agrees
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(20, 4, generator=g, dtype=torch.float64) * 1.3
+    a = torch.rand(30, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(20, generator=g, dtype=torch.float64) + 0.1
+    short = tcfa.entropic_gw(x, y, a / a.sum(), b / b.sum(), eps=0.2)
+    full = tcfa.entropic_gw(x, y, a / a.sum(), b / b.sum(), eps=0.2, inner_max_iter=100_000)
+    assert not short.converged and full.converged
+    tight = tcfa.entropic_gw(x, y, a / a.sum(), b / b.sum(), eps=0.2, inner_max_iter=200_000, inner_tol=1e-12)
+    assert float(full.value) == pytest.approx(float(tight.value), abs=1e-6)

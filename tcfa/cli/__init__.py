@@ -163,6 +163,11 @@ def _align(args) -> int:
     from ..pipeline.models import extract_many, layout_of, paired_rows
 
     model_a, model_b, x, cond = _models_and_inputs(args)
+    for flag, path in (("--layer-a", args.layer_a), ("--layer-b", args.layer_b)):
+        if not path.strip():  # "" resolves to the whole model, whose output is not a tap StitchedModel can use
+            raise SystemExit(f"{flag} must name a module path (or auto), got an empty string")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise SystemExit(f"--out {args.out}: its directory does not exist")
     if "auto" in (args.layer_a, args.layer_b):
         from ..pipeline.layer_map import auto_layers
 
