@@ -46,6 +46,21 @@ def test_values_match_geomloss_and_gradients_match_finite_differences(reach, deb
         assert float((go - gt).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("debias", [True, False])
+def test_balanced_weights_of_any_common_mass_give_geomlosss_value(debias):
+    # tcfa's solver normalises balanced weights: the value is scaled back (and, without debiasing,
+    # GeomLoss's entropy constant -eps m log m added); it was the normalised value at every mass
+    x, y, a, b = clouds(batch=2, seed=3)
+    a, b = 2.5 * a / a.sum(-1, keepdim=True), 2.5 * b / b.sum(-1, keepdim=True)
+    ours = SamplesLoss("sinkhorn", blur=0.5, debias=debias, tol=1e-13, max_iter=50000)
+    theirs = geomloss.SamplesLoss("sinkhorn", blur=0.5, debias=debias, scaling=0.999, backend="tensorized")
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    got, want = ours(a, xs[0], b, y), theirs(a, xs[1], b, y)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    gx = [torch.autograd.grad(v.sum(), t)[0] for v, t in ((got, xs[0]), (want, xs[1]))]
+    torch.testing.assert_close(gx[0], gx[1], atol=3e-4, rtol=0)
+
+
 def test_uniform_call_form_and_batches():
     x, y, _, _ = clouds(batch=3, seed=1)
     ours = SamplesLoss("sinkhorn", blur=0.4, scaling=0.9, tol=1e-12, max_iter=20000)
