@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tcfa import ops
+from tcfa import grams, ops
 from tcfa.ops.registration import gram_triu_composite
 
 TOL = {torch.float32: 2e-6, torch.float64: 1e-13}  # relative to the largest |entry|
@@ -120,12 +120,11 @@ def test_composite_fills_one_buffer_without_grad_and_differentiates_with_it():
 
 
 def test_route_cost_counts_half_a_gram_only_where_the_triangle_kernel_runs():
-    from tcfa import similarity
     x = torch.randn(8, 3)
-    assert similarity._triangles_only([x])
-    assert not similarity._triangles_only([x.clone().requires_grad_()])
-    assert not similarity._triangles_only([torch.empty(8, 3, device="meta")])
+    assert grams._triangles_only([x])
+    assert not grams._triangles_only([x.clone().requires_grad_()])
+    assert not grams._triangles_only([torch.empty(8, 3, device="meta")])
     # n 2048, 8 + 8 layers of 256 / 512: the triangles are cheaper than the features, whole Grams are not
     wa, wb = [256] * 8, [512] * 8
-    assert similarity._gram_is_cheaper(2048, wa, wb, half=True)
-    assert not similarity._gram_is_cheaper(2048, wa, wb, half=False)
+    assert grams._gram_is_cheaper(2048, wa, wb, half=True)
+    assert not grams._gram_is_cheaper(2048, wa, wb, half=False)

@@ -19,7 +19,7 @@ MAX_LINES = 400
 LAYERS = {
     "op access and kernels": ("ops", "kernels", "ragged", "_version"),
     "numerics": ("ot", "ot_grad", "ot_cost", "ot_checks", "ot_unbalanced", "divergence", "stats", "linear_maps", "maps", "stitch", "distributed",
-                 "artifacts", "similarity", "correspondence", "lora", "shared_stitch"),
+                 "artifacts", "grams", "similarity", "correspondence", "lora", "shared_stitch"),
     "model pipeline": ("pipeline", "compat"),
     "applications": ("cli", "bench", "__main__", ""),
 }

@@ -7,7 +7,7 @@ import torch
 
 import tcfa
 from stats_reference import kornblith_cka, svcca_rho
-from tcfa import correspondence, similarity
+from tcfa import correspondence, grams, similarity
 
 
 def stacks(n=60, wa=(5, 9, 5), wb=(7, 4), dtype=torch.float64, seed=0):
@@ -64,8 +64,8 @@ def test_gram_route_in_row_blocks_equals_the_triangles_and_kornblith(monkeypatch
     # partial) and compare with the triangle kernel, the per-pair formula and the features route
     xs, ys = stacks(n=150, wa=(5, 90, 3), wb=(70, 4))
     whole = similarity.pairwise_cka(xs, ys, debiased=debiased, route="gram")
-    monkeypatch.setattr(similarity, "TRIANGLE_ENTRIES", 0)
-    monkeypatch.setattr(similarity, "PANEL_ENTRIES", 1)
+    monkeypatch.setattr(grams, "TRIANGLE_ENTRIES", 0)
+    monkeypatch.setattr(grams, "PANEL_ENTRIES", 1)
     got = similarity.pairwise_cka(xs, ys, debiased=debiased, route="gram")
     torch.testing.assert_close(got, whole, atol=1e-12, rtol=0)
     torch.testing.assert_close(got, similarity.pairwise_cka(xs, ys, debiased=debiased, route="features"),
