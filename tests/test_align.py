@@ -145,6 +145,10 @@ def test_condition_builders():
     v = torch.arange(12.0)
     b = data.binned_conditions(v, 3)
     assert b.ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # ties that fill a quantile give fewer bins, never an empty one (six zeros used to empty bin 0)
+    tied = data.binned_conditions(torch.tensor([0.0] * 6 + [1, 2, 3, 4, 5, 6]), 4)
+    assert torch.bincount(tied.ids).tolist() == [6, 3, 3] and tied.num == 3
+    assert data.binned_conditions(torch.ones(8), 4).ids.tolist() == [0] * 8
     with pytest.raises(ValueError, match="bins"):
         data.binned_conditions(v, 0)
     with pytest.raises(ValueError, match="kind"):

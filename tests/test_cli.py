@@ -120,3 +120,36 @@ def test_fit_models_auto_records_the_choice():
     la, lb = fitter.layers_
     assert lb in ("blocks.0", "blocks.1") and la in fitter.layer_map_.layers_a
     assert "leaving B" in fitter.layer_choice_ and stitch.num_conditions == 10
+    # B's tap given (its last block): only A's layer is chosen, the best against it on the map
+    fixed = tcfa.TCFA("ridge", rank=4)
+    fixed.fit_models(a, "auto", b, "blocks.2", x[:60], y[:60], mode="pooled", progress=False)
+    scores = fixed.layer_map_.scores[:, 0]
+    assert fixed.layers_ == (fixed.layer_map_.layers_a[int(scores.argmax())], "blocks.2")
+    assert "against the given layer_b" in fixed.layer_choice_
+
+
+def test_bad_counts_paths_and_inputs_exit_naming_the_flag_before_any_work(tmp_path, digits, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("ran before its arguments were checked")
+
+    from tcfa.cli import ablate, demo
+    monkeypatch.setattr(demo, "run", no_training)
+    monkeypatch.setattr(ablate, "run", no_training)
+    for argv, message in ((["demo", "--tune-steps", "-1"], "--tune-steps must be >= 0, got -1"),
+                          (["demo", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+                          (["ablate", "--seeds", "0"], "--seeds must be >= 1, got 0")):
+        with pytest.raises(SystemExit, match=message):
+            cli.main(argv)
+    base = ["align", "--model-a", "resnet18", "--model-b", "resnet18", "--layer-b", "layer2", "--image-size", "32"]
+    with pytest.raises(SystemExit, match="--layer-a must name a module path"):
+        cli.main(base + ["--layer-a", "", "--out", str(tmp_path / "s.safetensors")])
+    with pytest.raises(SystemExit, match="its directory does not exist"):
+        cli.main(base + ["--layer-a", "layer1", "--out", str(tmp_path / "missing" / "s.safetensors")])
+    (tmp_path / "bad.pt").write_text("not a torch file")
+    with pytest.raises(SystemExit, match="--inputs .*bad.pt is not a torch.save file"):
+        cli.main(base + ["--layer-a", "layer1", "--inputs", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "s")])
+    torch.save((torch.zeros(4, 3, 32, 32), torch.zeros(3, dtype=torch.int64)), tmp_path / "short.pt")
+    with pytest.raises(SystemExit, match="holds 4 inputs but 3 labels"):
+        cli.main(base + ["--layer-a", "layer1", "--inputs", str(tmp_path / "short.pt"), "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit, match="--top must be >= 1"):
+        cli.main(["layers", "--model-a", "resnet18", "--model-b", "resnet18", "--top", "0", "--out", str(tmp_path / "m.png")])

@@ -16,6 +16,8 @@ BENCHMARKS = ("sinkhorn", "sinkhorn_iterations", "stitch", "cca", "levels", "lay
 def _demo(args) -> int:
     from . import demo
 
+    _check_counts(args, epochs=1, tune_steps=0)
+
     if args.adapters:  # issue 15's experiment: a LoRA carried between two ViTs (tcfa/cli/demo_adapters.py)
         from . import demo_adapters
 
@@ -24,6 +26,7 @@ def _demo(args) -> int:
             demo_adapters.run(out, seeds=(args.seed,), epochs=1, lora_steps=5, ranks=(4,), alphas=(0.5,), n_anchors=50,
                               n_train=300, cache=not args.no_cache)
         else:
+            _check_counts(args, seeds=1)
             demo_adapters.run(out, seeds=tuple(range(args.seed, args.seed + args.seeds)), epochs=args.epochs,
                               cache=not args.no_cache)
         return 0
@@ -37,9 +40,12 @@ def _demo(args) -> int:
 def _ablate(args) -> int:
     from . import ablate  # the grid and its cells: tcfa/cli/ablate.py
 
+    _check_counts(args, tune_steps=0)
+
     if args.quick:  # one pair, one seed, a reduced grid on 300 images: checks the plumbing in minutes
         ablate.run(args.out, seeds=(args.seed,), cache=not args.no_cache, **ablate.QUICK)
     else:
+        _check_counts(args, seeds=1)
         ablate.run(args.out, seeds=tuple(range(args.seed, args.seed + args.seeds)), pairs=tuple(args.pairs),
                    tune_steps=args.tune_steps, cache=not args.no_cache)
     return 0
@@ -102,9 +108,19 @@ def _load_model(spec: str, checkpoint: str | None, role: str, num_classes: int):
     return model.eval()
 
 
+def _check_counts(args, **least) -> None:
+    """Each --flag (an attribute of args) >= its least value, checked before anything is trained or written."""
+    for name, lo in least.items():
+        value = getattr(args, name)
+        if value < lo:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {lo}, got {value}")
+
+
 def _models_and_inputs(args):
     """Models A and B, the inputs and their conditions, from the shared flags of align and layers."""
     import torch
+
+    import pickle
 
     from ..pipeline import data
     from ..pipeline.models import _batch_len
@@ -115,7 +131,7 @@ def _models_and_inputs(args):
     if args.inputs:
         try:
             blob = torch.load(args.inputs, map_location="cpu")
-        except (OSError, RuntimeError, EOFError, ValueError) as exc:  # missing, unreadable, not torch.save's
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # not torch.save's
             raise SystemExit(f"--inputs {args.inputs} is not a torch.save file of inputs or (inputs, labels): {exc}")
         if isinstance(blob, (tuple, list)) and len(blob) != 2:
             raise SystemExit(f"--inputs {args.inputs} must hold inputs or (inputs, labels), got a "

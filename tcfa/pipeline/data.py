@@ -123,13 +123,16 @@ def class_conditions(labels: torch.Tensor, names=None) -> Conditions:
 
 
 def binned_conditions(values: torch.Tensor, bins: int = 4, name: str = "value") -> Conditions:
-    """Any scalar per sample into ``bins`` quantile bins (equal counts up to ties)."""
+    """Any scalar per sample into ``bins`` quantile bins (equal counts up to ties). Ties can leave a
+    quantile edge at the minimum or twice at one value, which would be a bin no sample reaches: those
+    edges are dropped, so heavy ties give fewer bins (all values equal: one), never an empty one."""
     values = _validate.tensor("values", values, dim=1)
     bins = _validate.integer("bins", bins, lo=1)
     if values.numel() < bins:
         raise ValueError(f"values must hold at least bins={bins} entries, got {values.numel()}")
     v = values.double()
     edges = torch.quantile(v, torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])
+    edges = torch.unique(edges[edges > v.min()])  # sorted; an edge at the minimum leaves bin 0 empty
     ids = torch.bucketize(v, edges, right=True)
     lo = [float(v.min())] + edges.tolist()
     hi = edges.tolist() + [float(v.max())]

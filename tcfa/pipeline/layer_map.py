@@ -355,7 +355,7 @@ def auto_layers(model_a, layer_a: str, model_b, layer_b: str, data, *, metric: s
     """Resolves ``"auto"`` tap points: (layer_a, layer_b, why, LayerMap).
 
     An "auto" side searches its model's blocks (layer_names.default_layers); a named side stays
-    fixed. The map is drawn on the first ``num_anchors`` samples of ``data`` (pooled features) and
+    fixed (a named layer_b is taken as given, even B's last block: only A's layer is chosen). The map is drawn on the first ``num_anchors`` samples of ``data`` (pooled features) and
     the pair chosen is the best-scoring one whose B layer leaves at least one of B's blocks after
     the tap (LayerMap.choose_stitch): a stitch into B's last block would leave B nothing to run.
     """
@@ -366,6 +366,11 @@ def auto_layers(model_a, layer_a: str, model_b, layer_b: str, data, *, metric: s
         lb = lb[:-1]  # the last block leaves B nothing after it: not a candidate, not worth tapping
     lm = layer_map(model_a, la, model_b, lb, data, metric=metric, num_anchors=num_anchors, batch_size=batch_size,
                    progress=progress)
+    if layer_b != "auto":  # the user fixed B's tap: the best layer of A against it, whatever follows it
+        a, b, score = lm.best_pairs(1)[0]
+        if score != score:
+            raise ValueError(f"every score of the layer map against layer_b={layer_b!r} is NaN: too few samples")
+        return a, b, f"best {lm.metric} ({score:.4f}) of the {len(la)} layers of A against the given layer_b", lm
     after = {b: len(blocks_b) - 1 - blocks_b.index(b) if b in blocks_b else 1 for b in lb}
     a, b, why = lm.choose_stitch(after)
     return a, b, why, lm
