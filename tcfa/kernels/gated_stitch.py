@@ -39,6 +39,7 @@ def _gate_logits(x_ptr, w_ptr, b_ptr, rows, row_mask, c0, DX, C, BLOCK_K: tl.con
     """(BLOCK_M, BLOCK_C) logits x W_g + b_g of conditions c0 + [0, BLOCK_C); columns >= C are -inf.
 
     IEEE dots whatever the stitch's policy: routing and the softmax act on these (kernels/_precision.py).
+    Offsets k C and k R in int64: int32 wraps once dx C reaches 2^31 (found by reading, by an audit).
     """
     cols = c0 + tl.arange(0, BLOCK_C)
     col_mask = cols < C
@@ -47,7 +48,7 @@ def _gate_logits(x_ptr, w_ptr, b_ptr, rows, row_mask, c0, DX, C, BLOCK_K: tl.con
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < DX
         x = tl.load(x_ptr + rows[:, None] * DX + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + ks[:, None] * C + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * C + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         logits = tl.dot(x, w, logits, input_precision="ieee")
     b = tl.load(b_ptr + cols, mask=col_mask, other=0.0)
     return tl.where(col_mask[None, :], logits + b[None, :], float("-inf"))
@@ -66,7 +67,7 @@ def _shrink(x_ptr, u_ptr, shift_ptr, rows, row_mask, c, r0, DX, R, acc, BLOCK_K:
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < DX
         x = tl.load(x_ptr + rows[:, None] * DX + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        u = tl.load(u_ptr + c * DX * R + ks[:, None] * R + rs[None, :], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        u = tl.load(u_ptr + c * DX * R + ks.to(tl.int64)[:, None] * R + rs[None, :], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         acc = mma(x, u, acc, PRECISION)
     shift = tl.load(shift_ptr + c * R + rs, mask=r_mask, other=0.0)
     return acc - shift[None, :]

@@ -63,7 +63,7 @@ def _add_dz_ut(dout_ptr, u_ptr, v_ptr, rows, row_mask, ks, k_mask, c, g, acc, DX
         rs = r0 + tl.arange(0, BLOCK_R)
         dz = g[:, None] * _dz_tile(dout_ptr, v_ptr, rows, row_mask, c, r0, DY, R, g, BLOCK_M, BLOCK_N, BLOCK_R,
                                    PRECISION)
-        ut = tl.load(u_ptr + c * DX * R + ks[None, :] * R + rs[:, None], mask=(rs < R)[:, None] & k_mask[None, :],
+        ut = tl.load(u_ptr + c * DX * R + ks.to(tl.int64)[None, :] * R + rs[:, None], mask=(rs < R)[:, None] & k_mask[None, :],
                      other=0.0)
         acc = mma(dz, ut, acc, PRECISION)
     return acc
@@ -143,7 +143,7 @@ def _dparams_x_kernel(
     # sum (x - mu_x)^T dz = sum x^T dz - mu_x^T (sum dz)
     mux = tl.load(mux_ptr + c * DX + ks, mask=k_mask, other=0.0)
     du -= mux[:, None] * dz_sum[None, :]
-    tl.store(du_ptr + c * DX * R + ks[:, None] * R + rs[None, :], du, mask=k_mask[:, None] & r_mask[None, :])
+    tl.store(du_ptr + c * DX * R + ks.to(tl.int64)[:, None] * R + rs[None, :], du, mask=k_mask[:, None] & r_mask[None, :])
     if pid_k == 0:
         tl.store(dzsum_ptr + c * R + rs, dz_sum, mask=r_mask)
     if pid_r == 0:
@@ -203,7 +203,7 @@ def _dx_dense_kernel(
         col_mask = cols < C
         dl = tl.load(dlogit_ptr + rows[:, None] * C + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
                      other=0.0)
-        wt = tl.load(w_ptr + ks[None, :] * C + cols[:, None], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptr + ks.to(tl.int64)[None, :] * C + cols[:, None], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(dl, wt, acc, input_precision="ieee")  # the gate's own dots stay IEEE (_precision.py)
     for cj in range(0, C):
         c = tl.cast(cj, tl.int64)
