@@ -182,3 +182,26 @@ def test_pot_scalars_dtypes_and_named_errors():
     bad[1, 2] = np.nan
     with pytest.raises(ValueError, match="M must be finite"):
         tot.sinkhorn(a, b, bad, 0.5)
+
+
+@pytest.mark.parametrize("reg_m", [None, 1.0])
+def test_zero_weights_have_finite_cost_gradients_and_nan_weight_gradients(reg_m):
+    # a row or column without mass holds no plan: the adjoint system is solved on the support (it was
+    # singular, and backward raised); dL/dM matches finite differences, a zero weight's gradient is NaN
+    g = torch.Generator().manual_seed(2)
+    M = torch.rand(3, 4, generator=g, dtype=torch.float64)
+    a = torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64)
+    b = torch.tensor([0.3, 0.0, 0.3, 0.4], dtype=torch.float64)
+    kw = dict(stopThr=1e-14, numItermax=100000)
+    loss = (lambda a, b, M: tot.sinkhorn2(a, b, M, 0.5, **kw)) if reg_m is None else (
+        lambda a, b, M: tot.sinkhorn_unbalanced2(a, b, M, 0.5, reg_m, **kw))
+    ga, gb, gM = _grads(loss, (a, b, M))
+    fd = torch.zeros_like(M)
+    for i in range(3):
+        for j in range(4):
+            E = torch.zeros_like(M)
+            E[i, j] = 1e-6
+            fd[i, j] = (loss(a, b, M + E) - loss(a, b, M - E)) / 2e-6
+    torch.testing.assert_close(gM, fd, atol=1e-8, rtol=0)
+    assert bool(ga.isnan()[1]) and bool(gb.isnan()[1])
+    assert bool(ga[[0, 2]].isfinite().all()) and bool(gb[[0, 2, 3]].isfinite().all())

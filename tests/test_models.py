@@ -368,6 +368,8 @@ def test_forward_taps_returns_b_later_activations_as_b_computes_them():
     for early in ("vit.layers.0", "vit.layers.0.mlp", "vit.embeddings"):
         with pytest.raises(ValueError, match=r"come before the tap 'vit.layers.1'"):
             late.forward_taps(x, [early, "vit.layers.2"])
+    with pytest.raises(ValueError, match=r"inside the tap 'vit.layers.1'"):
+        late.forward_taps(x, ["vit.layers.1.mlp"])
 
 
 # ------------------------------------------------------------------ bad input

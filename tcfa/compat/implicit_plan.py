@@ -14,7 +14,9 @@ H [u; v] = [W 1; W^T 1] (H is symmetric, so this is the adjoint system):
 
     dL/dM_ij = (P_ij (u_i + v_j) - W_ij) / eps,   dL/da = h_r u / a,   dL/db = h_c v / b.
 
-Balanced (both rho infinite), H is singular along (1, -1), the potentials' shared constant: u and v,
+A weight that is 0 gets a NaN gradient (its row or column holds no plan to take the limit
+from; POT's is NaN too); M's gradient and the other weights' are exact. Balanced (both rho
+infinite), H is singular along (1, -1), the potentials' shared constant: u and v,
 and the gradients for a and b, are defined up to a constant t added to u and taken from v, which no
 move along sum a = sum b sees. The t returned is POT's: when its last iteration scales the rows (sinkhorn),
 it extends P to unequal masses A = sum a, B = sum b as the plan of (a B / A, b) scaled by A / B,
@@ -67,14 +69,22 @@ class _ImplicitPlan(torch.autograd.Function):
         hr = r * (1 + eps / rho_a) if rho_a is not None else r
         hc = c * (1 + eps / rho_b) if rho_b is not None else c
         W = G * P
-        u, v = _adjoint(P, hr, hc, W.sum(1), W.sum(0), balanced)
+        # rows and columns without mass carry no plan and would make H singular: the system is solved
+        # on the support, u and v are 0 off it (where P and W are 0, so dL/dM is 0 there)
+        rows, cols = hr > 0, hc > 0
+        u, v = torch.zeros_like(hr), torch.zeros_like(hc)
+        u[rows], v[cols] = _adjoint(P[rows][:, cols], hr[rows], hc[cols], W.sum(1)[rows], W.sum(0)[cols], balanced)
         gM = (P * (u[:, None] + v[None, :]) - W) / eps
-        ga, gb = hr * u * _safe_inverse(a), hc * v * _safe_inverse(b)
+        # a zero weight's derivative needs its row's potential, which a plan of zeros does not hold:
+        # NaN there (POT's unrolled gradient is NaN there too), the others are exact
+        nan = torch.full_like(hr, float("nan"))
+        ga = torch.where(a > 0, hr * u * _safe_inverse(a), nan)
+        gb = torch.where(b > 0, hc * v * _safe_inverse(b), torch.full_like(hc, float("nan")))
         if balanced and ctx.last == "rows":  # POT's gauge (module docstring)
-            shift = (W.sum() - a @ ga) / a.sum()
+            shift = (W.sum() - (a * ga).nan_to_num().sum()) / a.sum()
             ga, gb = ga + shift, gb - shift
         elif balanced:
-            shift = (W.sum() - b @ gb) / b.sum()
+            shift = (W.sum() - (b * gb).nan_to_num().sum()) / b.sum()
             ga, gb = ga - shift, gb + shift
         return gM, ga, gb, None, None, None, None, None
 

@@ -132,6 +132,10 @@ class StitchedModel(nn.Module):
         paths_b = [paths_b] if isinstance(paths_b, str) else list(paths_b)
         activation = self.stitched_activation(inputs)
         later = [p for p in paths_b if p != self.path_b]
+        inside = [p for p in later if p.startswith(self.path_b + ".")]
+        if inside:  # the tap's output is injected: its own submodules never run
+            raise ValueError(f"layers {inside} of model_b are inside the tap {self.path_b!r}, which the stitched "
+                             "forward replaces: paths_b must be the tap or layers after it")
         for p in later:
             get_module(self.model_b, p)  # names an unknown path before anything runs
         with run_from(self.model_b, self.path_b, activation):
