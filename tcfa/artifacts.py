@@ -51,6 +51,15 @@ class Artifact:
     def config(self) -> dict:
         return self.header.get("config") or {}
 
+    def build(self, cls, **kwargs):
+        """cls(**config, **kwargs): the module the header's config describes, or a ValueError naming
+        the file when the config does not build one (an unknown key, a bad value)."""
+        try:
+            return cls(**self.config, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{self.path}: the header's config {self.config} does not build a {cls.__name__}: "
+                             f"{err}") from err
+
 
 # ------------------------------------------------------------------ hashing
 def _bytes(t: torch.Tensor) -> memoryview:

@@ -28,15 +28,21 @@ def _gram_is_cheaper(n: int, wa: list[int], wb: list[int], half: bool) -> bool:
     2 threads, debiased, 8 + 8 layers of widths 256 / 512 unless said): n 4096: features 576 ms,
     Grams 1037; n 2048: 291 against 223; n 1024: 141 against 42; n 512, 4 + 4 layers of 1024 / 2048:
     321 against 25.
-    ``half``: the Grams are triangles (the CPU kernel); off it, whole products (the composite)."""
+    ``half``: the Grams are triangles (the CPU kernel); off it, matmul panels, counted whole (row
+    blocks do about half once there are several, _blocked_gram_products)."""
     features = n * (sum(wa) * sum(wb) + sum(d * d for d in wa + wb))
     grams = n * n * (sum(wa + wb) / (2 if half else 1) + len(wa) * len(wb))
     return grams < features
 
 
+def _wants_grad(feats) -> bool:
+    return torch.is_grad_enabled() and any(f.requires_grad for f in feats)
+
+
 def _triangles_only(feats) -> bool:
-    """Whether _gram_products may run the CPU triangle kernel (half a Gram's work) rather than matmul."""
-    return feats[0].device.type == "cpu" and not (torch.is_grad_enabled() and any(f.requires_grad for f in feats))
+    """Whether _gram_products may run the CPU triangle kernel (half a Gram's work, no autograd) rather
+    than matmul."""
+    return feats[0].device.type == "cpu" and not _wants_grad(feats)
 
 
 def _use_gram(route: str, n: int, wa: list[int], wb: list[int], half: bool) -> bool:
@@ -77,7 +83,7 @@ def _blocked_gram_products(feats: list[torch.Tensor]):
     (PANEL_ENTRIES) instead of L n^2."""
     n, count = feats[0].shape[0], len(feats)
     rows = min(n, max(64, PANEL_ENTRIES // max(1, count * n)))
-    grad = torch.is_grad_enabled() and any(f.requires_grad for f in feats)
+    grad = _wants_grad(feats)
     # one buffer for every block's panels (each block views a prefix): no allocation per block
     buffer = None if grad else feats[0].new_empty(count * rows * n)
     prod = torch.zeros(count, count, dtype=torch.float64, device=feats[0].device)

@@ -198,7 +198,7 @@ def transport_lora(adapter: dict, maps: dict, *, rank: int | None = None) -> dic
         R_in = _validate.tensor(f"maps[{path_a!r}] R_in", R_in, dim=2)
         R_out = _validate.tensor(f"maps[{path_a!r}] R_out", R_out, dim=2)
         r = A.shape[0]
-        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
+        if B.shape[1] != r:
             raise ValueError(f"adapter[{path_a!r}] must be (A (r, in), B (out, r)), got {tuple(A.shape)} and "
                              f"{tuple(B.shape)}")
         if R_in.shape[1] != A.shape[1] or R_out.shape[1] != B.shape[0]:

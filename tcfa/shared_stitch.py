@@ -48,13 +48,9 @@ class _SavedStitch:
     def load(cls, path: str, device=None):
         """The module saved at ``path`` by :meth:`save`; hashes and shapes are verified first."""
         art = artifacts.load(path, kind=cls.__name__)
-        try:
-            empty = cls(**art.config, device="meta")
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: the header's config {art.config} does not build a {cls.__name__}: {err}") from err
-        shapes = {name: tuple(t.shape) for name, t in empty.state_dict().items()}
+        shapes = {name: tuple(t.shape) for name, t in art.build(cls, device="meta").state_dict().items()}
         art.check_shapes(shapes)
-        stitch = cls(**art.config, device=device, dtype=next(iter(art.tensors.values())).dtype)
+        stitch = art.build(cls, device=device, dtype=next(iter(art.tensors.values())).dtype)
         stitch.load_state_dict({name: art.tensors[name] for name in shapes})
         return stitch
 

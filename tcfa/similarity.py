@@ -125,10 +125,8 @@ def _hsic_all_pairs(xc, yc, unbiased: bool, use_gram: bool, cross=None, centre: 
     n, na = xc[0].shape[0], len(xc)
     given = xc, yc  # the caller's tensors, named in a non-finite error
     if use_gram:
-        # the upper triangle of every Gram (half the multiply-adds of X X^T), centred on the way in
-        # when asked, then one product of the flattened triangles gives every <K_l, L_m> and every
-        # |K_l|^2 in a single pass over them: <K, L> = 2 <triu K, triu L> - sum_i K_ii L_ii, with the
-        # diagonals (the debiased terms' row norms) read from the triangles
+        # every <K_l, L_m> and |K_l|^2 at once, with the Grams' diagonals (the debiased terms' row
+        # norms), centred on the way in when asked (grams._gram_products)
         ct = _validate.compute_dtype(xc[0].dtype)
         prod, diag = _gram_products([f.to(ct) for f in xc + yc], centre)
         cross, self_all = prod[:na, na:], prod.diagonal()

@@ -164,10 +164,7 @@ class GatedMultiStitch(nn.Module, LowRankShape):
         if missing:
             raise ValueError(f"{path}: the header's config lacks {sorted(missing)}")
         art.check_shapes(cls._shapes(cfg))
-        try:
-            stitch = cls(**cfg, device=device, dtype=art.tensors["U"].dtype)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: the header's config {cfg} does not build a {cls.__name__}: {err}") from err
+        stitch = art.build(cls, device=device, dtype=art.tensors["U"].dtype)
         with torch.no_grad():
             for name in _PARAMS:
                 getattr(stitch, name).copy_(art.tensors[name])

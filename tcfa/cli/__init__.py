@@ -116,11 +116,18 @@ def _check_counts(args, **least) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {lo}, got {value}")
 
 
+def _check_out_dirs(**paths) -> None:
+    """Each --flag's output path (None: not asked for) in an existing directory, before any work."""
+    for name, path in paths.items():
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise SystemExit(f"--{name} {path}: its directory does not exist")
+
+
 def _models_and_inputs(args):
     """Models A and B, the inputs and their conditions, from the shared flags of align and layers."""
-    import torch
-
     import pickle
+
+    import torch
 
     from ..pipeline import data
     from ..pipeline.models import _batch_len
@@ -182,8 +189,7 @@ def _align(args) -> int:
     for flag, path in (("--layer-a", args.layer_a), ("--layer-b", args.layer_b)):
         if not path.strip():  # "" resolves to the whole model, whose output is not a tap StitchedModel can use
             raise SystemExit(f"{flag} must name a module path (or auto), got an empty string")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise SystemExit(f"--out {args.out}: its directory does not exist")
+    _check_out_dirs(out=args.out)
     if "auto" in (args.layer_a, args.layer_b):
         from ..pipeline.layer_map import auto_layers
 

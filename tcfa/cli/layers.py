@@ -2,8 +2,6 @@
 of the best pairs and a heatmap PNG."""
 from __future__ import annotations
 
-import os
-
 
 def add_parser(sub) -> None:
     from . import _model_flags
@@ -27,14 +25,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from . import _models_and_inputs
+    from . import _check_out_dirs, _models_and_inputs
     from ..pipeline.layer_map import layer_map
 
     if args.top < 1:  # before the map is drawn
         raise SystemExit(f"--top must be >= 1, got {args.top}")
-    for flag, path in (("--out", args.out), ("--save", args.save)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise SystemExit(f"{flag} {path}: its directory does not exist")
+    _check_out_dirs(out=args.out, save=args.save)
     model_a, model_b, x, cond = _models_and_inputs(args)
     pick = lambda given: "auto" if given == ["auto"] else given  # noqa: E731
     lm = layer_map(model_a, pick(args.layers_a), model_b, pick(args.layers_b), x, metric=args.metric,

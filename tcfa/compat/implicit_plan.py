@@ -77,9 +77,8 @@ class _ImplicitPlan(torch.autograd.Function):
         gM = (P * (u[:, None] + v[None, :]) - W) / eps
         # a zero weight's derivative needs its row's potential, which a plan of zeros does not hold:
         # NaN there (POT's unrolled gradient is NaN there too), the others are exact
-        nan = torch.full_like(hr, float("nan"))
-        ga = torch.where(a > 0, hr * u * _safe_inverse(a), nan)
-        gb = torch.where(b > 0, hc * v * _safe_inverse(b), torch.full_like(hc, float("nan")))
+        ga = torch.where(a > 0, hr * u * _safe_inverse(a), float("nan"))
+        gb = torch.where(b > 0, hc * v * _safe_inverse(b), float("nan"))
         if balanced and ctx.last == "rows":  # POT's gauge (module docstring)
             shift = (W.sum() - (a * ga).nan_to_num().sum()) / a.sum()
             ga, gb = ga + shift, gb - shift

@@ -355,7 +355,8 @@ def auto_layers(model_a, layer_a: str, model_b, layer_b: str, data, *, metric: s
     """Resolves ``"auto"`` tap points: (layer_a, layer_b, why, LayerMap).
 
     An "auto" side searches its model's blocks (layer_names.default_layers); a named side stays
-    fixed (a named layer_b is taken as given, even B's last block: only A's layer is chosen). The map is drawn on the first ``num_anchors`` samples of ``data`` (pooled features) and
+    fixed (a named layer_b is taken as given, even B's last block: only A's layer is chosen). The map
+    is drawn on the first ``num_anchors`` samples of ``data`` (pooled features) and
     the pair chosen is the best-scoring one whose B layer leaves at least one of B's blocks after
     the tap (LayerMap.choose_stitch): a stitch into B's last block would leave B nothing to run.
     """

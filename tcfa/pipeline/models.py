@@ -242,13 +242,14 @@ def extract_many(taps, data, *, batch_size: int = 256, device=None, progress: bo
     chunks = [[] for _ in taps]
 
     def step(inputs):
+        inputs = _to_device(inputs, device)  # once for every tap
         for (model, path), out in zip(taps, chunks):
-            out.append(capture(model, [path], _to_device(inputs, device))[path])
+            out.append(capture(model, [path], inputs)[path])
 
     def restore(tensors):  # where the taps land: the model's device unless the inputs are moved
         for i, (model, _) in enumerate(taps):
             home = device or next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-            chunks[i][:] = [tensors[_tap_key(i, len(taps))].to(home)]
+            chunks[i][:] = [tensors[f"activations.{i}"].to(home)]
 
     def config():
         return dict(call="extract", paths=[p for _, p in taps], models=[ckpt.model_fingerprint(m) for m, _ in taps],
@@ -259,12 +260,8 @@ def extract_many(taps, data, *, batch_size: int = 256, device=None, progress: bo
     with _inference(*(m for m, _ in taps)):
         ckpt.run(_progress(batches, progress, label), step,
                  ckpt.Checkpoint.optional(checkpoint, checkpoint_every, config),
-                 lambda: {_tap_key(i, len(taps)): torch.cat(c) for i, c in enumerate(chunks)}, restore)
+                 lambda: {f"activations.{i}": torch.cat(c) for i, c in enumerate(chunks)}, restore)
     return [torch.cat(c) for c in chunks]
-
-
-def _tap_key(i: int, count: int) -> str:
-    return "activations" if count == 1 else f"activations.{i}"
 
 
 def stream_moments(model_a, path_a, model_b, path_b, data, labels, accumulator, *, mode: str = "pooled",
